@@ -1,0 +1,376 @@
+"""clamsmtpd.conf: parsed once into a frozen, validated ``Config``.
+
+The syntax and directive names are those of clamsmtp 1.10 so existing files keep working;
+its bugs are not copied (``ScanHeader`` works, ``ClamAddress`` gets port 3310). Every
+problem is reported as ``file:line: Directive: what is wrong (what is accepted)`` so an
+admin can fix the file without reading the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.addresses import Address, parse_address
+from appliance.header import template_problems
+
+DEFAULT_CONFIG_PATH = "/etc/clamsmtpd.conf"
+DEFAULT_HEADER = "X-Virus-Scanned: ClamAV using ClamSMTP"
+ACTIONS = ("drop", "bounce", "pass")
+MAX_HEADER_BYTES = 1024
+MAX_CONNECTIONS = 10240
+MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
+
+OUT_PORT, LISTEN_PORT, CLAM_PORT = 25, 10025, 3310
+LISTEN_HOST, CLAM_HOST = "0.0.0.0", "127.0.0.1"
+
+_TRUE = frozenset({"1", "yes", "true", "t", "on"})
+_FALSE = frozenset({"0", "no", "false", "f", "off"})
+_ADDRESS_FORMS = "PORT, IPv4[:PORT], [IPv6][:PORT], HOST[:PORT] or /unix/socket/path"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file, line (0 = whole file) and directive."""
+
+    def __init__(self, file: str, line: int, directive: str | None, reason: str) -> None:
+        super().__init__(file, line, directive, reason)
+        self.file = file
+        self.line = line
+        self.directive = directive
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return _located(self.file, self.line, self.directive, self.reason)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration; constructing one validates it."""
+
+    path: str
+    out_address: Address | None
+    listen: Address = Address(host=LISTEN_HOST, port=LISTEN_PORT, port_only=True)
+    clam_address: Address = Address(path="/var/run/clamav/clamd")
+    header: str = DEFAULT_HEADER
+    temp_directory: str = "/tmp"
+    action: str = "drop"
+    quarantine: bool = False
+    virus_action: str | None = None
+    max_connections: int = 64
+    timeout: float = 180.0
+    keepalives: int = 0
+    xclient: bool = False
+    transparent_proxy: bool = False
+    user: str | None = None
+    pid_file: str | None = None
+    debug_files: bool = False
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.out_address is None and not self.transparent_proxy:
+            raise ValueError("no OutAddress specified (required unless TransparentProxy is on)")
+        if self.action not in ACTIONS:
+            raise ValueError(f"invalid action {self.action!r} (expected drop, bounce or pass)")
+        if not 1 <= self.max_connections <= MAX_CONNECTIONS:
+            raise ValueError(f"max_connections must be 1 to {MAX_CONNECTIONS}")
+        if not 0 < self.timeout <= MAX_SECONDS:
+            raise ValueError(f"timeout must be more than 0 and at most {MAX_SECONDS} seconds")
+        if not 0 <= self.keepalives <= MAX_SECONDS:
+            raise ValueError(f"keepalives must be 0 to {MAX_SECONDS} seconds")
+        if not self.temp_directory:
+            raise ValueError("empty temp_directory")
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy with some fields changed (e.g. ``-p`` overriding PidFile), validated again."""
+    return dataclasses.replace(config, **changes)
+
+
+def load_config(path: str) -> Config:
+    """Read and parse ``path``; an unreadable file is a ConfigError at line 0."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        reason = f"cannot read configuration file: {error.strerror or error}"
+        raise ConfigError(path, 0, None, reason) from None
+    try:
+        text, note = data.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        # Paths may legitimately hold such bytes; surrogateescape keeps them exact.
+        text = data.decode("utf-8", "surrogateescape")
+        line = data.count(b"\n", 0, error.start) + 1
+        note = _located(path, line, None, "not valid UTF-8; undecodable bytes are kept as is")
+    config = parse_config(text, path)
+    return replace(config, warnings=(note, *config.warnings)) if note else config
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Parse the text of a clamsmtpd.conf; ``path`` is only used in messages."""
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    out_line = 0
+    for number, raw in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, colon, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon:
+            word = line.split()[0]
+            known = _DIRECTIVES.get(word.lower())
+            if known:
+                reason = f"invalid config line (expected '{known[0]}: value')"
+                raise ConfigError(path, number, known[0], reason)
+            reason = f"invalid config line '{_show(line)}' (expected 'Directive: value')"
+            raise ConfigError(path, number, None, reason)
+        if not name:
+            reason = f"invalid config line '{_show(line)}' (no directive name before ':')"
+            raise ConfigError(path, number, None, reason)
+        if name.lower() not in _DIRECTIVES:
+            raise ConfigError(path, number, _show(name), _unknown_directive(name))
+        directive, handler = _DIRECTIVES[name.lower()]
+        try:
+            if "\0" in value:
+                raise ValueError("value contains a NUL character")
+            notes = handler(value, values)
+        except ValueError as error:
+            raise ConfigError(path, number, directive, str(error)) from None
+        warnings.extend(_located(path, number, directive, note) for note in notes)
+        if directive == "OutAddress":
+            out_line = number
+
+    if values.get("transparent_proxy") and values.get("out_address") is not None:
+        note = "ignored because TransparentProxy is on"
+        warnings.append(_located(path, out_line, "OutAddress", note))
+        values["out_address"] = None
+    elif not values.get("transparent_proxy") and values.get("out_address") is None:
+        reason = "no OutAddress specified (required unless TransparentProxy is on)"
+        raise ConfigError(path, 0, "OutAddress", reason)
+    try:
+        return Config(
+            path=path,
+            out_address=values.pop("out_address", None),
+            warnings=tuple(warnings),
+            **values,
+        )
+    except ValueError as error:  # a safety net: the handlers check everything first
+        raise ConfigError(path, 0, None, str(error)) from None
+
+
+def describe(config: Config) -> str:
+    """The effective configuration in clamsmtpd.conf syntax (parses back to an equal Config)."""
+    out = config.out_address
+    lines = [
+        f"# effective configuration of {_show(config.path)}",
+        f"OutAddress: {_format_address(out)}"
+        if out is not None
+        else "# OutAddress: not used (TransparentProxy is on)",
+        f"Listen: {_format_address(config.listen)}",
+        f"ClamAddress: {_format_address(config.clam_address)}",
+        f"Header: {_escape(config.header)}".rstrip(),
+        f"TempDirectory: {config.temp_directory}",
+        f"Action: {config.action}",
+        f"Quarantine: {_onoff(config.quarantine)}",
+        f"VirusAction: {config.virus_action or ''}".rstrip(),
+        f"MaxConnections: {config.max_connections}",
+        f"TimeOut: {config.timeout:g}",
+        f"KeepAlives: {config.keepalives}",
+        f"XClient: {_onoff(config.xclient)}",
+        f"TransparentProxy: {_onoff(config.transparent_proxy)}",
+        f"User: {config.user}" if config.user else "# User: not set (no privilege drop)",
+        f"PidFile: {config.pid_file or ''}".rstrip(),
+        "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- directive handlers: (value, values) -> warnings; raise ValueError with the reason ---
+
+_Handler = Callable[[str, dict[str, Any]], list[str]]
+
+
+def _address_handler(field: str, default_host: str | None, default_port: int) -> _Handler:
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if not value:
+            raise ValueError(f"empty value (expected {_ADDRESS_FORMS})")
+        try:
+            values[field] = parse_address(
+                value, default_host=default_host, default_port=default_port
+            )
+        except ValueError as error:
+            reason = _show(str(error), limit=200)
+            if value not in str(error):
+                reason = f"invalid address '{_show(value)}': {reason}"
+            if "expected" not in reason:
+                reason += f" (expected {_ADDRESS_FORMS})"
+            raise ValueError(reason) from None
+        return []
+
+    return handle
+
+
+def _bool_handler(field: str, note: str | None = None) -> _Handler:
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        values[field] = _parse_bool(value)
+        return [note] if note else []
+
+    return handle
+
+
+def _int_handler(field: str, low: int, high: int, unit: str, kind: type = int) -> _Handler:
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if not value.isascii() or not value.isdigit() or len(value) > 9:
+            number = None
+        else:
+            number = int(value)
+        if number is None or not low <= number <= high:
+            expected = f"a whole number of {unit} from {low} to {high}"
+            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
+        values[field] = kind(number)
+        return []
+
+    return handle
+
+
+def _string_handler(field: str, what: str | None) -> _Handler:
+    """``what`` names a required value; None means an empty value clears the setting."""
+
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if not value and what is not None:
+            raise ValueError(f"empty value (expected {what})")
+        values[field] = value or None
+        return []
+
+    return handle
+
+
+def _action(value: str, values: dict[str, Any]) -> list[str]:
+    if value.lower() not in ACTIONS:
+        raise ValueError(f"invalid value '{_show(value)}' (expected drop, bounce or pass)")
+    values["action"] = value.lower()
+    return []
+
+
+def _bounce(value: str, values: dict[str, Any]) -> list[str]:
+    if _parse_bool(value):
+        values["action"] = "bounce"
+    return ['please use "Action" option instead of "Bounce"']
+
+
+def _header(value: str, values: dict[str, Any]) -> list[str]:
+    template = _unescape(value).strip()
+    try:
+        size = len(template.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("value is not valid UTF-8 (save the file as UTF-8)") from None
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"header too long ({size} bytes, at most {MAX_HEADER_BYTES})")
+    values["header"] = template
+    return template_problems(template)
+
+
+def _scan_header(value: str, values: dict[str, Any]) -> list[str]:
+    return ['please use "Header" option instead of "ScanHeader"', *_header(value, values)]
+
+
+def _user(value: str, values: dict[str, Any]) -> list[str]:
+    if not value or any(char.isspace() or char == ":" for char in value):
+        shown = f"invalid value '{_show(value)}'" if value else "empty value"
+        raise ValueError(f"{shown} (expected a user name or a numeric uid)")
+    values["user"] = value
+    return []
+
+
+_DIRECTIVES: dict[str, tuple[str, _Handler]] = {
+    name.lower(): (name, handler)
+    for name, handler in [
+        ("OutAddress", _address_handler("out_address", None, OUT_PORT)),
+        ("Listen", _address_handler("listen", LISTEN_HOST, LISTEN_PORT)),
+        ("ClamAddress", _address_handler("clam_address", CLAM_HOST, CLAM_PORT)),
+        ("Header", _header),
+        ("ScanHeader", _scan_header),
+        ("TempDirectory", _string_handler("temp_directory", "a directory path")),
+        ("Action", _action),
+        ("Bounce", _bounce),
+        ("Quarantine", _bool_handler("quarantine")),
+        ("VirusAction", _string_handler("virus_action", None)),
+        ("MaxConnections", _int_handler("max_connections", 1, MAX_CONNECTIONS, "connections")),
+        ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
+        ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),
+        ("XClient", _bool_handler("xclient")),
+        ("TransparentProxy", _bool_handler("transparent_proxy")),
+        ("User", _user),
+        ("PidFile", _string_handler("pid_file", None)),
+        ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
+    ]
+}
+_DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})
+
+
+# --- helpers ---
+
+
+def _located(file: str, line: int, directive: str | None, message: str) -> str:
+    return f"{file}:{line}: {directive}: {message}" if directive else f"{file}:{line}: {message}"
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"invalid value '{_show(value)}' (expected on or off, yes or no, 1 or 0)")
+
+
+def _unknown_directive(name: str) -> str:
+    known = {key: canonical for key, (canonical, _) in _DIRECTIVES.items()}
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    if close:
+        return f"unknown directive (did you mean '{known[close[0]]}'?)"
+    listed = ", ".join(sorted(set(known.values()) - _DEPRECATED))
+    return f"unknown directive (expected one of {listed})"
+
+
+def _unescape(value: str) -> str:
+    """Apply the original's escapes: \\r \\n \\t, and \\X -> X for any other X."""
+    out: list[str] = []
+    chars = iter(value)
+    for char in chars:
+        if char == "\\":
+            following = next(chars, None)
+            if following is None:
+                out.append(char)  # a trailing backslash stays
+            else:
+                out.append({"r": "\r", "n": "\n", "t": "\t"}.get(following, following))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _escape(template: str) -> str:
+    """The inverse of ``_unescape``, so describe() output parses back unchanged."""
+    return (
+        template.replace("\\", "\\\\")
+        .replace("\r", "\\r")
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+    )
+
+
+def _format_address(address: Address) -> str:
+    return str(address.port) if address.port_only else str(address)
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """Text fit for a message: undecodable bytes as \\xNN, control characters escaped, clipped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
