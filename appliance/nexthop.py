@@ -1,0 +1,56 @@
+"""Which SMTP server a connection is forwarded to: OutAddress, the loopback feature, or (in
+transparent mode) the destination the client dialled before the firewall redirected it."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from . import origdst
+from .addresses import Address
+from .config import Config
+from .relay import DestinationError
+
+Destination = Callable[[str, object], Address]
+
+
+def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) -> Destination:
+    """Decide once how to find the next hop; per connection only the address is computed."""
+    if config.transparent_proxy:
+        return lambda client_ip, transport: _original(transport, listen_ports)
+    out = config.out_address
+    assert out is not None, "config guarantees OutAddress without TransparentProxy"
+    if out.port_only:
+        # The loopback feature: hand the mail back to the machine it came from.
+        return lambda client_ip, transport: Address(host=client_ip, port=out.port)
+    return lambda client_ip, transport: out
+
+
+def _original(transport, listen_ports: frozenset[int]) -> Address:
+    if origdst.original_addr is None:
+        raise DestinationError("transparent proxying is not supported on this platform")
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise DestinationError("couldn't get source address for transparent proxying")
+    try:
+        host, port = origdst.original_addr(sock)
+    except origdst.OrigDstError as e:
+        raise DestinationError(f"{e} (was the connection redirected?)") from None
+    local_host, local_port = sock.getsockname()[:2]
+    if port in listen_ports and _same_host(host, local_host):
+        raise DestinationError(f"loop detected in transparent proxying: {host}:{port} is us")
+    peer = transport.get_extra_info("peername")
+    if peer and _same_host(host, peer[0]):
+        raise DestinationError(f"loop detected in transparent proxying: {host} is the client")
+    return Address(host=host, port=port)
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+    x = getattr(x, "ipv4_mapped", None) or x
+    y = getattr(y, "ipv4_mapped", None) or y
+    return x == y
+

@@ -1,0 +1,457 @@
+"""The client side of one connection: relay the SMTP dialogue, intercept DATA.
+
+This is aiosmtpd's SMTP protocol class (transport, Session and Envelope, the per-verb `smtp_*`
+dispatch, `push`, the exception-to-reply choke point) with its command loop replaced: a
+transparent relay must pass verbs aiosmtpd does not know, the continuation lines of AUTH, and the
+next hop's replies verbatim, and it must stream DATA to disk instead of collecting it in memory.
+
+Flow, one way: the next hop's replies come from `upstream`, the body goes to `spool`, `scanner`
+scans it, `verdict` decides, and this module carries the decision out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP, Session
+
+from .addresses import Address
+from .config import Config
+from .dotstuff import DataDecoder, stuff
+from .header import expand_header
+from .maillog import ConnectionLog, next_connection_id, summary
+from .scanner import ERROR, Scanner
+from .spool import Spool
+from .upstream import Reply, Upstream, UpstreamError
+from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
+
+#: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
+MAX_LINE = 4222
+#: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original).
+FILTERED_EXTENSIONS = frozenset(
+    {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+)
+DATA_CHUNK = 1 << 16
+
+REPLY_GREETING = b"220 smtp.passthru"
+REPLY_LINE_TOO_LONG = "500 Line too long"
+REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
+REPLY_XCLIENT = "554 Insufficient authorization"
+REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
+REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+
+
+class DestinationError(Exception):
+    """No next hop for this connection (transparent lookup failed, or it would loop to us)."""
+
+
+@dataclass
+class RelayContext:
+    """What every session shares: set up once by the server."""
+
+    config: Config
+    scanner: Scanner
+    #: (client ip, accepted socket) -> the next hop for this connection
+    destination: Callable[[str, object], Address]
+    sessions: set = field(default_factory=set)
+
+
+class RelaySessionState(Session):
+    """aiosmtpd's Session plus what a relay needs to know about the connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.conn_id = next_connection_id()
+        self.log = ConnectionLog(self.conn_id)
+        self.client_ip = ""
+        self.local_ip = ""
+        self.upstream: Upstream | None = None
+
+
+class _ClientGone(Exception):
+    """The client closed, or did not speak within TimeOut."""
+
+
+class RelaySession(SMTP):
+    """One proxied SMTP connection."""
+
+    session: RelaySessionState
+    #: aiosmtpd sizes its StreamReader from this: room for the longest line we accept.
+    line_length_limit = MAX_LINE + 2
+
+    def __init__(self, context: RelayContext) -> None:
+        self.context = context
+        self.config = context.config
+        super().__init__(
+            _NO_HOOKS,
+            hostname="smtp.passthru",
+            ident="",
+            timeout=context.config.timeout,
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+        self._closing = False
+
+    # -- aiosmtpd plumbing ------------------------------------------------------------------
+
+    def _create_session(self) -> RelaySessionState:
+        return RelaySessionState(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.context.sessions.add(self)
+        super().connection_made(transport)
+        session = self.session
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        session.client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        session.local_ip = local[0] if isinstance(local, tuple) else "127.0.0.1"
+        session.log.info("accepted connection from: %s", session.client_ip)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session here. We let our reads see the end of the stream instead,
+        # so a client gone mid-DATA is logged and cleaned up in order, like any other end.
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.context.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:
+        data = status.encode() if isinstance(status, str) else status
+        await self._send(data + b"\r\n")
+
+    async def _send(self, data: bytes) -> None:
+        self._writer.write(data)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self.session.log.warning("network write operation timed out (client)")
+            raise _ClientGone from None
+        except OSError:
+            raise _ClientGone from None
+
+    async def _push_reply(self, reply: Reply) -> None:
+        self._debug_lines("SERVER > ", reply.lines)
+        await self._send(reply.wire())
+
+    def _debug_lines(self, prefix: str, lines) -> None:
+        if self.session.log.isEnabledFor(logging.DEBUG):
+            for line in lines:
+                self.session.log.debug("%s%s", prefix, line[:79].decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the command loop -------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        # Our reads and writes carry their own TimeOut; aiosmtpd's idle timer would also fire
+        # while the client is rightly waiting for a long scan.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        log = self.session.log
+        try:
+            await self._serve()
+        except _ClientGone:
+            pass
+        except UpstreamError as e:
+            log.error("%s", e)
+            await self._say_and_close(REPLY_LOCAL_ERROR)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error; the client is told to try again later")
+            await self._say_and_close(REPLY_LOCAL_ERROR)
+        finally:
+            upstream = self.session.upstream
+            if upstream is not None:
+                upstream.close()
+            self.close()
+
+    async def _say_and_close(self, reply: str) -> None:
+        with contextlib.suppress(_ClientGone):
+            await self.push(reply)
+        self.close()
+
+    async def _serve(self) -> None:
+        session = self.session
+        try:
+            destination = self.context.destination(session.client_ip, self.transport)
+            session.upstream = await Upstream.connect(destination, self.config.timeout)
+        except (DestinationError, UpstreamError) as e:
+            session.log.error("SERVER: %s", e)
+            await self._say_and_close(REPLY_NEXT_HOP_DOWN)
+            return
+        greeting = await session.upstream.read_reply()
+        if greeting.code == 220 and len(greeting.lines) == 1:
+            self._debug_lines("SERVER > ", greeting.lines)
+            greeting = Reply(220, (REPLY_GREETING,))
+        await self._push_reply(greeting)
+        if session.upstream.at_eof:
+            return
+        while not self._closing:
+            line = await self._read_command()
+            if line is None:
+                continue
+            verb = line.split(None, 1)[0].upper() if line.strip() else b""
+            handler = _VERBS.get(verb, RelaySession._relay)
+            await handler(self, line, verb)
+
+    async def _read_command(self) -> bytes | None:
+        """One command line without its line ending; None if it was too long (already answered)."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError:
+                    await self._discard_long_line()
+                    line = b"x" * MAX_LINE
+        except TimeoutError:
+            self.session.log.warning("network read operation timed out (client)")
+            await self._say_and_close(REPLY_TIMEOUT)
+            raise _ClientGone from None
+        except (asyncio.IncompleteReadError, OSError):
+            raise _ClientGone from None
+        if len(line) >= MAX_LINE:
+            await self.push(REPLY_LINE_TOO_LONG)
+            return None
+        line = line.rstrip(b"\r\n")
+        self._debug_lines("CLIENT < ", (line,))
+        return line
+
+    async def _discard_long_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.readexactly(e.consumed)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _relay(self, line: bytes, verb: bytes) -> None:
+        upstream = self.session.upstream
+        reply = await upstream.command(line)
+        if reply.positive:
+            self._track(line, verb)
+        await self._push_reply(reply)
+        if upstream.at_eof or reply.code == 421:
+            self.close()
+
+    def _track(self, line: bytes, verb: bytes) -> None:
+        """Follow the envelope as the next hop accepted it (for logs and VirusAction)."""
+        if verb == b"MAIL":
+            self.envelope = self._create_envelope()
+            self.envelope.mail_from = envelope_address(line)
+        elif verb == b"RCPT":
+            self.envelope.rcpt_tos.append(envelope_address(line))
+        elif verb == b"RSET":
+            self.envelope = self._create_envelope()
+
+    async def smtp_EHLO(self, line: bytes, verb: bytes) -> None:
+        await self._greet(line, verb)
+
+    async def smtp_HELO(self, line: bytes, verb: bytes) -> None:
+        await self._greet(line, verb)
+
+    async def _greet(self, line: bytes, verb: bytes) -> None:
+        upstream = self.session.upstream
+        reply = await upstream.command(line)
+        if reply.positive:
+            self.envelope = self._create_envelope()
+            self.session.host_name = line[5:].strip().decode("utf-8", "replace")
+            self.session.extended_smtp = verb == b"EHLO"
+            self._debug_lines("SERVER > ", reply.lines)
+            reply = Reply(reply.code, filter_ehlo(reply.lines))
+            await self._send(reply.wire())
+        else:
+            await self._push_reply(reply)
+        if upstream.at_eof or reply.code == 421:
+            self.close()
+
+    async def smtp_AUTH(self, line: bytes, verb: bytes) -> None:
+        """SASL passes through: relay the challenges and the client's answers as they come."""
+        upstream = self.session.upstream
+        reply = await upstream.command(line)
+        while reply.code == 334:
+            await self._push_reply(reply)
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    answer = await self._reader.readuntil(b"\n")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                raise _ClientGone from None
+            self.session.log.debug("CLIENT < [authentication data]")
+            reply = await upstream.command(answer.rstrip(b"\r\n"))
+        await self._push_reply(reply)
+
+    async def smtp_QUIT(self, line: bytes, verb: bytes) -> None:
+        reply = await self.session.upstream.command(line)
+        await self._push_reply(reply)
+        self.close()
+
+    async def smtp_STARTTLS(self, line: bytes, verb: bytes) -> None:
+        await self.push(REPLY_NOT_IMPLEMENTED)
+
+    smtp_BDAT = smtp_STARTTLS
+
+    async def smtp_XCLIENT(self, line: bytes, verb: bytes) -> None:
+        self.session.log.warning("client attempted use of privileged XCLIENT feature")
+        await self.push(REPLY_XCLIENT)
+
+    # -- DATA: spool, scan, decide, forward -------------------------------------------------
+
+    async def smtp_DATA(self, line: bytes, verb: bytes) -> None:
+        log = self.session.log
+        envelope = self.envelope
+        if not envelope.rcpt_tos:
+            await self.push(REPLY_NEED_RCPT)
+            return
+        self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
+        await self.push(REPLY_START_DATA)
+        spool: Spool | None = None
+        try:
+            try:
+                spool = Spool(self.config.temp_directory)
+            except OSError as e:
+                log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
+            spool = await self._receive_body(spool)
+            if spool is None:
+                await self._abandon(REPLY_LOCAL_ERROR)
+                return
+            result = await self.context.scanner.scan(spool.path)
+            if result.status == ERROR:
+                log.error("clamav error: %s", result.detail)
+            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
+            verdict = decide(result, self.config.action)
+            if verdict.kind == FORWARD:
+                await self._forward(spool, verdict.extra_header)
+            else:
+                await self._abandon(verdict.reply)
+        finally:
+            if spool is not None:
+                spool.remove()
+
+    async def _receive_body(self, spool: Spool | None) -> Spool | None:
+        """Read the body to its end-of-data line; the spool, or None if it could not be written.
+
+        The whole body is always read, even when it cannot be kept, so client and proxy stay in
+        step and the client gets a reply it can act on.
+        """
+        decoder = DataDecoder()
+        reader = self._reader
+        timeout = self.config.timeout
+        while not decoder.done:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await reader.read(DATA_CHUNK)
+            except TimeoutError:
+                self.session.log.warning("network read operation timed out (client, in DATA)")
+                await self._say_and_close(REPLY_TIMEOUT)
+                raise _ClientGone from None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.session.log.error("unexpected end of data from client")
+                raise _ClientGone
+            data = decoder.feed(chunk)
+            if spool is not None and data:
+                try:
+                    spool.write(data)
+                except OSError as e:
+                    self.session.log.error("couldn't write to cache file: %s", e)
+                    spool.remove()
+                    spool = None
+        if decoder.rest:
+            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
+            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
+            reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
+        if spool is not None:
+            try:
+                spool.finish()
+            except OSError as e:
+                self.session.log.error("couldn't write to cache file: %s", e)
+                spool.remove()
+                return None
+        return spool
+
+    async def _forward(self, spool: Spool, extra_header: bytes) -> None:
+        session = self.session
+        upstream = session.upstream
+        reply = await upstream.command(b"DATA")
+        if reply.code != 354:
+            session.log.warning("server refused data transfer: %s", reply.text)
+            await self._push_reply(reply)
+            return
+        header = expand_header(
+            self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
+        )
+        reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
+        await self._push_reply(reply)
+
+    async def _abandon(self, reply: str) -> None:
+        """Answer the client ourselves and end the transaction at the next hop (RSET)."""
+        try:
+            await self.session.upstream.command(b"RSET")
+        except UpstreamError as e:
+            self.session.log.error("%s", e)
+            await self._say_and_close(reply)
+            return
+        await self.push(reply)
+
+
+_VERBS: dict[bytes, Callable] = {
+    verb[5:].encode(): method
+    for verb, method in vars(RelaySession).items()
+    if verb.startswith("smtp_")
+}
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler; ours has no hooks (the session decides everything)."""
+
+
+_NO_HOOKS = _NoHooks()
+
+
+def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """Rewrite the greeting line and drop extensions we cannot pass on (the original's rules).
+
+    The first line becomes `250 smtp.passthru` (a mail loop check on the other side must not see
+    its own name). A removed extension in the last line becomes `250 XFILTERED`, so the reply
+    still ends with a final line.
+    """
+    last = len(lines) - 1
+    first = lines[0]
+    cont = first[3:4] == b"-"
+    out = [first[:3] + (b"-" if cont else b" ") + b"smtp.passthru"]
+    for i, line in enumerate(lines[1:], start=1):
+        keyword = line[4:].split(None, 1)[0].upper() if len(line) > 4 else b""
+        if keyword in FILTERED_EXTENSIONS:
+            if i == last:
+                out.append(line[:3] + b" XFILTERED")
+            continue
+        out.append(line)
+    return tuple(out)
+
+
+def envelope_address(line: bytes) -> str:
+    """The address of a MAIL FROM / RCPT TO line, without brackets; `<>` for the null sender."""
+    _, _, rest = line.partition(b":")
+    rest = rest.strip()
+    if rest.startswith(b"<"):
+        inner, sep, _ = rest[1:].partition(b">")
+        address = inner if sep else rest[1:]
+        address = address.strip()
+        return address.decode("utf-8", "replace") if address else "<>"
+    return rest.split(None, 1)[0].decode("utf-8", "replace") if rest else "<>"

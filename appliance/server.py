@@ -1,0 +1,126 @@
+"""Server lifecycle: bind, serve, refuse past MaxConnections, drain on stop.
+
+Binding is separate from serving (as aiohttp's SockSite), so the CLI can bind while still root,
+then detach and drop privileges, and tests can hand in a socket of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+
+from .addresses import Address
+from .config import Config
+from .maillog import log
+from .nexthop import destination_for
+from .relay import RelayContext, RelaySession
+from .scanner import Scanner
+
+REPLY_BUSY = b"421 Server busy, too many connections\r\n"
+#: The original's listen backlog was 5; a burst of clients deserves a real queue.
+BACKLOG = 128
+#: Scans run at most this many at once (clamd's default MaxThreads is 10).
+MAX_CONCURRENT_SCANS = 8
+
+
+class BindError(Exception):
+    """The listen address could not be bound; the message says which directive to change."""
+
+
+def bind(address: Address) -> socket.socket:
+    """Create the listening socket for `Listen` (TCP v4/v6 or a unix path)."""
+    try:
+        if address.is_unix:
+            path = address.path
+            assert path is not None
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # a stale socket from an earlier run, as the original does
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+        else:
+            infos = socket.getaddrinfo(
+                address.host or "0.0.0.0", address.port, type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        raise BindError(
+            f"couldn't listen on {address}: {e.strerror or e} (check the Listen directive)"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Busy(asyncio.Protocol):
+    """Past MaxConnections: say so and close, as the original (no queueing)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        log.error("too many connections open (max %d). sent busy response", self.limit)
+        transport.write(REPLY_BUSY)  # type: ignore[attr-defined]
+        transport.close()
+
+
+class Appliance:
+    """The running proxy: one listener, the shared scanner, the live sessions."""
+
+    def __init__(self, config: Config, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.scanner = Scanner(
+            config.clam_address, config.timeout, min(config.max_connections, MAX_CONCURRENT_SCANS)
+        )
+        ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
+        self.context = RelayContext(config, self.scanner, destination_for(config, ports))
+        self._server: asyncio.AbstractServer | None = None
+
+    def _protocol(self) -> asyncio.Protocol:
+        if len(self.context.sessions) >= self.config.max_connections:
+            return _Busy(self.config.max_connections)
+        return RelaySession(self.context)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(self._protocol, sock=self.sock)
+        else:
+            self._server = await loop.create_server(self._protocol, sock=self.sock)
+        log.info("listening on %s", _describe(self.sock))
+        if not await loop.run_in_executor(None, self.scanner.ping):
+            log.warning(
+                "clamd is not answering at %s: mail will be deferred (451) until it does",
+                self.config.clam_address,
+            )
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let sessions in flight finish for `grace` seconds, then cut the rest."""
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.context.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        for session in list(self.context.sessions):
+            if session.transport is not None:
+                session.transport.abort()
+        await asyncio.sleep(0)
+        self.scanner.close()
+
+
+def _describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return name
+    host, port = name[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

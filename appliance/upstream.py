@@ -1,0 +1,190 @@
+"""The SMTP client side: one connection to the next hop, with a timeout on every read and write.
+
+It knows SMTP replies and nothing of scanning: the relay asks it to send a command or a message
+and gets the next hop's reply back verbatim. Every failure is an `UpstreamError` (the relay turns
+it into a 4xx), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .addresses import Address
+
+#: A reply line longer than this is cut (the C original's buffer was 4224 bytes as well).
+MAX_REPLY_LINE = 4224
+#: A reply with more lines than this is a broken or hostile next hop.
+MAX_REPLY_LINES = 512
+
+
+class UpstreamError(Exception):
+    """The next hop could not be reached, timed out, closed, or spoke something that is not SMTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One (possibly multi-line) SMTP reply, kept as the bytes the next hop sent (no CRLF)."""
+
+    code: int
+    lines: tuple[bytes, ...]
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def text(self) -> str:
+        return " / ".join(line.decode("utf-8", "replace") for line in self.lines)
+
+    def wire(self) -> bytes:
+        return b"".join(line + b"\r\n" for line in self.lines)
+
+    @classmethod
+    def make(cls, line: str) -> Reply:
+        """A one-line reply of our own (e.g. `451 Local Error`)."""
+        return cls(int(line[:3]), (line.encode(),))
+
+
+class Upstream:
+    """A connection to the next hop."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float, peer: str
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.timeout = timeout
+        self.peer = peer  # the next hop's address, for logs and VirusAction's SERVER
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, address: Address, timeout: float) -> Upstream:
+        try:
+            async with asyncio.timeout(timeout):
+                if address.is_unix:
+                    reader, writer = await asyncio.open_unix_connection(
+                        address.path, limit=MAX_REPLY_LINE
+                    )
+                    peer = address.path or ""
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        address.host, address.port, limit=MAX_REPLY_LINE
+                    )
+                    sock = writer.get_extra_info("socket")
+                    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    peername = writer.get_extra_info("peername")
+                    peer = peername[0] if peername else str(address.host)
+        except TimeoutError:
+            raise UpstreamError(f"couldn't connect to: {address}: connection timed out") from None
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise UpstreamError(f"couldn't connect to: {address}: {reason}") from None
+        return cls(reader, writer, timeout, peer)
+
+    async def read_reply(self) -> Reply:
+        lines: list[bytes] = []
+        code = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    line = await self._readline()
+                    if not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                        raise UpstreamError(f"unexpected reply from server: {line[:80]!r}")
+                    this = int(line[:3])
+                    if lines and this != code:
+                        raise UpstreamError("server reply changed its code mid-reply")
+                    code = this
+                    lines.append(line)
+                    if line[3:4] != b"-":
+                        return Reply(code, tuple(lines))
+                    if len(lines) >= MAX_REPLY_LINES:
+                        raise UpstreamError("server reply has too many lines")
+        except TimeoutError:
+            self.abort()
+            raise UpstreamError("network read operation timed out (server)") from None
+
+    async def _readline(self) -> bytes:
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            self.abort()
+            raise UpstreamError("server closed the connection") from None
+        except asyncio.LimitOverrunError as e:
+            # Keep the first part, throw away the rest of the overlong line.
+            line = await self._reader.readexactly(e.consumed)
+            while True:
+                try:
+                    await self._reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.readexactly(more.consumed)
+                except asyncio.IncompleteReadError:
+                    self.abort()
+                    raise UpstreamError("server closed the connection") from None
+            line = line[:MAX_REPLY_LINE]
+        except OSError as e:
+            self.abort()
+            raise UpstreamError(f"server connection failed: {e.strerror or e}") from None
+        return line.rstrip(b"\r\n")
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise UpstreamError("server connection is closed")
+        try:
+            self._writer.write(data)
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self.abort()
+            raise UpstreamError("network write operation timed out (server)") from None
+        except OSError as e:
+            self.abort()
+            raise UpstreamError(f"server connection failed: {e.strerror or e}") from None
+
+    async def command(self, line: bytes) -> Reply:
+        """Send one command line (without CRLF) and return the whole reply."""
+        await self.send(line + b"\r\n")
+        return await self.read_reply()
+
+    async def send_message(self, chunks: Iterable[bytes]) -> Reply:
+        """After a 354: stream the (already dot-stuffed) message, end it, return the final reply."""
+        pending = 0
+        for chunk in chunks:
+            self._writer.write(chunk)
+            pending += len(chunk)
+            if pending >= 1 << 18:
+                await self.send(b"")  # drain with a timeout, keeping memory bounded
+                pending = 0
+        await self.send(b".\r\n")
+        return await self.read_reply()
+
+    @property
+    def at_eof(self) -> bool:
+        return self.closed or self._reader.at_eof()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.transport.abort()
+
+    async def quit(self) -> None:
+        """Say goodbye politely if the connection still works; never raise."""
+        if self.closed:
+            return
+        try:
+            async with asyncio.timeout(min(self.timeout, 5)):
+                self._writer.write(b"QUIT\r\n")
+                await self._writer.drain()
+                await self._reader.readuntil(b"\n")
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.close()

@@ -1,0 +1,38 @@
+"""The relay's rewriting rules, as the C original applies them (clamsmtp-behaviour.md 5.2-5.4)."""
+
+from appliance.maillog import MAX_SUMMARY, summary
+from appliance.relay import envelope_address, filter_ehlo
+
+
+def test_ehlo_first_line_and_filtered_extensions():
+    lines = (b"250-mx.example.org", b"250-PIPELINING", b"250-SIZE 1000", b"250-STARTTLS",
+             b"250-8BITMIME", b"250-xclient ADDR NAME", b"250-DSN", b"250 CHUNKING")
+    assert filter_ehlo(lines) == (
+        b"250-smtp.passthru", b"250-SIZE 1000", b"250-8BITMIME", b"250-DSN", b"250 XFILTERED",
+    )
+
+
+def test_ehlo_keeps_last_line_when_allowed():
+    assert filter_ehlo((b"250-mx", b"250-BINARYMIME", b"250 SMTPUTF8")) == (
+        b"250-smtp.passthru", b"250 SMTPUTF8",
+    )
+
+
+def test_helo_single_line():
+    assert filter_ehlo((b"250 mx.example.org Hello",)) == (b"250 smtp.passthru",)
+
+
+def test_envelope_address_forms():
+    assert envelope_address(b"MAIL FROM:<a@example.com> SIZE=10") == "a@example.com"
+    assert envelope_address(b"MAIL FROM:<>") == "<>"
+    assert envelope_address(b"mail from: <a@b>") == "a@b"
+    assert envelope_address(b"RCPT TO:b@example.com NOTIFY=NEVER") == "b@example.com"
+    assert envelope_address(b"RCPT TO:<broken") == "broken"
+    assert envelope_address(b"MAIL FROM:") == "<>"
+
+
+def test_summary_format_and_bound():
+    assert summary("a@b", ["c@d", "e@f"], "CLEAN") == "from=a@b, to=c@d, to=e@f, status=CLEAN"
+    assert summary("", ["c@d"], "VIRUS:X") == "from=<>, to=c@d, status=VIRUS:X"
+    long = summary("a@b", [f"user{i}@example.com" for i in range(200)], "CLAMAV-ERROR")
+    assert len(long) <= MAX_SUMMARY and long.endswith(", status=CLAMAV-ERROR")
