@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 
-from . import __version__
-from .config import DEFAULT_CONFIG_PATH, ConfigError, describe, load_config, replace
+from . import __version__, process
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, describe, load_config, replace
 from .maillog import log, setup_logging
 from .server import Appliance, BindError, bind
 
@@ -77,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clamsmtpd (version {__version__})\n          (config: {DEFAULT_CONFIG_PATH})")
         return 0
     try:
-        config = load_config(args.config)
+        config = _load(args)
     except ConfigError as e:
         print(f"clamsmtpd: {e}", file=sys.stderr)
         return 2
-    if args.pidfile:
-        config = replace(config, pid_file=args.pidfile)
     if args.check_config:
         for warning in config.warnings:
             print(f"clamsmtpd: warning: {warning}", file=sys.stderr)
@@ -93,62 +90,91 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     try:
+        account = _account_to_become(config)
+        process.check_pid_file(config.pid_file)
         sock = bind(config.listen)
-    except BindError as e:
+    except (BindError, process.ProcessError) as e:
         log.error("%s", e)
         if args.debug is None:
             print(f"clamsmtpd: {e}", file=sys.stderr)
         return 1
     if args.debug is None:
-        _daemonize()
+        process.daemonize()
         setup_logging(None)  # syslog ident carries the daemon's own pid
     try:
-        _write_pid_file(config.pid_file)
-    except OSError as e:
-        log.error("couldn't write pid file %s: %s", config.pid_file, e.strerror or e)
+        process.write_pid_file(config.pid_file)
+        if account is not None:
+            process.drop_privileges(account)
+            log.info("running as user %s (uid %d, gid %d)", account.name, account.uid, account.gid)
+        elif os.geteuid() == 0:
+            log.warning("running as root is NOT recommended (set User: in %s)", config.path)
+    except (OSError, process.ProcessError) as e:
+        log.error("%s", e)
+        process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(config, sock))
+        asyncio.run(_serve(args, config, sock))
     finally:
-        if config.pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(config.pid_file)
+        process.remove_pid_file(config.pid_file)
     return 0
 
 
-async def _serve(config, sock) -> None:
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if args.pidfile:
+        config = replace(config, pid_file=args.pidfile)
+    if config.virus_action and not config.virus_action_as_root and _runs_as_root(config):
+        raise ConfigError(config.path, 0, "VirusAction",
+                          "would run as root: set User: (or VirusActionAsRoot: on, not advised)")
+    return config
+
+
+def _runs_as_root(config: Config) -> bool:
+    if os.geteuid() != 0:
+        return False
+    if not config.user:
+        return True
+    try:
+        return process.lookup_user(config.user).uid == 0
+    except process.ProcessError:
+        return False  # reported as such when the daemon starts
+
+
+def _account_to_become(config: Config) -> process.Account | None:
+    if not config.user:
+        return None
+    if os.geteuid() != 0:
+        log.warning("must be started as root to switch to user: %s", config.user)
+        return None
+    return process.lookup_user(config.user)
+
+
+async def _serve(args: argparse.Namespace, config: Config, sock) -> None:
     appliance = Appliance(config, sock)
     await appliance.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+    loop.add_signal_handler(signal.SIGHUP, _reload, args, appliance)
     await stop.wait()
-    log.info("stopping: letting sessions in flight finish")
+    log.info("stopping: no new connections, letting messages in flight finish")
     await appliance.stop(STOP_GRACE)
+    log.info("stopped")
 
 
-def _write_pid_file(path: str | None) -> None:
-    if not path:
+def _reload(args: argparse.Namespace, appliance: Appliance) -> None:
+    """SIGHUP: read the configuration again; keep the old one if the new one is wrong."""
+    try:
+        config = _load(args)
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded: %s", e)
         return
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
-
-
-def _daemonize() -> None:
-    """Detach as daemon(0, 0) does: new session, cwd /, stdio on /dev/null."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    for name in appliance.reload(config):
+        log.warning("SIGHUP: %s changed: restart clamsmtpd to apply it", name)
+    log.info("SIGHUP: configuration reloaded from %s", config.path)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Config:
     action: str = "drop"
     quarantine: bool = False
     virus_action: str | None = None
+    virus_action_as_root: bool = False
     max_connections: int = 64
     timeout: float = 180.0
     keepalives: int = 0
@@ -176,6 +177,7 @@ def describe(config: Config) -> str:
         f"Action: {config.action}",
         f"Quarantine: {_onoff(config.quarantine)}",
         f"VirusAction: {config.virus_action or ''}".rstrip(),
+        f"VirusActionAsRoot: {_onoff(config.virus_action_as_root)}",
         f"MaxConnections: {config.max_connections}",
         f"TimeOut: {config.timeout:g}",
         f"KeepAlives: {config.keepalives}",
@@ -298,6 +300,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("Bounce", _bounce),
         ("Quarantine", _bool_handler("quarantine")),
         ("VirusAction", _string_handler("virus_action", None)),
+        ("VirusActionAsRoot", _bool_handler("virus_action_as_root")),
         ("MaxConnections", _int_handler("max_connections", 1, MAX_CONNECTIONS, "connections")),
         ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
         ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Session
 
+from . import xclient
+from .actions import VirusActions, VirusEvent, quarantine
 from .addresses import Address
 from .config import Config
+from .dialogue import envelope_address, filter_ehlo, xforward_attributes
 from .dotstuff import DataDecoder, stuff
 from .header import expand_header
 from .maillog import ConnectionLog, next_connection_id, summary
@@ -31,10 +34,6 @@ from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
 
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
 MAX_LINE = 4222
-#: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original).
-FILTERED_EXTENSIONS = frozenset(
-    {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
-)
 DATA_CHUNK = 1 << 16
 
 REPLY_GREETING = b"220 smtp.passthru"
@@ -45,6 +44,7 @@ REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
 REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
 REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
 
 class DestinationError(Exception):
@@ -59,7 +59,10 @@ class RelayContext:
     scanner: Scanner
     #: (client ip, accepted socket) -> the next hop for this connection
     destination: Callable[[str, object], Address]
+    actions: VirusActions
     sessions: set = field(default_factory=set)
+    #: Set at shutdown: sessions finish the message in hand, then close with a 421.
+    stopping: bool = False
 
 
 class RelaySessionState(Session):
@@ -72,6 +75,9 @@ class RelaySessionState(Session):
         self.client_ip = ""
         self.local_ip = ""
         self.upstream: Upstream | None = None
+        self.xforward: dict[str, str] = {}  # ADDR / HELO the next hop accepted via XFORWARD
+        self.xclient_sent = False
+        self.in_data = False  # between DATA and its final reply: shutdown lets it finish
 
 
 class _ClientGone(Exception):
@@ -153,6 +159,12 @@ class RelaySession(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def shutdown(self) -> None:
+        """Server stopping: an idle session is told so now; one in DATA finishes first."""
+        if not self.session.in_data and self.transport is not None and not self._closing:
+            self.transport.write((REPLY_SHUTDOWN + "\r\n").encode())  # type: ignore[attr-defined]
+            self.close()
+
     # -- the command loop -------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
@@ -201,6 +213,9 @@ class RelaySession(SMTP):
         if session.upstream.at_eof:
             return
         while not self._closing:
+            if self.context.stopping:
+                await self._say_and_close(REPLY_SHUTDOWN)
+                return
             line = await self._read_command()
             if line is None:
                 continue
@@ -258,6 +273,8 @@ class RelaySession(SMTP):
             self.envelope.rcpt_tos.append(envelope_address(line))
         elif verb == b"RSET":
             self.envelope = self._create_envelope()
+        elif verb == b"XFORWARD":
+            self.session.xforward.update(xforward_attributes(line))
 
     async def smtp_EHLO(self, line: bytes, verb: bytes) -> None:
         await self._greet(line, verb)
@@ -272,6 +289,9 @@ class RelaySession(SMTP):
             self.envelope = self._create_envelope()
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
             self.session.extended_smtp = verb == b"EHLO"
+            if self.config.xclient and not self.session.xclient_sent:
+                self.session.xclient_sent = True
+                reply = await xclient.introduce(self.session, line, verb, reply)
             self._debug_lines("SERVER > ", reply.lines)
             reply = Reply(reply.code, filter_ehlo(reply.lines))
             await self._send(reply.wire())
@@ -318,6 +338,7 @@ class RelaySession(SMTP):
             await self.push(REPLY_NEED_RCPT)
             return
         self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
+        self.session.in_data = True
         await self.push(REPLY_START_DATA)
         spool: Spool | None = None
         try:
@@ -325,22 +346,49 @@ class RelaySession(SMTP):
                 spool = Spool(self.config.temp_directory)
             except OSError as e:
                 log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
-            spool = await self._receive_body(spool)
-            if spool is None:
+            async with self.session.upstream.keepalive(self.config.keepalives, log):
+                spool = await self._receive_body(spool)
+                if spool is None:
+                    result = None
+                else:
+                    result = await self.context.scanner.scan(spool.path)
+            if result is None:
                 await self._abandon(REPLY_LOCAL_ERROR)
                 return
-            result = await self.context.scanner.scan(spool.path)
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
             log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
             verdict = decide(result, self.config.action)
+            if verdict.infected:
+                self._virus_found(spool, envelope, result.virus or "Unknown")
             if verdict.kind == FORWARD:
                 await self._forward(spool, verdict.extra_header)
             else:
                 await self._abandon(verdict.reply)
         finally:
+            self.session.in_data = False
             if spool is not None:
                 spool.remove()
+
+    def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
+        """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
+        session = self.session
+        email = None
+        if self.config.quarantine:
+            try:
+                email = quarantine(spool.path, self.config.temp_directory)
+                session.log.info("quarantined virus file as: %s", email)
+            except OSError as e:
+                session.log.error("couldn't quarantine virus file: %s", e)
+        self.context.actions.start(
+            VirusEvent(
+                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos),
+                client=session.client_ip, server=session.upstream.peer, virus=virus,
+                tmpdir=self.config.temp_directory, email=email,
+                remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
+            ),
+            prefix=session.log.prefix,
+        )
 
     async def _receive_body(self, spool: Spool | None) -> Spool | None:
         """Read the body to its end-of-data line; the spool, or None if it could not be written.
@@ -422,36 +470,3 @@ class _NoHooks:
 
 
 _NO_HOOKS = _NoHooks()
-
-
-def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
-    """Rewrite the greeting line and drop extensions we cannot pass on (the original's rules).
-
-    The first line becomes `250 smtp.passthru` (a mail loop check on the other side must not see
-    its own name). A removed extension in the last line becomes `250 XFILTERED`, so the reply
-    still ends with a final line.
-    """
-    last = len(lines) - 1
-    first = lines[0]
-    cont = first[3:4] == b"-"
-    out = [first[:3] + (b"-" if cont else b" ") + b"smtp.passthru"]
-    for i, line in enumerate(lines[1:], start=1):
-        keyword = line[4:].split(None, 1)[0].upper() if len(line) > 4 else b""
-        if keyword in FILTERED_EXTENSIONS:
-            if i == last:
-                out.append(line[:3] + b" XFILTERED")
-            continue
-        out.append(line)
-    return tuple(out)
-
-
-def envelope_address(line: bytes) -> str:
-    """The address of a MAIL FROM / RCPT TO line, without brackets; `<>` for the null sender."""
-    _, _, rest = line.partition(b":")
-    rest = rest.strip()
-    if rest.startswith(b"<"):
-        inner, sep, _ = rest[1:].partition(b">")
-        address = inner if sep else rest[1:]
-        address = address.strip()
-        return address.decode("utf-8", "replace") if address else "<>"
-    return rest.split(None, 1)[0].decode("utf-8", "replace") if rest else "<>"

@@ -12,8 +12,10 @@ import os
 import socket
 import stat
 
+from .actions import VirusActions
 from .addresses import Address
 from .config import Config
+from .config import replace as _replace
 from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
@@ -73,21 +75,50 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+#: Directives a running daemon cannot take over on SIGHUP.
+RESTART_ONLY = {"listen": "Listen", "user": "User", "pid_file": "PidFile"}
+
+
 class Appliance:
     """The running proxy: one listener, the shared scanner, the live sessions."""
 
     def __init__(self, config: Config, sock: socket.socket) -> None:
-        self.config = config
         self.sock = sock
-        self.scanner = Scanner(
-            config.clam_address, config.timeout, min(config.max_connections, MAX_CONCURRENT_SCANS)
-        )
-        ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
-        self.context = RelayContext(config, self.scanner, destination_for(config, ports))
+        self.sessions: set[RelaySession] = set()
+        self.context = self._context(config)
         self._server: asyncio.AbstractServer | None = None
 
+    @property
+    def config(self) -> Config:
+        return self.context.config
+
+    def _context(self, config: Config) -> RelayContext:
+        scanner = Scanner(
+            config.clam_address, config.timeout, min(config.max_connections, MAX_CONCURRENT_SCANS)
+        )
+        sock = self.sock
+        ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
+        return RelayContext(
+            config, scanner, destination_for(config, ports), VirusActions(config.virus_action),
+            sessions=self.sessions,
+        )
+
+    def reload(self, config: Config) -> list[str]:
+        """Take over a new configuration for new connections; sessions in flight keep theirs.
+
+        Returns the directives that changed but need a restart (they keep their old value).
+        """
+        old = self.context
+        pending = [name for field, name in RESTART_ONLY.items()
+                   if getattr(config, field) != getattr(old.config, field)]
+        keep = {field: getattr(old.config, field) for field in RESTART_ONLY}
+        config = _replace(config, **keep)
+        self.context = self._context(config)
+        old.scanner.close()  # its running scans finish; new ones go to the new scanner
+        return pending
+
     def _protocol(self) -> asyncio.Protocol:
-        if len(self.context.sessions) >= self.config.max_connections:
+        if len(self.sessions) >= self.config.max_connections:
             return _Busy(self.config.max_connections)
         return RelaySession(self.context)
 
@@ -98,24 +129,31 @@ class Appliance:
         else:
             self._server = await loop.create_server(self._protocol, sock=self.sock)
         log.info("listening on %s", _describe(self.sock))
-        if not await loop.run_in_executor(None, self.scanner.ping):
+        if not await loop.run_in_executor(None, self.context.scanner.ping):
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",
                 self.config.clam_address,
             )
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting, let sessions in flight finish for `grace` seconds, then cut the rest."""
+        """Stop accepting; idle sessions get a 421 now, a message in hand may finish within
+        `grace` seconds (then its client gets a 421 too); whatever is left is cut."""
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.context.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.1)
-        for session in list(self.context.sessions):
+        self.context.stopping = True
+        for session in list(self.sessions):
+            session.context.stopping = True
+            session.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.abort()
+        await self.context.actions.wait(timeout=max(deadline - loop.time(), 1.0))
         await asyncio.sleep(0)
-        self.scanner.close()
+        self.context.scanner.close()
 
 
 def _describe(sock: socket.socket) -> str:

@@ -8,8 +8,10 @@ it into a 4xx), never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from .addresses import Address
@@ -161,6 +163,33 @@ class Upstream:
                 pending = 0
         await self.send(b".\r\n")
         return await self.read_reply()
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, interval: float, log: logging.LoggerAdapter) -> AsyncIterator[None]:
+        """While we are busy with the client or clamd, send NOOP every `interval` seconds so the
+        next hop does not time out (KeepAlives). The original only did it while DATA arrived."""
+        if interval <= 0:
+            yield
+            return
+        lock = asyncio.Lock()
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                async with lock:
+                    reply = await self.command(b"NOOP")
+                if not reply.positive:
+                    log.warning("server answered NOOP with: %s", reply.text)
+
+        task = asyncio.get_running_loop().create_task(beat())
+        try:
+            yield
+        finally:
+            async with lock:  # never cut a NOOP in half: its reply would be read as the next one
+                task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.error("keepalive: %s", task.exception())
 
     @property
     def at_eof(self) -> bool:

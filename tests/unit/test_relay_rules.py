@@ -1,7 +1,7 @@
 """The relay's rewriting rules, as the C original applies them (clamsmtp-behaviour.md 5.2-5.4)."""
 
+from appliance.dialogue import envelope_address, filter_ehlo, xforward_attributes
 from appliance.maillog import MAX_SUMMARY, summary
-from appliance.relay import envelope_address, filter_ehlo
 
 
 def test_ehlo_first_line_and_filtered_extensions():
@@ -36,3 +36,9 @@ def test_summary_format_and_bound():
     assert summary("", ["c@d"], "VIRUS:X") == "from=<>, to=c@d, status=VIRUS:X"
     long = summary("a@b", [f"user{i}@example.com" for i in range(200)], "CLAMAV-ERROR")
     assert len(long) <= MAX_SUMMARY and long.endswith(", status=CLAMAV-ERROR")
+
+
+def test_xforward_attributes():
+    line = b"XFORWARD ADDR=192.0.2.7 NAME=[UNAVAILABLE] HELO=[mx.example.net] PROTO=ESMTP"
+    assert xforward_attributes(line) == {"ADDR": "192.0.2.7", "HELO": "mx.example.net"}
+    assert xforward_attributes(b"XFORWARD addr=[UNAVAILABLE]") == {}

@@ -1,0 +1,138 @@
+"""Side effects after a virus verdict: keep the file (Quarantine), run the admin's VirusAction.
+
+Both run only after the decision is made, and neither can block or lose mail: the quarantine is
+a hard link (no copy), and the script runs in the background with a timeout, no terminal, its
+output and exit status logged. Values that come from the network (sender, recipients, HELO, virus
+name) reach the script only through its environment, never through its command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+
+from .maillog import log
+
+#: A VirusAction still running after this many seconds is killed (with its process group).
+VIRUS_ACTION_TIMEOUT = 60.0
+#: At most this many scripts at once; past it, more wait; past MAX_PENDING they are skipped.
+MAX_RUNNING = 4
+MAX_PENDING = 64
+#: How much of a script's output is logged.
+MAX_OUTPUT = 4096
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def quarantine(spool_path: str, directory: str) -> str:
+    """Keep the infected message as `<directory>/virus.XXXXXX` (a hard link, mode 0600)."""
+    for _ in range(100):
+        target = os.path.join(directory, "virus." + secrets.token_hex(3))
+        try:
+            os.link(spool_path, target)
+        except FileExistsError:
+            log.warning("race condition when quarantining virus file")
+            continue
+        return target
+    raise OSError("no free quarantine file name")
+
+
+@dataclass(frozen=True)
+class VirusEvent:
+    """What the original exported to VirusAction (clamsmtpd(8), VIRUS ACTIONS)."""
+
+    sender: str | None
+    recipients: tuple[str, ...]
+    client: str
+    server: str
+    virus: str
+    tmpdir: str
+    email: str | None = None  # the quarantine file, only with Quarantine on
+    remote: str | None = None  # from XFORWARD ADDR=
+    remote_helo: str | None = None  # from XFORWARD HELO=
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "PATH": SAFE_PATH,
+            "CLIENT": self.client,
+            "SERVER": self.server,
+            "VIRUS": self.virus,
+            "TMPDIR": self.tmpdir,
+            "RECIPIENTS": "\n".join(self.recipients),
+        }
+        optional = {
+            "SENDER": self.sender, "EMAIL": self.email,
+            "REMOTE": self.remote, "REMOTE_HELO": self.remote_helo,
+        }
+        env.update({k: v for k, v in optional.items() if v is not None})
+        # A NUL cannot travel in an environment; nothing else is filtered (values are data).
+        return {k: v.replace("\0", "") for k, v in env.items()}
+
+
+class VirusActions:
+    """Runs VirusAction scripts in the background, a few at a time, each with a deadline."""
+
+    def __init__(self, command: str | None, timeout: float = VIRUS_ACTION_TIMEOUT) -> None:
+        self.command = command
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(MAX_RUNNING)
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, event: VirusEvent, prefix: str = "") -> None:
+        if not self.command:
+            return
+        if len(self._tasks) >= MAX_PENDING:
+            log.error("%sVirusAction skipped: %d already running or waiting", prefix, MAX_PENDING)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(event, prefix))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, event: VirusEvent, prefix: str) -> None:
+        async with self._slots:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "/bin/sh", "-c", self.command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=event.environment(),
+                    cwd=event.tmpdir if os.path.isdir(event.tmpdir) else "/",
+                    start_new_session=True,  # no controlling terminal; killable as a group
+                )
+            except OSError as e:
+                log.error("%scouldn't run VirusAction: %s", prefix, e.strerror or e)
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    output = await proc.stdout.read(MAX_OUTPUT)
+                    await _drain(proc.stdout)
+                    status = await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                log.error("%sVirusAction killed after %.0f s", prefix, self.timeout)
+                return
+            text = output.decode("utf-8", "replace").strip()
+            level = log.info if status == 0 else log.error
+            level("%sVirusAction exited with status %d%s", prefix, status,
+                  f": {_one_line(text)}" if text else "")
+
+    async def wait(self, timeout: float) -> None:
+        """Let running scripts finish (at shutdown), up to `timeout`."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(line for line in text.splitlines() if line.strip())
+

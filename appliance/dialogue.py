@@ -1,0 +1,57 @@
+"""The relay's reading and rewriting of SMTP lines, as the C original does it (its section 5.2-5.4).
+
+Pure functions on bytes, so each rule is a one-line test.
+"""
+
+from __future__ import annotations
+
+#: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original).
+FILTERED_EXTENSIONS = frozenset(
+    {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+)
+
+
+def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """Rewrite the greeting line and drop extensions we cannot pass on (the original's rules).
+
+    The first line becomes `250 smtp.passthru` (a mail loop check on the other side must not see
+    its own name). A removed extension in the last line becomes `250 XFILTERED`, so the reply
+    still ends with a final line.
+    """
+    last = len(lines) - 1
+    first = lines[0]
+    cont = first[3:4] == b"-"
+    out = [first[:3] + (b"-" if cont else b" ") + b"smtp.passthru"]
+    for i, line in enumerate(lines[1:], start=1):
+        keyword = line[4:].split(None, 1)[0].upper() if len(line) > 4 else b""
+        if keyword in FILTERED_EXTENSIONS:
+            if i == last:
+                out.append(line[:3] + b" XFILTERED")
+            continue
+        out.append(line)
+    return tuple(out)
+
+
+def xforward_attributes(line: bytes) -> dict[str, str]:
+    """ADDR= and HELO= of an XFORWARD line (for VirusAction's REMOTE and REMOTE_HELO)."""
+    found = {}
+    for word in line.split()[1:]:
+        key, sep, value = word.partition(b"=")
+        key_text = key.decode("ascii", "replace").upper()
+        if sep and key_text in ("ADDR", "HELO"):
+            value = value.strip(b"[]")
+            if value and value.upper() not in (b"UNAVAILABLE", b"TEMPUNAVAIL"):
+                found[key_text] = value.decode("utf-8", "replace")
+    return found
+
+
+def envelope_address(line: bytes) -> str:
+    """The address of a MAIL FROM / RCPT TO line, without brackets; `<>` for the null sender."""
+    _, _, rest = line.partition(b":")
+    rest = rest.strip()
+    if rest.startswith(b"<"):
+        inner, sep, _ = rest[1:].partition(b">")
+        address = inner if sep else rest[1:]
+        address = address.strip()
+        return address.decode("utf-8", "replace") if address else "<>"
+    return rest.split(None, 1)[0].decode("utf-8", "replace") if rest else "<>"

@@ -1,0 +1,138 @@
+"""The daemon as a Unix process: detach, pid file, privilege drop.
+
+Order (cli.main): bind the listener as root, detach, write the pid file, then drop to `User` for
+good. Binding first is what lets a `User`-configured daemon listen below port 1024 (the original
+dropped privileges before binding and could not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+
+class ProcessError(Exception):
+    """Start-up cannot go on safely; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_user(user: str) -> Account:
+    """`User` by name, or by number as the original allows."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise ProcessError(f"User: no such user '{user}'") from None
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def drop_privileges(account: Account) -> None:
+    """Become `account` for good: its own groups only (the original kept root's), then gid, uid."""
+    os.initgroups(account.name, account.gid)
+    os.setgid(account.gid)
+    os.setuid(account.uid)
+    if account.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise ProcessError("unable to completely drop privileges")
+        if os.geteuid() == 0 or os.getegid() == 0 and account.gid != 0:
+            raise ProcessError("unable to completely drop privileges")
+
+
+def current_groups() -> tuple[int, ...]:
+    return tuple(sorted({os.getgid(), *os.getgroups()}))
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def check_pid_file(path: str | None) -> None:
+    """Refuse to start if the pid file names a live clamsmtpd; a stale one is removed."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            text = f.read(32).strip()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ProcessError(f"PidFile: cannot read {path}: {e.strerror or e}") from None
+    pid = int(text) if text.isdigit() else 0
+    if pid > 0 and pid != os.getpid() and _alive(pid):
+        raise ProcessError(f"already running as process {pid} (PidFile {path})")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def write_pid_file(path: str | None) -> None:
+    """Create the pid file anew (never through a symlink, never over another file)."""
+    if not path:
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        check_pid_file(path)  # a stale file appeared meanwhile: same rules, then once more
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise ProcessError(f"PidFile: cannot create {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def remove_pid_file(path: str | None) -> None:
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            if f.read(32).strip() != str(os.getpid()):
+                return  # not ours any more
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running clamsmtpd (a recycled pid of another program is not us)."""
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # cannot tell: be careful
+    return b"clamsmtpd" in cmdline or b"appliance.cli" in cmdline
+
+
+def daemonize() -> None:
+    """Detach as daemon(0, 0) does: new session, cwd /, stdio on /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
