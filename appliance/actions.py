@@ -112,20 +112,33 @@ class VirusActions:
                     await _drain(proc.stdout)
                     status = await proc.wait()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_group(proc.pid)
                 await proc.wait()
                 log.error("%sVirusAction killed after %.0f s", prefix, self.timeout)
                 return
+            except asyncio.CancelledError:  # the daemon is stopping
+                _kill_group(proc.pid)
+                log.error("%sVirusAction killed: clamsmtpd is stopping", prefix)
+                raise
             text = output.decode("utf-8", "replace").strip()
             level = log.info if status == 0 else log.error
             level("%sVirusAction exited with status %d%s", prefix, status,
                   f": {_one_line(text)}" if text else "")
 
-    async def wait(self, timeout: float) -> None:
-        """Let running scripts finish (at shutdown), up to `timeout`."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+    async def stop(self, timeout: float) -> None:
+        """At shutdown: let running scripts finish for `timeout` seconds, then kill them."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:

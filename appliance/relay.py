@@ -20,30 +20,24 @@ from dataclasses import dataclass, field
 from aiosmtpd.smtp import SMTP, Session
 
 from . import xclient
-from .actions import VirusActions, VirusEvent, quarantine
+from .actions import VirusActions
 from .addresses import Address
 from .config import Config
 from .dialogue import envelope_address, filter_ehlo, xforward_attributes
-from .dotstuff import DataDecoder, stuff
-from .header import expand_header
-from .maillog import ConnectionLog, next_connection_id, summary
-from .scanner import ERROR, Scanner
-from .spool import Spool
+from .maillog import ConnectionLog, next_connection_id
+from .message import REPLY_TIMEOUT, ClientGone, MessageFlow
+from .scanner import Scanner
 from .upstream import Reply, Upstream, UpstreamError
-from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
+from .verdict import REPLY_LOCAL_ERROR
 
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
 MAX_LINE = 4222
-DATA_CHUNK = 1 << 16
 
 REPLY_GREETING = b"220 smtp.passthru"
 REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
-REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
-REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
-REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
 
@@ -80,11 +74,7 @@ class RelaySessionState(Session):
         self.in_data = False  # between DATA and its final reply: shutdown lets it finish
 
 
-class _ClientGone(Exception):
-    """The client closed, or did not speak within TimeOut."""
-
-
-class RelaySession(SMTP):
+class RelaySession(MessageFlow, SMTP):
     """One proxied SMTP connection."""
 
     session: RelaySessionState
@@ -117,8 +107,8 @@ class RelaySession(SMTP):
         session = self.session
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        session.client_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        session.local_ip = local[0] if isinstance(local, tuple) else "127.0.0.1"
+        session.client_ip = _plain_ip(peer[0]) if isinstance(peer, tuple) else "127.0.0.1"
+        session.local_ip = _plain_ip(local[0]) if isinstance(local, tuple) else "127.0.0.1"
         session.log.info("accepted connection from: %s", session.client_ip)
 
     def eof_received(self) -> bool | None:
@@ -141,9 +131,9 @@ class RelaySession(SMTP):
                 await self._writer.drain()
         except TimeoutError:
             self.session.log.warning("network write operation timed out (client)")
-            raise _ClientGone from None
+            raise ClientGone from None
         except OSError:
-            raise _ClientGone from None
+            raise ClientGone from None
 
     async def _push_reply(self, reply: Reply) -> None:
         self._debug_lines("SERVER > ", reply.lines)
@@ -175,7 +165,7 @@ class RelaySession(SMTP):
         log = self.session.log
         try:
             await self._serve()
-        except _ClientGone:
+        except ClientGone:
             pass
         except UpstreamError as e:
             log.error("%s", e)
@@ -192,7 +182,7 @@ class RelaySession(SMTP):
             self.close()
 
     async def _say_and_close(self, reply: str) -> None:
-        with contextlib.suppress(_ClientGone):
+        with contextlib.suppress(ClientGone):
             await self.push(reply)
         self.close()
 
@@ -235,9 +225,9 @@ class RelaySession(SMTP):
         except TimeoutError:
             self.session.log.warning("network read operation timed out (client)")
             await self._say_and_close(REPLY_TIMEOUT)
-            raise _ClientGone from None
+            raise ClientGone from None
         except (asyncio.IncompleteReadError, OSError):
-            raise _ClientGone from None
+            raise ClientGone from None
         if len(line) >= MAX_LINE:
             await self.push(REPLY_LINE_TOO_LONG)
             return None
@@ -310,7 +300,7 @@ class RelaySession(SMTP):
                 async with asyncio.timeout(self.config.timeout):
                     answer = await self._reader.readuntil(b"\n")
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                raise _ClientGone from None
+                raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")
             reply = await upstream.command(answer.rstrip(b"\r\n"))
         await self._push_reply(reply)
@@ -329,138 +319,17 @@ class RelaySession(SMTP):
         self.session.log.warning("client attempted use of privileged XCLIENT feature")
         await self.push(REPLY_XCLIENT)
 
-    # -- DATA: spool, scan, decide, forward -------------------------------------------------
 
-    async def smtp_DATA(self, line: bytes, verb: bytes) -> None:
-        log = self.session.log
-        envelope = self.envelope
-        if not envelope.rcpt_tos:
-            await self.push(REPLY_NEED_RCPT)
-            return
-        self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
-        self.session.in_data = True
-        await self.push(REPLY_START_DATA)
-        spool: Spool | None = None
-        try:
-            try:
-                spool = Spool(self.config.temp_directory)
-            except OSError as e:
-                log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
-            async with self.session.upstream.keepalive(self.config.keepalives, log):
-                spool = await self._receive_body(spool)
-                if spool is None:
-                    result = None
-                else:
-                    result = await self.context.scanner.scan(spool.path)
-            if result is None:
-                await self._abandon(REPLY_LOCAL_ERROR)
-                return
-            if result.status == ERROR:
-                log.error("clamav error: %s", result.detail)
-            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
-            verdict = decide(result, self.config.action)
-            if verdict.infected:
-                self._virus_found(spool, envelope, result.virus or "Unknown")
-            if verdict.kind == FORWARD:
-                await self._forward(spool, verdict.extra_header)
-            else:
-                await self._abandon(verdict.reply)
-        finally:
-            self.session.in_data = False
-            if spool is not None:
-                spool.remove()
-
-    def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
-        """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
-        session = self.session
-        email = None
-        if self.config.quarantine:
-            try:
-                email = quarantine(spool.path, self.config.temp_directory)
-                session.log.info("quarantined virus file as: %s", email)
-            except OSError as e:
-                session.log.error("couldn't quarantine virus file: %s", e)
-        self.context.actions.start(
-            VirusEvent(
-                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos),
-                client=session.client_ip, server=session.upstream.peer, virus=virus,
-                tmpdir=self.config.temp_directory, email=email,
-                remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
-            ),
-            prefix=session.log.prefix,
-        )
-
-    async def _receive_body(self, spool: Spool | None) -> Spool | None:
-        """Read the body to its end-of-data line; the spool, or None if it could not be written.
-
-        The whole body is always read, even when it cannot be kept, so client and proxy stay in
-        step and the client gets a reply it can act on.
-        """
-        decoder = DataDecoder()
-        reader = self._reader
-        timeout = self.config.timeout
-        while not decoder.done:
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await reader.read(DATA_CHUNK)
-            except TimeoutError:
-                self.session.log.warning("network read operation timed out (client, in DATA)")
-                await self._say_and_close(REPLY_TIMEOUT)
-                raise _ClientGone from None
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.session.log.error("unexpected end of data from client")
-                raise _ClientGone
-            data = decoder.feed(chunk)
-            if spool is not None and data:
-                try:
-                    spool.write(data)
-                except OSError as e:
-                    self.session.log.error("couldn't write to cache file: %s", e)
-                    spool.remove()
-                    spool = None
-        if decoder.rest:
-            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
-            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
-            reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
-        if spool is not None:
-            try:
-                spool.finish()
-            except OSError as e:
-                self.session.log.error("couldn't write to cache file: %s", e)
-                spool.remove()
-                return None
-        return spool
-
-    async def _forward(self, spool: Spool, extra_header: bytes) -> None:
-        session = self.session
-        upstream = session.upstream
-        reply = await upstream.command(b"DATA")
-        if reply.code != 354:
-            session.log.warning("server refused data transfer: %s", reply.text)
-            await self._push_reply(reply)
-            return
-        header = expand_header(
-            self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
-        )
-        reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
-        await self._push_reply(reply)
-
-    async def _abandon(self, reply: str) -> None:
-        """Answer the client ourselves and end the transaction at the next hop (RSET)."""
-        try:
-            await self.session.upstream.command(b"RSET")
-        except UpstreamError as e:
-            self.session.log.error("%s", e)
-            await self._say_and_close(reply)
-            return
-        await self.push(reply)
+def _plain_ip(ip: str) -> str:
+    """An IPv4 client of a dual-stack listener, as the IPv4 address it is (::ffff:a.b.c.d)."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
+# Our verbs only: aiosmtpd's own smtp_* methods take other arguments and are not used.
 _VERBS: dict[bytes, Callable] = {
     verb[5:].encode(): method
-    for verb, method in vars(RelaySession).items()
+    for cls in (MessageFlow, RelaySession)
+    for verb, method in vars(cls).items()
     if verb.startswith("smtp_")
 }
 

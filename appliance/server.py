@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -26,6 +27,8 @@ REPLY_BUSY = b"421 Server busy, too many connections\r\n"
 BACKLOG = 128
 #: Scans run at most this many at once (clamd's default MaxThreads is 10).
 MAX_CONCURRENT_SCANS = 8
+#: At shutdown, VirusAction scripts still running after this are killed.
+ACTIONS_GRACE = 3.0
 
 
 class BindError(Exception):
@@ -43,16 +46,14 @@ def bind(address: Address) -> socket.socket:
                     os.unlink(path)  # a stale socket from an earlier run, as the original does
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
+        elif address.port_only:
+            sock = _bind_any(address.port)
         else:
             infos = socket.getaddrinfo(
-                address.host or "0.0.0.0", address.port, type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
+                address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock = _tcp_socket(family)
             sock.bind(sockaddr)
         sock.listen(BACKLOG)
     except OSError as e:
@@ -60,6 +61,31 @@ def bind(address: Address) -> socket.socket:
             f"couldn't listen on {address}: {e.strerror or e} (check the Listen directive)"
         ) from None
     sock.setblocking(False)
+    return sock
+
+
+def _tcp_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # "[::]:port" takes IPv4 clients too (as ::ffff:a.b.c.d), as users of one Listen expect
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
+
+
+def _bind_any(port: int) -> socket.socket:
+    """A bare port means every address: both families where the host has IPv6, else IPv4."""
+    if socket.has_ipv6:
+        sock = _tcp_socket(socket.AF_INET6)
+        try:
+            sock.bind(("::", port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    sock = _tcp_socket(socket.AF_INET)
+    sock.bind(("0.0.0.0", port))
     return sock
 
 
@@ -85,6 +111,7 @@ class Appliance:
     def __init__(self, config: Config, sock: socket.socket) -> None:
         self.sock = sock
         self.sessions: set[RelaySession] = set()
+        self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
         self.context = self._context(config)
         self._server: asyncio.AbstractServer | None = None
 
@@ -98,9 +125,9 @@ class Appliance:
         )
         sock = self.sock
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
+        self.actions.command = config.virus_action
         return RelayContext(
-            config, scanner, destination_for(config, ports), VirusActions(config.virus_action),
-            sessions=self.sessions,
+            config, scanner, destination_for(config, ports), self.actions, sessions=self.sessions
         )
 
     def reload(self, config: Config) -> list[str]:
@@ -151,7 +178,7 @@ class Appliance:
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.abort()
-        await self.context.actions.wait(timeout=max(deadline - loop.time(), 1.0))
+        await self.actions.stop(timeout=ACTIONS_GRACE)
         await asyncio.sleep(0)
         self.context.scanner.close()
 

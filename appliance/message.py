@@ -1,0 +1,159 @@
+"""The DATA phase of a relayed session: spool, scan, decide, then forward or refuse.
+
+A mixin of the relay's session class (it needs the session's streams and state), kept apart
+because it is the one part that knows about spooling and scanning: the rest of the relay only
+passes SMTP lines along. Every path ends the transaction at the next hop (forwarded or RSET),
+answers the client, and removes the spool file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .actions import VirusEvent, quarantine
+from .dotstuff import DataDecoder, stuff
+from .header import expand_header
+from .maillog import summary
+from .scanner import ERROR
+from .spool import Spool
+from .upstream import UpstreamError
+from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
+
+DATA_CHUNK = 1 << 16
+REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
+REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+
+
+class ClientGone(Exception):
+    """The client closed, or did not speak within TimeOut."""
+
+
+class MessageFlow:
+    """smtp_DATA and what it needs; mixed into the relay's session class."""
+
+    async def smtp_DATA(self, line: bytes, verb: bytes) -> None:
+        log = self.session.log
+        envelope = self.envelope
+        if not envelope.rcpt_tos:
+            await self.push(REPLY_NEED_RCPT)
+            return
+        self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
+        self.session.in_data = True
+        await self.push(REPLY_START_DATA)
+        spool: Spool | None = None
+        try:
+            try:
+                spool = Spool(self.config.temp_directory)
+            except OSError as e:
+                log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
+            async with self.session.upstream.keepalive(self.config.keepalives, log):
+                spool = await self._receive_body(spool)
+                if spool is None:
+                    result = None
+                else:
+                    result = await self.context.scanner.scan(spool.path)
+            if result is None:
+                await self._abandon(REPLY_LOCAL_ERROR)
+                return
+            if result.status == ERROR:
+                log.error("clamav error: %s", result.detail)
+            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
+            verdict = decide(result, self.config.action)
+            if verdict.infected:
+                self._virus_found(spool, envelope, result.virus or "Unknown")
+            if verdict.kind == FORWARD:
+                await self._forward(spool, verdict.extra_header)
+            else:
+                await self._abandon(verdict.reply)
+        finally:
+            self.session.in_data = False
+            if spool is not None:
+                spool.remove()
+
+    def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
+        """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
+        session = self.session
+        email = None
+        if self.config.quarantine:
+            try:
+                email = quarantine(spool.path, self.config.temp_directory)
+                session.log.info("quarantined virus file as: %s", email)
+            except OSError as e:
+                session.log.error("couldn't quarantine virus file: %s", e)
+        self.context.actions.start(
+            VirusEvent(
+                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos),
+                client=session.client_ip, server=session.upstream.peer, virus=virus,
+                tmpdir=self.config.temp_directory, email=email,
+                remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
+            ),
+            prefix=session.log.prefix,
+        )
+
+    async def _receive_body(self, spool: Spool | None) -> Spool | None:
+        """Read the body to its end-of-data line; the spool, or None if it could not be written.
+
+        The whole body is always read, even when it cannot be kept, so client and proxy stay in
+        step and the client gets a reply it can act on.
+        """
+        decoder = DataDecoder()
+        reader = self._reader
+        timeout = self.config.timeout
+        while not decoder.done:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await reader.read(DATA_CHUNK)
+            except TimeoutError:
+                self.session.log.warning("network read operation timed out (client, in DATA)")
+                await self._say_and_close(REPLY_TIMEOUT)
+                raise ClientGone from None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.session.log.error("unexpected end of data from client")
+                raise ClientGone
+            data = decoder.feed(chunk)
+            if spool is not None and data:
+                try:
+                    spool.write(data)
+                except OSError as e:
+                    self.session.log.error("couldn't write to cache file: %s", e)
+                    spool.remove()
+                    spool = None
+        if decoder.rest:
+            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
+            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
+            reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
+        if spool is not None:
+            try:
+                spool.finish()
+            except OSError as e:
+                self.session.log.error("couldn't write to cache file: %s", e)
+                spool.remove()
+                return None
+        return spool
+
+    async def _forward(self, spool: Spool, extra_header: bytes) -> None:
+        session = self.session
+        upstream = session.upstream
+        reply = await upstream.command(b"DATA")
+        if reply.code != 354:
+            session.log.warning("server refused data transfer: %s", reply.text)
+            await self._push_reply(reply)
+            return
+        header = expand_header(
+            self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
+        )
+        reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
+        await self._push_reply(reply)
+
+    async def _abandon(self, reply: str) -> None:
+        """Answer the client ourselves and end the transaction at the next hop (RSET)."""
+        try:
+            await self.session.upstream.command(b"RSET")
+        except UpstreamError as e:
+            self.session.log.error("%s", e)
+            await self._say_and_close(reply)
+            return
+        await self.push(reply)
