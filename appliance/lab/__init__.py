@@ -1,0 +1,38 @@
+"""The local lab: real parts to run the appliance against, for people and for the tests.
+
+- `PrivateClamd` (clamd.py): clamd with a one-line EICAR database on a private socket.
+- `RecordingNextHop` (sink.py): an aiosmtpd server that records what it receives and can be
+  scripted to refuse.
+- `daemon_argv()`: how to start the daemon under test in the foreground.
+- `python -m appliance.lab` / `clamsmtp-lab` (__main__.py): all of it wired together.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .clamd import EICAR, PrivateClamd, eicar_bytes, free_tcp_port
+from .sink import Received, RecordingNextHop
+
+__all__ = [
+    "EICAR",
+    "PrivateClamd",
+    "Received",
+    "RecordingNextHop",
+    "daemon_argv",
+    "eicar_bytes",
+    "free_tcp_port",
+]
+
+
+def daemon_argv(conf_path: str, *, debug_level: int = 3, reference: bool = False) -> list[str]:
+    """The command that runs the daemon in the foreground on `conf_path`.
+
+    `reference=True` runs the C clamsmtpd of the Debian clamsmtp package instead of this
+    project's daemon, to compare behaviour with the original.
+    """
+    if reference:
+        # not shutil.which: with the venv on PATH it would find our own console script
+        binary = "/usr/sbin/clamsmtpd"
+        return [binary, "-d", str(debug_level), "-f", str(conf_path)]
+    return [sys.executable, "-m", "appliance.cli", "-d", str(debug_level), "-f", str(conf_path)]

@@ -1,0 +1,238 @@
+"""Shared fixtures: real clamd, a real recording next hop, and the real daemon between them.
+
+    client --> appliance (clamsmtpd subprocess) --> next_hop (RecordingNextHop)
+                     |
+                     +--> clamd (PrivateClamd, EICAR-only database)
+
+Vary them per test with markers:
+
+    @pytest.mark.next_hop_replies(RCPT="550 5.1.1 no such user")
+    @pytest.mark.next_hop_replies(**{"RCPT:bad@example.com": "550 5.1.1 no such user"})
+    @pytest.mark.next_hop_replies(ehlo_extensions=["PIPELINING", "STARTTLS"], greeting="554 no")
+    @pytest.mark.appliance_config(Action="bounce", Header="")   # None removes a directive
+
+A test that kills or stops clamd asks for `own_clamd` too; the appliance then uses that one.
+CLAMSMTP_TEST_DAEMON=reference runs the same tests against the C clamsmtpd (Debian package
+clamsmtp), to check what the original does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+
+from appliance.lab import PrivateClamd, RecordingNextHop, daemon_argv
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `root` are skipped, with the reason, when not run as root."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, iptables); run as root")
+    for item in items:
+        if item.get_closest_marker("root"):
+            item.add_marker(skip)
+
+
+# -- clamd ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory):
+    """A private clamd shared by the whole session (unix socket and 127.0.0.1 TCP port)."""
+    with PrivateClamd(tmp_path_factory.mktemp("clamd"), tcp=True) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def own_clamd(tmp_path_factory):
+    """A private clamd for this test alone, which it may kill() or stop()."""
+    with PrivateClamd(tmp_path_factory.mktemp("own-clamd"), tcp=True) as daemon:
+        yield daemon
+
+
+# -- next hop -------------------------------------------------------------------------------
+
+
+def _next_hop_options(request) -> dict:
+    options = {"replies": {}}
+    marker = request.node.get_closest_marker("next_hop_replies")
+    if marker is None:
+        return options
+    for mapping in marker.args:  # a dict may be given positionally
+        options["replies"].update(mapping)
+    for key, value in marker.kwargs.items():
+        if key in ("ehlo_extensions", "greeting"):
+            options[key] = value
+        else:
+            options["replies"][key] = value
+    return options
+
+
+@pytest.fixture
+def next_hop(request):
+    """A RecordingNextHop on a free 127.0.0.1 port, scripted by @next_hop_replies(...)."""
+    with RecordingNextHop("127.0.0.1", 0, **_next_hop_options(request)) as hop:
+        yield hop
+
+
+# -- the appliance --------------------------------------------------------------------------
+
+
+def _directive_value(value) -> str:
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    return str(value)
+
+
+def write_appliance_config(path: Path, directives: dict) -> None:
+    lines = ["# clamsmtpd.conf written by tests/conftest.py"]
+    lines += [f"{name}: {_directive_value(value)}" for name, value in directives.items()
+              if value is not None]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class RunningAppliance:
+    host: str
+    port: int
+    conf_path: Path
+    spool_dir: Path
+    stderr_path: Path
+    proc: subprocess.Popen
+    directives: dict = field(default_factory=dict)
+    needed_sigkill: bool = False  # set by stop() when SIGTERM was not enough
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def log(self) -> str:
+        """Everything the daemon wrote to stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_log(self, substring: str, timeout: float = 10.0) -> str:
+        """Wait until `substring` appears in the daemon's stderr; return the whole log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if substring in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{substring!r} not in the daemon's log after {timeout} s; log:\n{text}"
+                )
+            time.sleep(0.05)
+
+    def spool_files(self) -> list[str]:
+        return sorted(os.listdir(self.spool_dir))
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 10 s; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.needed_sigkill = True
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _wait_accepting(running: RunningAppliance, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if running.proc.poll() is not None:
+            pytest.fail(
+                f"the daemon exited with status {running.proc.returncode} during start-up; "
+                f"stderr:\n{running.log()}",
+                pytrace=False,
+            )
+        try:
+            with socket.create_connection(running.address, timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            running.stop()
+            pytest.fail(
+                f"the daemon did not accept on {running.host}:{running.port} within "
+                f"{timeout:.0f} s; stderr:\n{running.log()}",
+                pytrace=False,
+            )
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def daemon_kind() -> str:
+    """Which daemon `appliance` runs: "appliance" (this project's, the default) or "reference"
+    (the C clamsmtpd), from CLAMSMTP_TEST_DAEMON. A test module may override this fixture."""
+    kind = os.environ.get("CLAMSMTP_TEST_DAEMON", "appliance")
+    if kind not in ("appliance", "reference"):
+        raise pytest.UsageError(f"CLAMSMTP_TEST_DAEMON={kind!r}: use appliance or reference")
+    return kind
+
+
+@pytest.fixture
+def appliance(request, tmp_path, next_hop, daemon_kind):
+    """The daemon as a subprocess (-d 4), between `next_hop` and clamd, on a free port.
+
+    On teardown it is stopped (SIGTERM, then SIGKILL) and its spool must be empty.
+    """
+    clamd_fixture = "own_clamd" if "own_clamd" in request.fixturenames else "clamd"
+    scanner: PrivateClamd = request.getfixturevalue(clamd_fixture)
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    spool.chmod(0o700)
+    port = free_port()
+    directives = {
+        "Listen": f"127.0.0.1:{port}",
+        "OutAddress": f"{next_hop.host}:{next_hop.port}",
+        "ClamAddress": scanner.socket_path,
+        "TempDirectory": str(spool),
+        "TimeOut": 30,
+    }
+    marker = request.node.get_closest_marker("appliance_config")
+    if marker is not None:
+        for mapping in marker.args:
+            directives.update(mapping)
+        directives.update(marker.kwargs)
+    conf = tmp_path / "clamsmtpd.conf"
+    write_appliance_config(conf, directives)
+
+    stderr_path = tmp_path / "clamsmtpd.stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            daemon_argv(str(conf), debug_level=4, reference=daemon_kind == "reference"),
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+        )
+    running = RunningAppliance("127.0.0.1", port, conf, spool, stderr_path, proc, directives)
+    _wait_accepting(running, START_TIMEOUT)
+    try:
+        yield running
+    finally:
+        running.stop()
+    left = running.spool_files()
+    if left:
+        pytest.fail(f"spool files left behind in {spool}: {left}\n"
+                    f"daemon log (last lines):\n{_tail(running.log())}", pytrace=False)
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])

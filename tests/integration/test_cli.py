@@ -1,0 +1,151 @@
+"""The command line as an admin uses it: flags, --check-config, config errors, daemon mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import free_port, send_raw, wait_until
+
+DAEMON = [sys.executable, "-m", "appliance.cli"]
+
+
+def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([*DAEMON, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_version():
+    result = run("-v")
+    assert result.returncode == 0
+    assert result.stdout.startswith("clamsmtpd (version ")
+    assert "(config: /etc/clamsmtpd.conf)" in result.stdout
+
+
+def test_bad_debug_level():
+    for value, message in (("x", "invalid debug log level"), ("7", "must be between 0 and 4")):
+        result = run("-d", value, "-f", "/nonexistent")
+        assert result.returncode == 2
+        assert message in result.stderr
+        assert "usage: clamsmtpd [-d debuglevel] [-f configfile] [-p pidfile]" in result.stderr
+
+
+def test_legacy_flag_points_to_the_directive():
+    result = run("-m", "10")
+    assert result.returncode == 2
+    assert "'MaxConnections:'" in result.stderr
+
+
+def test_config_error_names_file_line_and_directive(tmp_path):
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text("OutAddress: 10025\n# comment\nAction: explode\n")
+    result = run("-f", str(conf), "-d", "3")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"clamsmtpd: {conf}:3: Action: ")
+
+
+def test_missing_config_file(tmp_path):
+    result = run("-f", str(tmp_path / "nope.conf"))
+    assert result.returncode == 2
+    assert str(tmp_path / "nope.conf") in result.stderr
+
+
+def test_check_config_prints_the_effective_configuration(tmp_path):
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text("OutAddress: 10025\nListen: 127.0.0.1:10026\nBounce: on\n")
+    result = run("--check-config", "-f", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert "Action: bounce" in result.stdout
+    assert "Listen: 127.0.0.1:10026" in result.stdout
+    assert "MaxConnections: 64" in result.stdout
+    assert 'please use "Action"' in result.stderr
+    bad = tmp_path / "bad.conf"
+    bad.write_text("Listen: 127.0.0.1:10026\n")
+    result = run("--check-config", "-f", str(bad))
+    assert result.returncode == 2 and "no OutAddress specified" in result.stderr
+
+
+def test_debian_default_config_is_accepted():
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "appliance", "data",
+                           "clamsmtpd.conf")
+    result = run("--check-config", "-f", shipped)
+    assert result.returncode == 0, result.stderr
+    assert "OutAddress: 10025" in result.stdout
+    assert "TempDirectory: /var/spool/clamsmtp" in result.stdout
+
+
+def test_listen_address_in_use(tmp_path, next_hop):
+    port = free_port()
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{next_hop.port}\n")
+    result = run("-d", "0", "-f", str(conf))
+    assert result.returncode == 1
+    assert f"couldn't listen on 127.0.0.1:{next_hop.port}" in result.stderr
+    assert "Listen" in result.stderr
+    del port
+
+
+def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd):
+    port = free_port()
+    pid_file = tmp_path / "clamsmtpd.pid"
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(
+        f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
+        f"ClamAddress: {clamd.socket_path}\nTempDirectory: {spool}\nPidFile: {pid_file}\n"
+    )
+    result = run("-f", str(conf))  # no -d: it forks and the parent returns at once
+    assert result.returncode == 0, result.stderr
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                         what="the pid file"))
+    try:
+        assert os.getsid(pid) != os.getsid(0)  # in a session of its own, detached from ours
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_file.exists(), timeout=15, what="the pid file to be removed")
+    time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_port_only_listen_takes_ipv4_and_ipv6(tmp_path, next_hop, clamd):
+    import socket
+
+    if not socket.has_ipv6:
+        import pytest
+        pytest.skip("no IPv6 on this host")
+    port = free_port()
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: {port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([*DAEMON, "-d", "3", "-f", str(conf)], stderr=err,
+                                stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+        assert send_raw("::1", port, ["QUIT"])[0] == "220 smtp.passthru"
+        log = (tmp_path / "stderr").read_text()
+        assert "accepted connection from: 127.0.0.1" in log  # not ::ffff:127.0.0.1
+        assert "accepted connection from: ::1" in log
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def _greeting(host: str, port: int) -> str | None:
+    try:
+        return send_raw(host, port, ["QUIT"])[0]
+    except OSError:
+        return None

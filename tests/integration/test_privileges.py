@@ -1,0 +1,135 @@
+"""Least privilege and the pid file, checked on the running process (/proc), as root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import free_port, send_raw, smtp_client, wait_until
+
+pytestmark = pytest.mark.root
+
+DAEMON = [sys.executable, "-m", "appliance.cli"]
+
+
+def _low_port() -> int:
+    for port in range(990, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+@pytest.fixture
+def nobody():
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user on this machine")
+
+
+def _start(tmp_path, directives: str) -> subprocess.Popen:
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(directives)
+    with open(tmp_path / "stderr", "wb") as err:
+        return subprocess.Popen([*DAEMON, "-d", "4", "-f", str(conf)], stdout=err, stderr=err,
+                                stdin=subprocess.DEVNULL)
+
+
+def _stderr(tmp_path) -> str:
+    return (tmp_path / "stderr").read_text(errors="replace")
+
+
+def test_binds_a_low_port_then_runs_as_user_without_root_groups(tmp_path, nobody, next_hop,
+                                                               clamd):
+    port = _low_port()
+    # pytest's tmp_path lies under a 0700 root directory, which the user could not traverse
+    shared = tempfile.mkdtemp(prefix="clamsmtpd-privileges-")
+    os.chmod(shared, 0o755)
+    spool = Path(shared) / "spool"
+    spool.mkdir(mode=0o700)
+    os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+    pid_dir = Path(shared) / "run"
+    pid_dir.mkdir()
+    os.chown(pid_dir, nobody.pw_uid, nobody.pw_gid)
+    pid_file = pid_dir / "clamsmtpd.pid"
+    proc = _start(tmp_path, (
+        f"Listen: 127.0.0.1:{port}\nOutAddress: 127.0.0.1:{next_hop.port}\n"
+        f"ClamAddress: 127.0.0.1:{clamd.tcp_port}\nTempDirectory: {spool}\n"
+        f"User: nobody\nPidFile: {pid_file}\n"))
+    try:
+        wait_until(lambda: send_raw("127.0.0.1", port, ["QUIT"]) if _accepts(port) else None,
+                   timeout=15, what=f"the daemon on port {port}; log: {_stderr(tmp_path)}")
+        status = _status(proc.pid)
+        uid = str(nobody.pw_uid)
+        gid = str(nobody.pw_gid)
+        assert status["Uid"].split() == [uid] * 4
+        assert status["Gid"].split() == [gid] * 4
+        assert "0" not in status["Groups"].split()  # root's supplementary groups are gone
+        assert status["CapEff"].strip("0") == ""  # no capability left
+        assert pid_file.read_text() == f"{proc.pid}\n"
+        with smtp_client(type("A", (), {"host": "127.0.0.1", "port": port})) as client:
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert len(next_hop.wait_for(1)) == 1
+        assert "running as user nobody" in _stderr(tmp_path)
+        assert os.listdir(spool) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not pid_file.exists()  # removed at exit, by the unprivileged process
+        shutil.rmtree(shared)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_unknown_user_is_a_clear_error(tmp_path):
+    proc = _start(tmp_path, f"OutAddress: 10025\nListen: 127.0.0.1:{free_port()}\n"
+                            "User: no-such-user-x\n")
+    assert proc.wait(15) == 1
+    assert "User: no such user 'no-such-user-x'" in _stderr(tmp_path)
+
+
+def test_stale_pid_file_is_replaced_and_live_one_refuses(tmp_path, next_hop):
+    pid_file = tmp_path / "clamsmtpd.pid"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pid_file.write_text(f"{dead.pid}\n")  # a process that no longer exists
+    conf = (f"Listen: 127.0.0.1:{free_port()}\nOutAddress: 127.0.0.1:{next_hop.port}\n"
+            f"PidFile: {pid_file}\n")
+    first = _start(tmp_path, conf)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() == f"{first.pid}\n",
+                   what="the new pid file")
+        (tmp_path / "second").mkdir()
+        second = _start(tmp_path / "second", conf)
+        assert second.wait(15) == 1
+        assert f"already running as process {first.pid}" in _stderr(tmp_path / "second")
+        assert pid_file.read_text() == f"{first.pid}\n"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(15)
+    time.sleep(0.1)
+    assert not pid_file.exists()

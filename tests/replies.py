@@ -1,0 +1,23 @@
+"""The replies the proxy itself generates, from clamsmtp-behaviour.md 5.10 (and our additions).
+
+Tests assert against these names, so a changed string is one edit here and a failing test there.
+"""
+
+GREETING = "220 smtp.passthru"
+EHLO_FIRST = "250-smtp.passthru"
+XFILTERED = "250 XFILTERED"
+START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
+DISCARDED = "250 Virus Detected; Discarded Email"
+REJECTED = "550 Virus Detected; Content Rejected"
+LOCAL_ERROR = "451 Local Error"
+LINE_TOO_LONG = "500 Line too long"
+NOT_IMPLEMENTED = "502 Command not implemented"
+INSUFFICIENT_AUTHORIZATION = "554 Insufficient authorization"
+BUSY = "421 Server busy, too many connections"
+# Ours: the original closed silently here.
+NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+
+DEFAULT_HEADER = b"X-Virus-Scanned: ClamAV using ClamSMTP"
+INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!"
