@@ -75,6 +75,7 @@ class _Handler:
         return replies.get(command)
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.hop._event(f"EHLO {hostname}")
         session.host_name = hostname
         reply = self._scripted("EHLO")
         if reply is not None:
@@ -85,6 +86,7 @@ class _Handler:
         return lines[:-1] + ["250 " + lines[-1][4:]]
 
     async def handle_HELO(self, server, session, envelope, hostname):
+        self.hop._event(f"HELO {hostname}")
         session.host_name = hostname
         return self._scripted("HELO") or f"250 {server.hostname}"
 
@@ -120,9 +122,11 @@ class _Handler:
         return reply
 
     async def handle_RSET(self, server, session, envelope):
+        self.hop._event("RSET")
         return self._scripted("RSET") or "250 OK"
 
     async def handle_NOOP(self, server, session, envelope, arg):
+        self.hop._event("NOOP")
         return self._scripted("NOOP") or "250 OK"
 
     async def handle_QUIT(self, server, session, envelope):
@@ -159,6 +163,18 @@ class _NextHopSMTP(SMTP):
             self._replace_next_push = False
             status = self._greeting
         await super().push(status)
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        """Postfix's XCLIENT, when advertised: record it, then start over with a new greeting
+        (Postfix forgets the HELO here, so a client must send it again)."""
+        hop = self.event_handler.hop
+        if not any(ext.upper().startswith("XCLIENT") for ext in hop.ehlo_extensions or ()):
+            await self.push('500 Error: command "XCLIENT" not recognized')
+            return
+        hop._event(f"XCLIENT {arg}")
+        self._set_rset_state()
+        self.session.host_name = None
+        await self.push(f"220 {self.hostname} ESMTP lab next hop")
 
     async def _handle_client(self) -> None:
         if self._greeting is None or self._greeting.startswith("220"):
@@ -239,6 +255,8 @@ class RecordingNextHop:
         self.on_message = on_message
         self.messages: list[Received] = []
         self.rejected: list[Received] = []
+        #: (time, "NOOP" | "RSET" | "EHLO name" | "HELO name" | "XCLIENT args"), in order
+        self.events: list[tuple[float, str]] = []
         self._changed = threading.Condition()
         self._controller: _Controller | None = None
 
@@ -274,6 +292,14 @@ class RecordingNextHop:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+
+    def _event(self, what: str) -> None:
+        with self._changed:
+            self.events.append((time.time(), what))
+
+    def event_names(self) -> list[str]:
+        with self._changed:
+            return [what for _, what in self.events]
 
     def _record(self, received: Received, *, accepted: bool) -> None:
         with self._changed:

@@ -176,3 +176,68 @@ def test_sigterm_lets_the_message_in_flight_finish(appliance, next_hop):
         busy.close()
     [received] = next_hop.messages
     assert received.original_content.endswith(b"first half\r\nsecond half\r\n")
+
+
+# -- XClient, KeepAlives, RSET after a refusal ------------------------------------------------
+
+XCLIENT_HOP = ["SIZE 10000000", "XCLIENT ADDR NAME HELO PROTO", "8BITMIME"]
+
+
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.next_hop_replies(ehlo_extensions=XCLIENT_HOP)
+def test_xclient_then_ehlo_again(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        code, text = client.ehlo("client.test")
+        assert code == 250 and b"XCLIENT" not in text  # filtered, as any XCLIENT offer
+        client.sendmail("a@example.com", ["b@example.com"], CLEAN)  # needs the repeated EHLO
+    events = next_hop.event_names()
+    assert events[:3] == [
+        "EHLO client.test",
+        "XCLIENT ADDR=127.0.0.1 NAME=localhost HELO=client.test PROTO=ESMTP",
+        "EHLO client.test",
+    ]
+    assert next_hop.wait_for(1)[0].helo == "client.test"
+
+
+@pytest.mark.appliance_config(XClient="on")
+def test_xclient_not_offered_is_not_sent(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        client.sendmail("a@example.com", ["b@example.com"], CLEAN)
+    assert not any(e.startswith("XCLIENT") for e in next_hop.event_names())
+
+
+@pytest.mark.next_hop_replies(ehlo_extensions=XCLIENT_HOP)
+def test_xclient_off_by_default(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        client.sendmail("a@example.com", ["b@example.com"], CLEAN)
+    assert next_hop.event_names()[:1] == ["EHLO client.test"]
+    assert not any(e.startswith("XCLIENT") for e in next_hop.event_names())
+
+
+@pytest.mark.appliance_config(KeepAlives=1)
+def test_keepalives_while_the_client_is_slow(appliance, next_hop):
+    with socket.create_connection(appliance.address, timeout=20) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        for command in (b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n"):
+            sock.sendall(command)
+            f.readline()
+        sock.sendall(b"Subject: slow\r\n\r\n")
+        for _ in range(4):
+            time.sleep(0.9)
+            sock.sendall(b"a line, slowly\r\n")
+        sock.sendall(b".\r\n")
+        assert f.readline().startswith(b"250 2.0.0")
+        f.close()
+    assert next_hop.event_names().count("NOOP") >= 2
+    assert next_hop.wait_for(1)[0].original_content.count(b"a line, slowly") == 4
+
+
+def test_no_keepalives_by_default(appliance, next_hop):
+    send(appliance, CLEAN)
+    assert "NOOP" not in next_hop.event_names()
+
+
+def test_next_hop_is_reset_after_a_refused_message(appliance, next_hop):
+    send(appliance, INFECTED)
+    assert next_hop.event_names()[-1] == "RSET"
