@@ -1,0 +1,147 @@
+"""One backend per firewall mechanism, a registry, and the ``auto`` choice.
+
+A backend owns named objects only (chains ``CLAMSMTP-<port>[-LOCAL]``, or the nftables table
+``clamsmtp-<port>``), so several instances can coexist and removal finds exactly its own.
+``enable`` starts with ``disable``; ``disable`` removes whatever of its own it finds and nothing
+else; ``status`` only reads.  Every kernel change goes through the backend's one ``_apply(op)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from netsetup.discovery import NftTable
+from netsetup.errors import KernelSupportError, UsageError
+from netsetup.plan import RedirectPlan
+
+NAMES = ("iptables", "nft")
+AUTO_ORDER = ("iptables", "nft")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+class Backend(ABC):
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = _print):
+        self.dry_run = dry_run
+        self.log = log
+        self.changes = 0  # operations passed to _apply (made, or shown by a dry run)
+
+    @classmethod
+    @abstractmethod
+    def is_supported(cls) -> bool:
+        """Can this backend work on this host at all (libraries present)?"""
+
+    def check(self, plan: RedirectPlan) -> None:  # noqa: B027 - optional hook
+        """Raise KernelSupportError (or another NetsetupError) before any change is made."""
+
+    @abstractmethod
+    def enable(self, plan: RedirectPlan) -> None:
+        """Install the plan; starts by removing this plan's own objects."""
+
+    @abstractmethod
+    def disable(self, plan: RedirectPlan) -> None:
+        """Remove this plan's own objects (all families in the plan); never anything else."""
+
+    @abstractmethod
+    def status(self, plan: RedirectPlan) -> list[str]:
+        """Lines describing what is installed, with packet and byte counters."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release helpers (worker processes); the backend is not used afterwards."""
+
+    def host_rules(self) -> dict[str, int]:
+        """{table: rules} of this mechanism that are not ours (read-only, for ``auto``)."""
+        return {}
+
+    def owns_objects(self, plan: RedirectPlan) -> bool:
+        """Whether any of this plan's own objects exist in this mechanism."""
+        return False
+
+
+def get_backend(name: str) -> type[Backend]:
+    if name not in NAMES:
+        raise UsageError(f"unknown backend {name!r} (choose from auto, {', '.join(NAMES)})")
+    module = importlib.import_module(f"netsetup.backends.{name}")
+    return module.Backend
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: Backend
+    reason: str  # why this backend
+    host: str  # where the host's own rules are
+    warnings: tuple[str, ...] = ()
+
+
+def describe_host(legacy: dict[str, int], nft: tuple[NftTable, ...] | None) -> str:
+    legacy_text = ", ".join(f"{t} ({n} rules)" for t, n in legacy.items()) or "none"
+    if nft is None:
+        nft_text = "unknown (cannot read nftables)"
+    else:
+        nft_text = ", ".join(f"{t} ({t.rules} rules)" for t in nft if t.chains) or "none"
+    return f"legacy xtables: {legacy_text}; nftables: {nft_text}"
+
+
+def choose(
+    name: str,
+    plan: RedirectPlan,
+    nft: tuple[NftTable, ...] | None,
+    *,
+    dry_run: bool = False,
+    log: Callable[[str], None] = _print,
+) -> Choice:
+    """The backend to use, and why.
+
+    ``auto``: the mechanism that already holds this plan's own objects; otherwise nft when the
+    host's rules live only in nftables (iptables-nft or native nft); otherwise iptables
+    (legacy xtables, through python-iptables).  An explicit name is used as asked, with a
+    warning when it mixes mechanisms.
+    """
+    iptables = get_backend("iptables")(dry_run=dry_run, log=log)
+    legacy = iptables.host_rules() if iptables.is_supported() else {}
+    nft_tables = tuple(t for t in nft or () if t.chains and not t.name.startswith("clamsmtp-"))
+    host = describe_host(legacy, nft)
+    nft_host = bool(nft_tables) and not any(legacy.values())
+    warnings: list[str] = []
+    if name == "auto":
+        if iptables.is_supported() and iptables.owns_objects(plan):
+            chosen, why = "iptables", "our chains already exist in legacy xtables"
+        elif any(t.name == f"clamsmtp-{plan.proxy_port}" for t in nft or ()):
+            chosen, why = "nft", "our table already exists in nftables"
+        elif nft_host:
+            chosen, why = "nft", "the host's rules are in nftables"
+        else:
+            chosen = next((n for n in AUTO_ORDER if get_backend(n).is_supported()), None)
+            if chosen is None:
+                raise KernelSupportError(
+                    "no backend works here: tried "
+                    + ", ".join(f"{n} ({get_backend(n).description})" for n in AUTO_ORDER)
+                )
+            why = "no rules in nftables" if not nft_tables else "the host uses legacy xtables"
+        reason = f"chosen by auto: {why}"
+    else:
+        chosen, reason = name, f"chosen by --backend {name}"
+    if chosen == "iptables":
+        backend = iptables
+    else:
+        iptables.close()
+        backend = get_backend(chosen)(dry_run=dry_run, log=log)
+    if chosen == "iptables" and nft_tables:
+        warnings.append(
+            "the host's rules are in nftables ("
+            + ", ".join(str(t) for t in nft_tables)
+            + "); these legacy xtables rules work next to them, but `iptables` (iptables-nft) "
+            "does not list them and warns that legacy tables are present: "
+            "see them with iptables-legacy-save -t nat / ip6tables-legacy-save -t nat"
+        )
+    if chosen == "nft" and any(legacy.values()):
+        warnings.append(f"the host also has legacy xtables rules: {host}")
+    return Choice(backend, reason, host, tuple(warnings))
