@@ -9,7 +9,7 @@ from collections.abc import Callable
 from . import origdst
 from .addresses import Address
 from .config import Config
-from .relay import DestinationError
+from .relay import REPLY_LOOP, DestinationError
 
 Destination = Callable[[str, object], Address]
 
@@ -38,10 +38,14 @@ def _original(transport, listen_ports: frozenset[int]) -> Address:
         raise DestinationError(f"{e} (was the connection redirected?)") from None
     local_host, local_port = sock.getsockname()[:2]
     if port in listen_ports and _same_host(host, local_host):
-        raise DestinationError(f"loop detected in transparent proxying: {host}:{port} is us")
+        raise DestinationError(
+            f"loop detected in transparent proxying: {host}:{port} is this proxy", REPLY_LOOP
+        )
     peer = transport.get_extra_info("peername")
     if peer and _same_host(host, peer[0]):
-        raise DestinationError(f"loop detected in transparent proxying: {host} is the client")
+        raise DestinationError(
+            f"loop detected in transparent proxying: {host} is the client", REPLY_LOOP
+        )
     return Address(host=host, port=port)
 
 

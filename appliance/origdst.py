@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import sys
@@ -33,6 +34,11 @@ def _linux_original_addr(sock: socket.socket) -> tuple[str, int]:
         port, _flow, packed = struct.unpack_from("!2xHI16s", raw)
         return socket.inet_ntop(socket.AF_INET6, packed), port
     except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOPROTOOPT):
+            # No NAT entry: the client dialled us directly, so we are the destination (the
+            # caller's loop guard refuses that), as sshuttle reads it.
+            host, port = sock.getsockname()[:2]
+            return host, port
         raise OrigDstError(f"couldn't get original destination: {e.strerror or e}") from None
 
 

@@ -38,11 +38,16 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+REPLY_LOOP = "421 4.4.6 Local Error, mail loop: connection was not redirected to the proxy"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
 
 class DestinationError(Exception):
     """No next hop for this connection (transparent lookup failed, or it would loop to us)."""
+
+    def __init__(self, message: str, reply: str = REPLY_NEXT_HOP_DOWN) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 @dataclass
@@ -190,8 +195,15 @@ class RelaySession(MessageFlow, SMTP):
         session = self.session
         try:
             destination = self.context.destination(session.client_ip, self.transport)
+        except DestinationError as e:
+            session.log.error("%s", e)
+            await self._say_and_close(e.reply)
+            return
+        if self.config.transparent_proxy:
+            session.log.info("original destination: %s", destination)
+        try:
             session.upstream = await Upstream.connect(destination, self.config.timeout)
-        except (DestinationError, UpstreamError) as e:
+        except UpstreamError as e:
             session.log.error("SERVER: %s", e)
             await self._say_and_close(REPLY_NEXT_HOP_DOWN)
             return

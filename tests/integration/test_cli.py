@@ -149,3 +149,21 @@ def _greeting(host: str, port: int) -> str | None:
         return send_raw(host, port, ["QUIT"])[0]
     except OSError:
         return None
+
+
+def test_transparent_mode_refuses_a_connection_that_was_not_redirected(tmp_path, clamd):
+    port = free_port()
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"TransparentProxy: on\nListen: 127.0.0.1:{port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([*DAEMON, "-d", "3", "-f", str(conf)], stderr=err,
+                                stdin=subprocess.DEVNULL)
+    try:
+        reply = wait_until(lambda: _greeting("127.0.0.1", port))
+        assert reply.startswith("421 4.4.6 Local Error, mail loop")
+        log = (tmp_path / "stderr").read_text()
+        assert f"loop detected in transparent proxying: 127.0.0.1:{port} is this proxy" in log
+    finally:
+        proc.terminate()
+        proc.wait(15)
