@@ -138,6 +138,8 @@ class Upstream:
             raise UpstreamError("server connection is closed")
         try:
             self._writer.write(data)
+            if not self._writer.transport.get_write_buffer_size():
+                return  # all of it went to the kernel: drain() would not wait
             async with asyncio.timeout(self.timeout):
                 await self._writer.drain()
         except TimeoutError:
