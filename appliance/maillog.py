@@ -56,7 +56,7 @@ def summary(sender: str | None, recipients: Iterable[str], status: str) -> str:
     return f"{head}, {tail}" if head else tail
 
 
-def setup_logging(debug_level: int | None) -> None:
+def setup_logging(debug_level: int | None, syslog_address: str | None = None) -> None:
     """Foreground (`-d N`): stderr. Daemon: syslog mail, debug suppressed as the original."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -69,15 +69,16 @@ def setup_logging(debug_level: int | None) -> None:
         handler.setFormatter(logging.Formatter("clamsmtpd: %(message)s"))
         level = DEBUG_LEVELS[debug_level]
     else:
-        handler = _syslog_handler()
+        handler = _syslog_handler(syslog_address)
         level = logging.INFO
     root.addHandler(handler)
     log.setLevel(level)
     root.setLevel(max(level, logging.INFO) if debug_level is None else level)
 
 
-def _syslog_handler() -> logging.Handler:
-    address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+def _syslog_handler(address: str | None = None) -> logging.Handler:
+    if address is None:
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
     handler = logging.handlers.SysLogHandler(
         address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL
     )
