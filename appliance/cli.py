@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug is None:
             print(f"clamsmtpd: {e}", file=sys.stderr)
         return 1
+    ready_fd = None
     if args.debug is None:
-        process.daemonize()
+        ready_fd = process.daemonize()
         setup_logging(None)  # syslog ident carries the daemon's own pid
     try:
         process.write_pid_file(config.pid_file)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(args, config, sock))
+        asyncio.run(_serve(args, config, sock, ready_fd))
     finally:
         process.remove_pid_file(config.pid_file)
     return 0
@@ -143,15 +144,19 @@ def _runs_as_root(config: Config) -> bool:
 def _account_to_become(config: Config) -> process.Account | None:
     if not config.user:
         return None
+    account = process.lookup_user(config.user)
+    if os.geteuid() == account.uid:
+        return None  # started as that user already (systemd's User=): nothing to drop
     if os.geteuid() != 0:
         log.warning("must be started as root to switch to user: %s", config.user)
         return None
-    return process.lookup_user(config.user)
+    return account
 
 
-async def _serve(args: argparse.Namespace, config: Config, sock) -> None:
+async def _serve(args: argparse.Namespace, config: Config, sock, ready_fd: int | None) -> None:
     appliance = Appliance(config, sock)
     await appliance.start()
+    process.ready(ready_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

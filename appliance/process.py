@@ -123,10 +123,20 @@ def _alive(pid: int) -> bool:
     return b"clamsmtpd" in cmdline or b"appliance.cli" in cmdline
 
 
-def daemonize() -> None:
-    """Detach as daemon(0, 0) does: new session, cwd /, stdio on /dev/null."""
+def daemonize() -> int:
+    """Detach as daemon(0, 0) does (new session, cwd /, stdio on /dev/null), but the first
+    process waits until the daemon says it is serving, and exits 0 only then, or 1 if the
+    daemon died first: an init system (Type=forking) and a shell see a real start-up result.
+
+    Returns, in the daemon, the file descriptor to pass to `ready()`.
+    """
+    read_end, write_end = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ok = pipe.read(1) == b"1"
+        os._exit(0 if ok else 1)
+    os.close(read_end)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -136,3 +146,13 @@ def daemonize() -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return write_end
+
+
+def ready(fd: int | None) -> None:
+    """Tell the waiting first process that start-up is done (see `daemonize`)."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, b"1")
+        os.close(fd)

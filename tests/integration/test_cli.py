@@ -167,3 +167,12 @@ def test_transparent_mode_refuses_a_connection_that_was_not_redirected(tmp_path,
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_daemon_mode_reports_a_failed_start_up(tmp_path, next_hop):
+    # the pid file cannot be written after the fork: the command must still fail
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{free_port()}\n"
+                    f"PidFile: {tmp_path}/missing-dir/clamsmtpd.pid\n")
+    result = run("-f", str(conf))
+    assert result.returncode == 1
