@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         account = _account_to_become(config)
         process.check_pid_file(config.pid_file)
         sock = bind(config.listen)
+        metrics_sock = None
+        if config.metrics_listen is not None:
+            metrics_sock = bind(config.metrics_listen, "MetricsListen")
     except (BindError, process.ProcessError) as e:
         log.error("%s", e)
         if args.debug is None:
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(args, config, sock, ready_fd))
+        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd))
     finally:
         process.remove_pid_file(config.pid_file)
     return 0
@@ -153,8 +156,10 @@ def _account_to_become(config: Config) -> process.Account | None:
     return account
 
 
-async def _serve(args: argparse.Namespace, config: Config, sock, ready_fd: int | None) -> None:
-    appliance = Appliance(config, sock)
+async def _serve(
+    args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None
+) -> None:
+    appliance = Appliance(config, sock, metrics_sock)
     await appliance.start()
     process.ready(ready_fd)
     stop = asyncio.Event()

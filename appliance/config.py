@@ -24,7 +24,7 @@ MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
 
-OUT_PORT, LISTEN_PORT, CLAM_PORT = 25, 10025, 3310
+OUT_PORT, LISTEN_PORT, CLAM_PORT, METRICS_PORT = 25, 10025, 3310, 9330
 LISTEN_HOST, CLAM_HOST = "0.0.0.0", "127.0.0.1"
 
 _TRUE = frozenset({"1", "yes", "true", "t", "on"})
@@ -67,6 +67,7 @@ class Config:
     transparent_proxy: bool = False
     user: str | None = None
     pid_file: str | None = None
+    metrics_listen: Address | None = None  # opt-in Prometheus endpoint
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -185,6 +186,9 @@ def describe(config: Config) -> str:
         f"TransparentProxy: {_onoff(config.transparent_proxy)}",
         f"User: {config.user}" if config.user else "# User: not set (no privilege drop)",
         f"PidFile: {config.pid_file or ''}".rstrip(),
+        f"MetricsListen: {_format_address(config.metrics_listen)}"
+        if config.metrics_listen is not None
+        else "# MetricsListen: not set (no metrics endpoint)",
         "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
     ]
     return "\n".join(lines) + "\n"
@@ -250,6 +254,18 @@ def _string_handler(field: str, what: str | None) -> _Handler:
     return handle
 
 
+def _optional(field: str, handler: _Handler) -> _Handler:
+    """An empty value turns the setting off (an extension directive, so off by default)."""
+
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if not value:
+            values[field] = None
+            return []
+        return handler(value, values)
+
+    return handle
+
+
 def _action(value: str, values: dict[str, Any]) -> list[str]:
     if value.lower() not in ACTIONS:
         raise ValueError(f"invalid value '{_show(value)}' (expected drop, bounce or pass)")
@@ -308,6 +324,9 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("TransparentProxy", _bool_handler("transparent_proxy")),
         ("User", _user),
         ("PidFile", _string_handler("pid_file", None)),
+        ("MetricsListen", _optional(
+            "metrics_listen", _address_handler("metrics_listen", LISTEN_HOST, METRICS_PORT)
+        )),
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
     ]
 }

@@ -9,7 +9,9 @@ answers the client, and removes the spool file.
 from __future__ import annotations
 
 import asyncio
+import time
 
+from . import metrics
 from .actions import VirusEvent, quarantine
 from .dotstuff import DataDecoder, stuff
 from .header import expand_header
@@ -52,13 +54,16 @@ class MessageFlow:
                 if spool is None:
                     result = None
                 else:
+                    started = time.monotonic()
                     result = await self.context.scanner.scan(spool.path)
+                    metrics.SCAN_SECONDS.observe(time.monotonic() - started)
             if result is None:
                 await self._abandon(REPLY_LOCAL_ERROR)
                 return
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
             log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
+            metrics.MESSAGES.labels(result.status.lower()).inc()
             verdict = decide(result, self.config.action)
             if verdict.infected:
                 self._virus_found(spool, envelope, result.virus or "Unknown")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Session
 
-from . import xclient
+from . import metrics, xclient
 from .actions import VirusActions
 from .addresses import Address
 from .config import Config
@@ -120,6 +120,8 @@ class RelaySession(MessageFlow, SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.context.sessions.add(self)
+        metrics.CONNECTIONS.inc()
+        metrics.ACTIVE.inc()
         super().connection_made(transport)
         session = self.session
         peer = transport.get_extra_info("peername")
@@ -135,6 +137,7 @@ class RelaySession(MessageFlow, SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.context.sessions.discard(self)
+        metrics.ACTIVE.dec()
         super().connection_lost(error)
 
     async def push(self, status: str | bytes) -> None:
@@ -188,6 +191,7 @@ class RelaySession(MessageFlow, SMTP):
             pass
         except UpstreamError as e:
             log.error("%s", e)
+            metrics.NEXT_HOP_ERRORS.labels("session").inc()
             await self._say_and_close(REPLY_LOCAL_ERROR)
         except asyncio.CancelledError:
             raise
@@ -219,6 +223,7 @@ class RelaySession(MessageFlow, SMTP):
             session.upstream = await Upstream.connect(destination, self.config.timeout)
         except UpstreamError as e:
             session.log.error("SERVER: %s", e)
+            metrics.NEXT_HOP_ERRORS.labels("connect").inc()
             await self._say_and_close(REPLY_NEXT_HOP_DOWN)
             return
         greeting = await session.upstream.read_reply()

@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 
+from . import metrics
 from .actions import VirusActions
 from .addresses import Address
 from .config import Config
@@ -35,7 +36,7 @@ class BindError(Exception):
     """The listen address could not be bound; the message says which directive to change."""
 
 
-def bind(address: Address) -> socket.socket:
+def bind(address: Address, directive: str = "Listen") -> socket.socket:
     """Create the listening socket for `Listen` (TCP v4/v6 or a unix path)."""
     try:
         if address.is_unix:
@@ -58,7 +59,7 @@ def bind(address: Address) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as e:
         raise BindError(
-            f"couldn't listen on {address}: {e.strerror or e} (check the Listen directive)"
+            f"couldn't listen on {address}: {e.strerror or e} (check the {directive} directive)"
         ) from None
     sock.setblocking(False)
     return sock
@@ -108,8 +109,12 @@ RESTART_ONLY = {"listen": "Listen", "user": "User", "pid_file": "PidFile"}
 class Appliance:
     """The running proxy: one listener, the shared scanner, the live sessions."""
 
-    def __init__(self, config: Config, sock: socket.socket) -> None:
+    def __init__(
+        self, config: Config, sock: socket.socket, metrics_sock: socket.socket | None = None
+    ) -> None:
         self.sock = sock
+        self.metrics_sock = metrics_sock
+        self._metrics_server: asyncio.AbstractServer | None = None
         self.sessions: set[RelaySession] = set()
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
         self.context = self._context(config)
@@ -146,6 +151,7 @@ class Appliance:
 
     def _protocol(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.max_connections:
+            metrics.CONNECTIONS_BUSY.inc()
             return _Busy(self.config.max_connections)
         return RelaySession(self.context)
 
@@ -156,6 +162,9 @@ class Appliance:
         else:
             self._server = await loop.create_server(self._protocol, sock=self.sock)
         log.info("listening on %s", _describe(self.sock))
+        if self.metrics_sock is not None:
+            self._metrics_server = await metrics.serve(self.metrics_sock)
+            log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
         if not await loop.run_in_executor(None, self.context.scanner.ping):
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",
@@ -167,6 +176,7 @@ class Appliance:
         `grace` seconds (then its client gets a 421 too); whatever is left is cut."""
         if self._server is not None:
             self._server.close()
+        metrics.close(self._metrics_server)
         self.context.stopping = True
         for session in list(self.sessions):
             session.context.stopping = True

@@ -1,0 +1,82 @@
+"""Prometheus metrics (opt-in with `MetricsListen:`), in the text format, via prometheus-client.
+
+The counters live here as module objects, like a logger: the relay counts, this module serves.
+The endpoint is a few lines of asyncio on a socket bound with the SMTP listener (before the
+privilege drop and the fork), not prometheus-client's threaded server, which would not survive
+the fork into the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Counter(
+    "clamsmtpd_connections", "SMTP connections accepted", registry=REGISTRY
+)
+CONNECTIONS_BUSY = Counter(
+    "clamsmtpd_connections_refused_busy",
+    "Connections refused with 421 because MaxConnections were open", registry=REGISTRY,
+)
+ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=REGISTRY)
+MESSAGES = Counter(
+    "clamsmtpd_messages", "Messages scanned, by status (clean, virus, error)", ["status"],
+    registry=REGISTRY,
+)
+SCAN_SECONDS = Histogram(
+    "clamsmtpd_scan_seconds", "Time clamd took per message (INSTREAM)", registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+NEXT_HOP_ERRORS = Counter(
+    "clamsmtpd_next_hop_errors",
+    "Failures talking to the next hop, by stage (connect, session)", ["stage"],
+    registry=REGISTRY,
+)
+
+for _status in ("clean", "virus", "error"):
+    MESSAGES.labels(_status)
+for _stage in ("connect", "session"):
+    NEXT_HOP_ERRORS.labels(_stage)
+
+MAX_REQUEST = 8192
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer any GET with the metrics; anything else with 405. One request per connection."""
+    try:
+        async with asyncio.timeout(10):
+            request = await reader.readuntil(b"\r\n\r\n")
+        if len(request) > MAX_REQUEST:
+            raise ValueError("request too large")
+        if request.startswith(b"GET "):
+            body = generate_latest(REGISTRY)
+            head = f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+        else:
+            body = b"only GET\n"
+            head = "HTTP/1.0 405 Method Not Allowed\r\nContent-Type: text/plain\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        async with asyncio.timeout(10):
+            await writer.drain()
+    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(sock: socket.socket) -> asyncio.AbstractServer:
+    """Serve the metrics on an already bound, listening socket."""
+    return await asyncio.start_server(_handle, sock=sock, limit=MAX_REQUEST)
+
+
+def close(server: asyncio.AbstractServer | None) -> None:
+    if server is not None:
+        with contextlib.suppress(Exception):
+            server.close()
