@@ -22,7 +22,7 @@ STOP_GRACE = 10.0
 
 # The C original's old flags, still parsed there with a warning; here a pointer to the directive.
 _LEGACY = {
-    "-b": "Action: bounce", "-c": "ClamAddress:", "-D": "TempDirectory:", "-h": "Header:",
+    "-b": "Action: bounce", "-c": "ClamAddress:", "-D": "TempDirectory:",
     "-l": "Listen:", "-m": "MaxConnections:", "-t": "TimeOut:", "-q": "Quarantine: on",
 }
 

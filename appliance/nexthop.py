@@ -20,7 +20,8 @@ def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) 
         return lambda client_ip, transport: _original(transport, listen_ports)
     out = config.out_address
     assert out is not None, "config guarantees OutAddress without TransparentProxy"
-    if out.port_only:
+    if out.port_only or out.host == "0.0.0.0":
+        # (0.0.0.0:port is how the C original spelled it internally, and it worked there too)
         # The loopback feature: hand the mail back to the machine it came from.
         return lambda client_ip, transport: Address(host=client_ip, port=out.port)
     return lambda client_ip, transport: out

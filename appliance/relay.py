@@ -263,7 +263,11 @@ class RelaySession(MessageFlow, SMTP):
             await self.push(REPLY_LINE_TOO_LONG)
             return None
         line = line.rstrip(b"\r\n")
-        self._debug_lines("CLIENT < ", (line,))
+        if line[:5].upper() == b"AUTH ":
+            # the initial response (AUTH PLAIN <base64>) is a password: log the mechanism only
+            self._debug_lines("CLIENT < ", (b" ".join(line.split()[:2]) + b" [...]",))
+        else:
+            self._debug_lines("CLIENT < ", (line,))
         return line
 
     async def _discard_long_line(self) -> None:

@@ -43,10 +43,21 @@ class ScanResult:
 
 
 class _SendallSocket(socket.socket):
-    """A socket whose `send` writes everything, as INSTREAM's framing needs."""
+    """A socket whose `send` writes everything, as INSTREAM's framing needs.
+
+    When clamd hangs up in the middle (a body over its StreamMaxLength), the rest of the body is
+    dropped instead of failing, so pyclamd goes on to read clamd's reason (`INSTREAM size limit
+    exceeded`) rather than reporting a bare broken pipe.
+    """
+
+    hung_up = False
 
     def send(self, data, flags: int = 0) -> int:  # type: ignore[override]
-        self.sendall(data, flags)
+        if not self.hung_up:
+            try:
+                self.sendall(data, flags)
+            except (BrokenPipeError, ConnectionResetError):
+                self.hung_up = True
         return len(data)
 
 
@@ -92,6 +103,7 @@ class Scanner:
     def __init__(self, address: Address, timeout: float, concurrency: int) -> None:
         self.address = address
         self.timeout = timeout
+        self.concurrency = concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clamd")
         self._local = threading.local()
 
@@ -131,7 +143,7 @@ class Scanner:
         status, reason = next(iter(found.values()))
         if status == "FOUND":
             return ScanResult(VIRUS, virus=reason.strip() or None)
-        return ScanResult(ERROR, detail=f"clamav error: {reason}")
+        return ScanResult(ERROR, detail=reason)
 
     async def scan(self, path: str) -> ScanResult:
         loop = asyncio.get_running_loop()

@@ -103,7 +103,9 @@ class _Busy(asyncio.Protocol):
 
 
 #: Directives a running daemon cannot take over on SIGHUP.
-RESTART_ONLY = {"listen": "Listen", "user": "User", "pid_file": "PidFile"}
+RESTART_ONLY = {
+    "listen": "Listen", "user": "User", "pid_file": "PidFile", "metrics_listen": "MetricsListen",
+}
 
 
 class Appliance:
@@ -124,10 +126,17 @@ class Appliance:
     def config(self) -> Config:
         return self.context.config
 
-    def _context(self, config: Config) -> RelayContext:
-        scanner = Scanner(
-            config.clam_address, config.timeout, min(config.max_connections, MAX_CONCURRENT_SCANS)
-        )
+    def _context(self, config: Config, previous: RelayContext | None = None) -> RelayContext:
+        concurrency = min(config.max_connections, MAX_CONCURRENT_SCANS)
+        old = previous.scanner if previous is not None else None
+        if old is not None and (old.address, old.timeout, old.concurrency) == (
+            config.clam_address, config.timeout, concurrency
+        ):
+            scanner = old
+        else:
+            # A replaced scanner is not shut down: sessions in flight keep using it, and its
+            # idle threads go when the last of them lets go of it.
+            scanner = Scanner(config.clam_address, config.timeout, concurrency)
         sock = self.sock
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action
@@ -145,8 +154,7 @@ class Appliance:
                    if getattr(config, field) != getattr(old.config, field)]
         keep = {field: getattr(old.config, field) for field in RESTART_ONLY}
         config = _replace(config, **keep)
-        self.context = self._context(config)
-        old.scanner.close()  # its running scans finish; new ones go to the new scanner
+        self.context = self._context(config, old)
         return pending
 
     def _protocol(self) -> asyncio.Protocol:

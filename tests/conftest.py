@@ -193,7 +193,11 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
 
     On teardown it is stopped (SIGTERM, then SIGKILL) and its spool must be empty.
     """
-    clamd_fixture = "own_clamd" if "own_clamd" in request.fixturenames else "clamd"
+    # a test (or module) that asks for `own_clamd`, or defines `appliance_clamd`, gets it here
+    clamd_fixture = next(
+        (name for name in ("own_clamd", "appliance_clamd") if name in request.fixturenames),
+        "clamd",
+    )
     scanner: PrivateClamd = request.getfixturevalue(clamd_fixture)
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)
@@ -211,6 +215,8 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
         for mapping in marker.args:
             directives.update(mapping)
         directives.update(marker.kwargs)
+    # a value may be a function of the next hop, e.g. lambda hop: f"0.0.0.0:{hop.port}"
+    directives = {k: v(next_hop) if callable(v) else v for k, v in directives.items()}
     conf = tmp_path / "clamsmtpd.conf"
     write_appliance_config(conf, directives)
 

@@ -62,6 +62,7 @@ class PrivateClamd:
         tcp: bool = False,
         start_timeout: float = 60.0,
         clamd_binary: str | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="private-clamd-"))
@@ -73,6 +74,8 @@ class PrivateClamd:
         self.log_path = self.workdir / "clamd.log"
         self._output_path = self.workdir / "clamd.out"
         self.proc: subprocess.Popen | None = None
+        #: clamd.conf directives that replace the defaults below (e.g. StreamMaxLength)
+        self.settings = dict(settings or {})
 
     @property
     def pid(self) -> int | None:
@@ -104,6 +107,9 @@ class PrivateClamd:
         ]
         if self.tcp_port is not None:
             lines += [f"TCPSocket {self.tcp_port}", "TCPAddr 127.0.0.1"]
+        if self.settings:
+            lines = [line for line in lines if line.split()[0] not in self.settings]
+            lines += [f"{name} {value}" for name, value in self.settings.items()]
         if os.geteuid() == 0:
             # Without it clamd (started as root) switches to the "clamav" user, which may not
             # exist and could not read this directory anyway.
