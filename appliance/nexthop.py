@@ -40,7 +40,8 @@ def _original(transport, listen_ports: frozenset[int]) -> Address:
     local_host, local_port = sock.getsockname()[:2]
     if port in listen_ports and _same_host(host, local_host):
         raise DestinationError(
-            f"loop detected in transparent proxying: {host}:{port} is this proxy", REPLY_LOOP
+            f"loop detected in transparent proxying: {Address(host=host, port=port)} is this proxy",
+            REPLY_LOOP,
         )
     peer = transport.get_extra_info("peername")
     if peer and _same_host(host, peer[0]):

@@ -27,7 +27,7 @@ from .dialogue import envelope_address, filter_ehlo, xforward_attributes
 from .maillog import ConnectionLog, next_connection_id
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow
 from .scanner import Scanner
-from .upstream import Reply, Upstream, UpstreamError
+from .upstream import OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import REPLY_LOCAL_ERROR
 
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
@@ -38,7 +38,7 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
-REPLY_LOOP = "421 4.4.6 Local Error, mail loop: connection was not redirected to the proxy"
+REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
 
@@ -60,6 +60,8 @@ class RelayContext:
     destination: Callable[[str, object], Address]
     actions: VirusActions
     sessions: set = field(default_factory=set)
+    #: our own connections to next hops: one that comes back in is a loop
+    outgoing: OwnConnections = field(default_factory=OwnConnections)
     #: Set at shutdown: sessions finish the message in hand, then close with a 421.
     stopping: bool = False
 
@@ -212,6 +214,7 @@ class RelaySession(MessageFlow, SMTP):
     async def _serve(self) -> None:
         session = self.session
         try:
+            await self._refuse_own_connection()
             destination = self.context.destination(session.client_ip, self.transport)
         except DestinationError as e:
             session.log.error("%s", e)
@@ -220,7 +223,9 @@ class RelaySession(MessageFlow, SMTP):
         if self.config.transparent_proxy:
             session.log.info("original destination: %s", destination)
         try:
-            session.upstream = await Upstream.connect(destination, self.config.timeout)
+            session.upstream = await Upstream.connect(
+                destination, self.config.timeout, self.context.outgoing
+            )
         except UpstreamError as e:
             session.log.error("SERVER: %s", e)
             metrics.NEXT_HOP_ERRORS.labels("connect").inc()
@@ -243,6 +248,18 @@ class RelaySession(MessageFlow, SMTP):
             verb = line.split(None, 1)[0].upper() if line.strip() else b""
             handler = _VERBS.get(verb, RelaySession._relay)
             await handler(self, line, verb)
+
+    async def _refuse_own_connection(self) -> None:
+        """A connection from one of our own outgoing connections: the firewall sent the proxy's
+        forwarded mail back to it (e.g. an OUTPUT rule without the owner exemption), or
+        OutAddress points at the proxy itself. The original could only loop until MaxConnections.
+        """
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and await self.context.outgoing.is_ours(peer[:2]):
+            raise DestinationError(
+                f"loop detected: this connection is the proxy's own, from {peer[0]}:{peer[1]}",
+                REPLY_LOOP,
+            )
 
     async def _read_command(self) -> bytes | None:
         """One command line without its line ending; None if it was too long (already answered)."""

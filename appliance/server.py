@@ -22,6 +22,7 @@ from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .scanner import Scanner
+from .upstream import OwnConnections
 
 REPLY_BUSY = b"421 Server busy, too many connections\r\n"
 #: The original's listen backlog was 5; a burst of clients deserves a real queue.
@@ -118,6 +119,7 @@ class Appliance:
         self.metrics_sock = metrics_sock
         self._metrics_server: asyncio.AbstractServer | None = None
         self.sessions: set[RelaySession] = set()
+        self.outgoing = OwnConnections()  # shared by every configuration
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
         self.context = self._context(config)
         self._server: asyncio.AbstractServer | None = None
@@ -141,7 +143,8 @@ class Appliance:
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action
         return RelayContext(
-            config, scanner, destination_for(config, ports), self.actions, sessions=self.sessions
+            config, scanner, destination_for(config, ports), self.actions,
+            sessions=self.sessions, outgoing=self.outgoing,
         )
 
     def reload(self, config: Config) -> list[str]:

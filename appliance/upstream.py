@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterable
@@ -61,9 +62,16 @@ class Upstream:
         self.timeout = timeout
         self.peer = peer  # the next hop's address, for logs and VirusAction's SERVER
         self.closed = False
+        self.own: OwnConnections | None = None
+        self.port = 0
 
     @classmethod
-    async def connect(cls, address: Address, timeout: float) -> Upstream:
+    async def connect(
+        cls, address: Address, timeout: float, own: OwnConnections | None = None
+    ) -> Upstream:
+        """Connect to the next hop; with `own`, the local port is registered before the
+        connection is made, so that it is known if it comes straight back to us."""
+        port = 0
         try:
             async with asyncio.timeout(timeout):
                 if address.is_unix:
@@ -72,20 +80,22 @@ class Upstream:
                     )
                     peer = address.path or ""
                 else:
-                    reader, writer = await asyncio.open_connection(
-                        address.host, address.port, limit=MAX_REPLY_LINE
-                    )
-                    sock = writer.get_extra_info("socket")
-                    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    peername = writer.get_extra_info("peername")
-                    peer = peername[0] if peername else str(address.host)
+                    sock, port = await _tcp_connect(address, own)
+                    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_LINE)
+                    peer = writer.get_extra_info("peername")[0]
         except TimeoutError:
+            _forget(own, port)
             raise UpstreamError(f"couldn't connect to: {address}: connection timed out") from None
         except OSError as e:
+            _forget(own, port)
             reason = e.strerror or str(e)
             raise UpstreamError(f"couldn't connect to: {address}: {reason}") from None
-        return cls(reader, writer, timeout, peer)
+        upstream = cls(reader, writer, timeout, peer)
+        if own is not None and port:
+            upstream.own, upstream.port = own, port
+            sockname = writer.get_extra_info("sockname")
+            own.connected(port, (sockname[0], sockname[1]))
+        return upstream
 
     async def read_reply(self) -> Reply:
         lines: list[bytes] = []
@@ -201,6 +211,7 @@ class Upstream:
         if not self.closed:
             self.closed = True
             self._writer.transport.abort()
+            _forget(self.own, self.port)
 
     async def quit(self) -> None:
         """Say goodbye politely if the connection still works; never raise."""
@@ -219,3 +230,95 @@ class Upstream:
         if not self.closed:
             self.closed = True
             self._writer.close()
+            _forget(self.own, self.port)
+
+
+class OwnConnections:
+    """The local ports of our connections to next hops, to recognise one that comes back in
+    (a firewall rule that redirects the proxy's own mail to it, or an OutAddress that is us).
+
+    A port is known from the moment it is bound, before the connection is made: the looped
+    connection reaches our listener before our own connect() has returned.
+    """
+
+    def __init__(self) -> None:
+        self._ports: dict[int, asyncio.Future] = {}  # port -> future of our (ip, port)
+
+    def bound(self, port: int) -> None:
+        self._ports[port] = asyncio.get_running_loop().create_future()
+
+    def connected(self, port: int, local: tuple[str, int]) -> None:
+        future = self._ports.get(port)
+        if future is not None and not future.done():
+            future.set_result(local)
+
+    def closed(self, port: int) -> None:
+        future = self._ports.pop(port, None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    async def is_ours(self, peer: tuple[str, int], wait: float = 5.0) -> bool:
+        """Whether `peer` (a client's ip, port) is one of our own outgoing connections."""
+        future = self._ports.get(peer[1])
+        if future is None:
+            return False
+        try:
+            async with asyncio.timeout(wait):
+                local = await asyncio.shield(future)
+        except (TimeoutError, asyncio.CancelledError):
+            return False
+        return _same_endpoint(local, peer)
+
+
+def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    def plain(ip: str) -> str:
+        return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+    return a[1] == b[1] and plain(a[0]) == plain(b[0])
+
+
+def _literal(address: Address) -> list[tuple] | None:
+    """getaddrinfo's answer for an IP literal, without its trip to a thread (every connection
+    of a proxy with a numeric OutAddress, and every transparent one, would pay it)."""
+    try:
+        ip = ipaddress.ip_address(address.host or "")
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (str(ip), address.port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (str(ip), address.port))]
+
+
+def _forget(own: OwnConnections | None, port: int) -> None:
+    if own is not None and port:
+        own.closed(port)
+
+
+async def _tcp_connect(address: Address, own: OwnConnections | None) -> tuple[socket.socket, int]:
+    """A connected, non-blocking TCP socket to `address` (each resolved address in turn)."""
+    loop = asyncio.get_running_loop()
+    infos = _literal(address) or await loop.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM
+    )
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        port = 0
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if own is not None:
+                sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+                port = sock.getsockname()[1]
+                own.bound(port)
+            await loop.sock_connect(sock, sockaddr)
+            return sock, port
+        except OSError as e:
+            sock.close()
+            _forget(own, port)
+            error = e
+        except BaseException:
+            sock.close()
+            _forget(own, port)
+            raise
+    raise error or OSError(f"no address for {address.host}")

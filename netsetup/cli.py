@@ -218,7 +218,9 @@ def _listen_warnings(plan: RedirectPlan, listen: Listen) -> list[str]:
             f"Listen {listen} is one address: REDIRECT delivers to the primary address of the "
             f"interface the mail arrived on; use Listen: {listen.port} (all addresses)"
         )
-    if 6 in plan.families and (ip is None or ip.version == 4):
+    # a bare port is dual-stack in clamsmtpd (it binds [::] with IPv4 mapped); a host name or
+    # an IPv4 address is not
+    if 6 in plan.families and listen.host is not None and (ip is None or ip.version == 4):
         warnings.append(
             f"Listen {listen} takes IPv4 only: redirected IPv6 connections need clamsmtpd to "
             f"listen on IPv6 too (e.g. Listen: [::]:{listen.port}), or use --ipv4"

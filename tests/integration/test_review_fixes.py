@@ -66,3 +66,33 @@ def test_outaddress_0_0_0_0_means_the_clients_own_address(appliance, next_hop):
     with smtp_client(appliance) as client:
         client.sendmail("a@example.com", ["b@example.com"], CLEAN)
     assert len(next_hop.wait_for(1)) == 1
+
+
+def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd):
+    """OutAddress pointing at the proxy itself: the one looped connection is refused (the
+    original chained connections until MaxConnections)."""
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    port = free_port()
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"Listen: 127.0.0.1:{port}\nOutAddress: 127.0.0.1:{port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "-d", "3", "-f",
+                                 str(conf)], stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        def greeting():
+            try:
+                return send_raw("127.0.0.1", port, ["QUIT"])[0]
+            except OSError:
+                return None
+        assert wait_until(greeting).startswith("421 4.4.6 Local Error, mail loop detected")
+        log = (tmp_path / "stderr").read_text()
+        assert "loop detected: this connection is the proxy's own" in log
+        assert log.count("accepted connection from") == 2  # the client, and our own loop: no more
+    finally:
+        proc.terminate()
+        proc.wait(15)
