@@ -5,6 +5,10 @@
   scripted to refuse.
 - `daemon_argv()`: how to start the daemon under test in the foreground.
 - `python -m appliance.lab` / `clamsmtp-lab` (__main__.py): all of it wired together.
+- `python -m appliance.lab.clamdrun` / `.sinkrun`: PrivateClamd and a RecordingNextHop that
+  stores each message as files, as long-running programs for vagrant/provision/*.sh.
+- `python -m appliance.lab.netlab` / `scripts/netlab` (netlab.py): the transparent gateway end
+  to end in network namespaces, built with those provisioning scripts (root only).
 """
 
 from __future__ import annotations

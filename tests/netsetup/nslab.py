@@ -9,6 +9,8 @@ by ``destroy``/the context managers, also when a test fails.
                           g1 198.51.100.1/24  2001:db8:2::1/64  (IPv4 and IPv6 forwarding on)
                 └─veth─ server ns  s0 198.51.100.25/24  2001:db8:2::25/64  default via the gateway
 
+``appliance/lab/netlab.py`` (``scripts/netlab``, tests/e2e) builds its gateway lab with it too.
+
 Use from another test directory with::
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "netsetup"))
@@ -21,8 +23,10 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +130,35 @@ def destroy_namespace(name: str) -> None:
     )
     if result.returncode != 0 and os.path.exists(f"/run/netns/{name}"):
         raise RuntimeError(f"ip netns del {name}: {result.stderr.strip()}")
+
+
+def namespace_pids(name: str) -> list[int]:
+    """The processes running inside namespace ``name`` (``ip netns pids``); [] if it is gone."""
+    result = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    return sorted(int(pid) for pid in result.stdout.split() if pid.isdigit())
+
+
+def kill_processes(name: str, timeout: float = 5.0) -> list[int]:
+    """End every process still inside namespace ``name``: SIGTERM, SIGKILL after ``timeout``.
+
+    ``ip netns del`` does not end them: they would keep the namespace alive, unnamed. Call this
+    before ``destroy_namespace`` for a namespace something was started in (daemons started in
+    the background by scripts run with ``ip netns exec``). Returns the pids it found.
+    """
+    found = [pid for pid in namespace_pids(name) if pid != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in namespace_pids(name):
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while namespace_pids(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not namespace_pids(name):
+            break
+    return found
 
 
 def veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:

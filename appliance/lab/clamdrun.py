@@ -1,0 +1,104 @@
+"""Run the lab's private clamd (EICAR-only database) until SIGTERM or Ctrl-C.
+
+    python -m appliance.lab.clamdrun --workdir DIR [--tcp] [--pidfile FILE]
+
+Writes DIR/clamd.conf and DIR/db/eicar.ndb (see `PrivateClamd`), starts clamd on
+DIR/clamd.sock, waits until it answers PING, then prints one line
+
+    clamdrun: ready: socket DIR/clamd.sock, clamd pid N
+
+and, only then, writes its own pid to FILE: a script that waits for the pid file knows clamd
+is up. SIGTERM or SIGINT stops clamd and removes the pid file. If clamd dies, this exits 1.
+vagrant/provision/clamd.sh starts it in the background; in a real VM, a packaged clamd with
+real signatures can be used instead (ClamAddress /var/run/clamav/clamd.ctl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .clamd import ClamdError, PrivateClamd
+
+PROG = "clamdrun"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m appliance.lab.{PROG}",
+        description="Run a private clamd with an EICAR-only signature database.",
+    )
+    parser.add_argument("--workdir", required=True,
+                        help="directory for clamd.conf, the database, the socket and the log "
+                        "(created if missing, kept afterwards)")
+    parser.add_argument("--tcp", action="store_true",
+                        help="also listen on 127.0.0.1:<a free port> (printed when ready)")
+    parser.add_argument("--pidfile", help="write this process's pid here once clamd is ready")
+    parser.add_argument("--start-timeout", type=float, default=60.0,
+                        help="seconds to wait for clamd to answer PING (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def say(text: str) -> None:
+    print(f"{PROG}: {text}", flush=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def write_pidfile(path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    Path(tmp).write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if Path(path).read_text().strip() == str(os.getpid()):
+            os.unlink(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
+    clamd = PrivateClamd(Path(args.workdir).resolve(), tcp=args.tcp,
+                         start_timeout=args.start_timeout)
+    try:
+        try:
+            clamd.start()
+        except ClamdError as error:
+            say(f"error: {error}")
+            return 1
+        tcp = f", tcp 127.0.0.1:{clamd.tcp_port}" if clamd.tcp_port else ""
+        say(f"ready: socket {clamd.socket_path}{tcp}, clamd pid {clamd.pid}, "
+            f"log {clamd.log_path}")
+        if args.pidfile:
+            write_pidfile(args.pidfile)
+        while clamd.is_running():
+            time.sleep(0.5)
+        say(f"error: clamd exited with status {clamd.proc.returncode}")
+        return 1
+    except (_Stop, KeyboardInterrupt) as stop:
+        say(f"stopping ({stop or 'SIGINT'})")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        clamd.stop()
+        if args.pidfile:
+            remove_pidfile(args.pidfile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

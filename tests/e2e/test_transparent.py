@@ -1,0 +1,370 @@
+"""Transparent mode end to end, through the kernel, in network namespaces (root only).
+
+    client ns 192.0.2.10 / 2001:db8:1::10  --swaks to the mail server's address, port 25-->
+      gateway ns: clamsmtp-netsetup REDIRECT (g0) -> clamsmtpd (TransparentProxy, clamd)
+        --> mail server ns 198.51.100.25 / 2001:db8:2::25 :25 (records every message as files)
+
+The lab is `appliance.lab.netlab.NetLab`, built with the provisioning scripts of
+vagrant/provision/ run inside the namespaces: the same code as `scripts/netlab` and a Vagrant
+lab. One lab serves the module; the last tests build their own (the lab command itself, a
+failed start, Ctrl-C). Every test checks what the mail server recorded, not only SMTP replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import EICAR, netlab
+from appliance.lab.netlab import CLIENT, GATEWAY_OUT, SERVER, NetLab, nslab
+
+REQUIREMENTS = netlab.requirements()
+
+
+def needs_lab(test):
+    """Root, network namespaces, swaks, clamd and iptables; else skipped with the reason."""
+    reason = f"namespace gateway lab: {REQUIREMENTS[1]}" if REQUIREMENTS else ""
+    test = pytest.mark.skipif(REQUIREMENTS is not None, reason=reason)(test)
+    return pytest.mark.root(test)
+
+
+# The daemon's log shows the original destination as Address.__str__ writes it.
+DESTINATIONS = pytest.mark.parametrize(
+    ("family", "destination"),
+    [(4, "198.51.100.25:25"), (6, "[2001:db8:2::25]:25")],
+    ids=["ipv4", "ipv6"],
+)
+PROXY_GREETING = "<-  220 smtp.passthru"  # what clamsmtpd says instead of the server's banner
+BOUNCE_REPLY = "550 Virus Detected; Content Rejected"
+EICAR_BASE64 = base64.b64encode(EICAR)[:48]  # how it travels as a MIME attachment
+
+
+def _subject(what: str) -> str:
+    return f"e2e {what} {secrets.token_hex(4)}"
+
+
+def _processes_using(path: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line mentions `path`."""
+    found = []
+    needle = str(path).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def _namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    return {line.split()[0] for line in listing.stdout.splitlines() if line.split()}
+
+
+def _nat_rules(lab: NetLab) -> str:
+    text = ""
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        text += nslab.run_in(lab.gateway, [tool, "-t", "nat"], check=True).stdout
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    return re.sub(r"\[\d+:\d+\]", "[0:0]", text)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with NetLab() as running:
+        yield running
+
+
+@pytest.fixture
+def spool_checked(lab):
+    """After the test: the daemon left no temporary files in its spool."""
+    yield
+    time.sleep(0.1)
+    assert sorted(os.listdir(lab.gateway_dir / "spool")) == []
+
+
+# -- through the proxy ---------------------------------------------------------------------
+
+
+@needs_lab
+@DESTINATIONS
+@pytest.mark.usefixtures("spool_checked")
+def test_clean_mail_to_the_servers_address_is_scanned_and_delivered(lab, family, destination):
+    mark = lab.log_mark()
+    subject = _subject(f"clean IPv{family}")
+    sent = lab.send(SERVER[family], subject=subject)
+    assert sent.status == 0, sent.transcript
+    assert PROXY_GREETING in sent.transcript  # the client dialled the server, got the proxy
+    assert sent.reply == "250 2.0.0 OK queued as lab"  # the server's own reply, relayed
+    [message] = lab.received_with(subject)
+    assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+    assert message.mail_from == "alice@example.com"
+    assert message.rcpt_tos == ["bob@example.com"]
+    assert message.peer[0] == GATEWAY_OUT[family]  # delivered by the gateway, not the client
+    assert b"Hello through the gateway." in message.original_content
+    log = lab.wait_log(r"status=CLEAN", since=mark)
+    assert f"accepted connection from: {CLIENT[family]}\n" in log
+    assert f"original destination: {destination}\n" in log
+    assert log.count("original destination:") == 1
+
+
+@needs_lab
+@DESTINATIONS
+@pytest.mark.usefixtures("spool_checked")
+def test_eicar_is_bounced_and_never_reaches_the_server(lab, family, destination):
+    mark = lab.log_mark()
+    before = lab.received()
+    subject = _subject(f"EICAR IPv{family}")
+    sent = lab.send(SERVER[family], eicar=True, subject=subject)
+    assert sent.status == netlab.SWAKS_REFUSED_AFTER_DATA, sent.transcript
+    assert sent.reply == BOUNCE_REPLY
+    assert PROXY_GREETING in sent.transcript
+    log = lab.wait_log(r"status=VIRUS:Eicar-Test-Signature", since=mark)
+    assert f"original destination: {destination}\n" in log
+    time.sleep(0.2)  # anything wrongly forwarded would have been recorded by now
+    after = lab.received()
+    assert len(after) == len(before), [m.header("Subject") for m in after[len(before):]]
+    for message in after:
+        assert message.header("Subject") != subject
+        assert EICAR not in message.original_content
+        assert EICAR_BASE64 not in message.original_content
+
+
+@needs_lab
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_a_connection_straight_to_the_proxy_port_is_refused_as_a_loop(lab, family):
+    """Not redirected, so no original destination but the proxy itself: 421 4.4.6."""
+    mark = lab.log_mark()
+    proxy = netlab.GATEWAY_IN_V4 if family == 4 else netlab.GATEWAY_IN_V6
+    sent = lab.send(proxy, port=lab.proxy_port, subject=_subject("to the proxy port"))
+    assert sent.reply.startswith("421 4.4.6 "), sent.transcript
+    assert "loop detected in transparent proxying" in lab.wait_log("loop detected", since=mark)
+
+
+@needs_lab
+def test_provisioning_again_changes_nothing(lab):
+    rules = _nat_rules(lab)
+    pid = lab.daemon_pid()
+    assert pid is not None
+    again = lab.gateway_up()
+    assert "clamsmtpd already running with this config" in again.stdout
+    assert lab.daemon_pid() == pid
+    assert _nat_rules(lab) == rules
+    assert "-A CLAMSMTP-10025 -i g0 -p tcp -m tcp --dport 25 -j REDIRECT --to-ports 10025" in rules
+    for ns, script, workdir in ((lab.server, "mailserver.sh", lab.mail_dir),
+                                (lab.gateway, "clamd.sh", lab.clamd_dir)):
+        result = lab.provision(ns, script, "up", "--workdir", str(workdir))
+        assert "already running" in result.stdout
+    subject = _subject("after provisioning again")
+    assert lab.send(netlab.SERVER_V4, subject=subject).status == 0
+    [message] = lab.received_with(subject)
+    assert message.header("X-Virus-Scanned") is not None
+
+
+@needs_lab
+def test_after_netsetup_disable_mail_goes_straight_to_the_server(lab):
+    disabled = lab.netsetup("disable", "--proxy-port", str(lab.proxy_port))
+    assert disabled.returncode == 0, disabled.stdout + disabled.stderr
+    assert "removed: our rules for proxy port 10025 (IPv4, IPv6)" in disabled.stdout
+    try:
+        mark = lab.log_mark()
+        for family in (4, 6):
+            subject = _subject(f"direct IPv{family}")
+            sent = lab.send(SERVER[family], subject=subject)
+            assert sent.status == 0, sent.transcript
+            assert PROXY_GREETING not in sent.transcript
+            assert "<-  220 mail.test" in sent.transcript  # the server's own banner
+            [message] = lab.received_with(subject)
+            assert message.header("X-Virus-Scanned") is None
+            assert message.peer[0] == CLIENT[family]  # routed by the gateway, not proxied
+        time.sleep(0.2)
+        assert lab.daemon_log(mark) == ""  # the daemon never saw these connections
+    finally:
+        lab.gateway_up()  # provisioning again puts the rules back
+    subject = _subject("scanned again")
+    assert lab.send(netlab.SERVER_V6, subject=subject).status == 0
+    [message] = lab.received_with(subject)
+    assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+
+
+@needs_lab
+def test_local_mail_of_the_gateway_is_scanned_and_the_daemon_exempt(lab):
+    """netsetup --local: the gateway's own mail goes through the daemon too; the daemon's
+    connection to the server is exempt by its user (uid owner match), so it does not loop."""
+    if not lab.user:
+        pytest.skip(f"needs the {netlab.DAEMON_USER} user (Debian package clamsmtp)")
+    try:
+        lab.gateway_up("--", "--local", "--user", lab.user)
+        rules = _nat_rules(lab)
+        uid = pwd.getpwnam(lab.user).pw_uid
+        assert f"-A CLAMSMTP-10025-LOCAL -m owner --uid-owner {uid} -j RETURN" in rules
+        mark = lab.log_mark()
+        subject = _subject("from the gateway itself")
+        sent = lab.send(netlab.SERVER_V4, subject=subject, ns=lab.gateway)
+        assert sent.status == 0, sent.transcript
+        assert PROXY_GREETING in sent.transcript
+        [message] = lab.received_with(subject)
+        assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+        log = lab.wait_log(r"status=CLEAN", since=mark)
+        assert log.count("original destination: 198.51.100.25:25\n") == 1  # no loop
+    finally:
+        lab.gateway_up()
+    assert "CLAMSMTP-10025-LOCAL" not in _nat_rules(lab)
+
+
+@needs_lab
+def test_gateway_script_refuses_local_when_the_daemon_is_not_the_exempt_user(lab):
+    result = lab.provision(lab.gateway, "gateway.sh", "up", "--lan-if", "g0", "--user", "",
+                           "--workdir", str(lab.gateway_dir), "--", "--local",
+                           "--user", "nobody", check=False)
+    assert result.returncode != 0
+    assert "its own connections would be redirected back to it" in result.stderr
+    assert lab.daemon_running()
+
+
+# -- the lab command and its teardown ------------------------------------------------------
+
+
+@needs_lab
+def test_netlab_demo_runs_green_and_leaves_nothing_behind():
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.lab.netlab", "--demo"],
+        capture_output=True, text=True, timeout=120, cwd=netlab.REPO_ROOT,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "demo: PASSED" in result.stdout
+    assert output.count("demo: ok ") == 6
+    for line in ("clean message: 250 2.0.0 OK queued as lab (swaks exit 0)",
+                 f"EICAR message: {BOUNCE_REPLY} (swaks exit 26)",
+                 "original destination: 198.51.100.25:25",
+                 "original destination: [2001:db8:2::25]:25",
+                 "X-Virus-Scanned='ClamAV using ClamSMTP' subject='netlab demo: clean (IPv6)'",
+                 "IPv6 (ip6tables-legacy, table nat): installed"):
+        assert line in output
+    names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)", output)
+    workdir = Path(re.search(r"\(work directory (\S+)\)", output).group(1))
+    assert not set(names.groups()) & _namespaces()
+    assert not workdir.exists()
+    assert _processes_using(workdir) == []
+
+
+class _FailingLab(NetLab):
+    """Fails while provisioning the gateway, after clamd and the mail server started and
+    with a stray process left in the gateway namespace."""
+
+    stray: subprocess.Popen | None = None
+
+    def gateway_up(self):
+        self.stray = nslab.popen_in(self.gateway, ["sleep", "600"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        self.action = "no-such-action"
+        return super().gateway_up()
+
+
+@needs_lab
+def test_a_failed_start_removes_namespaces_and_processes():
+    lines: list[str] = []
+    lab = _FailingLab(out=lines.append)
+    with pytest.raises(netlab.LabError, match="--action: bounce, drop or pass"):
+        lab.start()
+    names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)",
+                      "\n".join(lines)).groups()
+    assert any("clamd running" in line for line in lines)
+    assert any("mail server running" in line for line in lines)
+    assert not set(names) & _namespaces()
+    assert lab.stray.wait(timeout=5) == -signal.SIGTERM
+    assert not lab.workdir.exists()
+    assert _processes_using(lab.workdir) == []
+    lab.stop()  # a second stop does nothing
+
+
+class _Lines:
+    """Lines of a pipe, read by a thread, waited for with a timeout."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, *needles: str, timeout: float = 60.0) -> str:
+        with self._changed:
+            self._changed.wait_for(lambda: all(n in "".join(self.lines) for n in needles),
+                                   timeout)
+        text = self.text
+        missing = [n for n in needles if n not in text]
+        assert not missing, f"{missing} not in the output after {timeout} s:\n{text}"
+        return text
+
+    def join(self, timeout: float) -> str:
+        self._thread.join(timeout)
+        return self.text
+
+
+@needs_lab
+def test_netlab_stays_up_until_ctrl_c():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.lab.netlab"], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=netlab.REPO_ROOT,
+    )
+    try:
+        output = _Lines(proc.stdout)
+        text = output.wait_for("Stop with Ctrl-C")
+        client = re.search(r"ip netns exec (\S+) swaks --server 198\.51\.100\.25", text)
+        assert client, text
+        sent = subprocess.run(
+            ["ip", "netns", "exec", client.group(1), "swaks", "--server", netlab.SERVER_V4,
+             "--helo", "client.test", "--to", "bob@example.com"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        # it follows the daemon's log and the mail server's
+        output.wait_for("original destination: 198.51.100.25:25",
+                        "X-Virus-Scanned='ClamAV using ClamSMTP'", timeout=10)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        text = output.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == 0, text
+    assert "netlab: stopping (SIGINT)" in text
+    assert "netlab: stopped" in text
+    names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)", text)
+    workdir = Path(re.search(r"\(work directory (\S+)\)", text).group(1))
+    assert not set(names.groups()) & _namespaces()
+    assert _processes_using(workdir) == []
+
+
+def test_netlab_without_root_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert netlab.main(["--demo"]) == 3
+    assert "needs root" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# vagrant/provision/mailserver.sh: the lab's mail server, an SMTP sink that keeps what it gets.
+#
+#   mailserver.sh [up] [--listen ADDR] [--workdir DIR]   start it unless it already runs
+#   mailserver.sh down [--workdir DIR]                   stop it
+#
+# Runs `python -m appliance.lab.sinkrun` (the project's RecordingNextHop): it accepts every
+# message on ADDR (default 25: every address, IPv4 and IPv6) and stores each one in
+# DIR/received/ as NNNNNN.eml (the message as received) and NNNNNN.json (the envelope), so a
+# test can check exactly what arrived. Its log, with one line per message: DIR/sink.log.
+# Idempotent: a second `up` with the same ADDR leaves it running; another ADDR restarts it.
+#
+# Environment: SINK_LISTEN (= --listen), SINK_WORKDIR (= --workdir, default
+# /var/lib/clamsmtp-lab/mailserver), and see lib.sh.
+set -euo pipefail
+PROG="mailserver.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ACTION=up
+LISTEN="${SINK_LISTEN:-25}"
+WORKDIR="${SINK_WORKDIR:-/var/lib/clamsmtp-lab/mailserver}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        up|down) ACTION="$1" ;;
+        --listen) LISTEN="${2:?--listen needs an address}"; shift ;;
+        --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+
+need_root
+PIDFILE="$WORKDIR/sink.pid"
+
+if [ "$ACTION" = down ]; then
+    stop_pidfile "$PIDFILE" "mail server"
+    exit 0
+fi
+
+mkdir -p "$WORKDIR/received"
+WORKDIR="$(cd "$WORKDIR" && pwd)"
+PIDFILE="$WORKDIR/sink.pid"
+if [ -n "$(pid_of "$PIDFILE")" ]; then
+    if [ "$(cat "$WORKDIR/sink.listen" 2>/dev/null)" = "$LISTEN" ]; then
+        say "mail server already running on $LISTEN (pid $(pid_of "$PIDFILE"))"
+        exit 0
+    fi
+    stop_pidfile "$PIDFILE" "mail server"
+fi
+echo "$LISTEN" > "$WORKDIR/sink.listen"
+start_background "$WORKDIR/sink.log" "$PIDFILE" "mail server" \
+    "$(tool python)" -m appliance.lab.sinkrun --listen "$LISTEN" \
+    --record-dir "$WORKDIR/received" --pidfile "$PIDFILE"
+say "messages are stored in $WORKDIR/received"
