@@ -32,6 +32,15 @@ def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def ehlo_size(lines: tuple[bytes, ...]) -> int | None:
+    """The next hop's message size limit from its EHLO reply (`250-SIZE 10240000`), if any."""
+    for line in lines[1:]:
+        words = line[4:].split()
+        if len(words) == 2 and words[0].upper() == b"SIZE" and words[1].isdigit():
+            return int(words[1]) or None  # SIZE 0 means no fixed limit
+    return None
+
+
 def xforward_attributes(line: bytes) -> dict[str, str]:
     """ADDR= and HELO= of an XFORWARD line (for VirusAction's REMOTE and REMOTE_HELO)."""
     found = {}

@@ -25,6 +25,7 @@ DATA_CHUNK = 1 << 16
 REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
 REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
 class ClientGone(Exception):
@@ -50,15 +51,13 @@ class MessageFlow:
             except OSError as e:
                 log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
             async with self.session.upstream.keepalive(self.config.keepalives, log):
-                spool = await self._receive_body(spool)
-                if spool is None:
-                    result = None
-                else:
+                spool, refusal = await self._receive_body(spool)
+                if spool is not None:
                     started = time.monotonic()
                     result = await self.context.scanner.scan(spool.path)
                     metrics.SCAN_SECONDS.observe(time.monotonic() - started)
-            if result is None:
-                await self._abandon(REPLY_LOCAL_ERROR)
+            if spool is None:
+                await self._abandon(refusal)
                 return
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
@@ -96,12 +95,16 @@ class MessageFlow:
             prefix=session.log.prefix,
         )
 
-    async def _receive_body(self, spool: Spool | None) -> Spool | None:
-        """Read the body to its end-of-data line; the spool, or None if it could not be written.
+    async def _receive_body(self, spool: Spool | None) -> tuple[Spool | None, str]:
+        """Read the body to its end-of-data line. Returns the spool, or None and the reply that
+        says why the message was not kept (the spool could not be written, or the message is
+        over the next hop's SIZE: it is refused now instead of after a useless scan).
 
         The whole body is always read, even when it cannot be kept, so client and proxy stay in
         step and the client gets a reply it can act on.
         """
+        refusal = REPLY_LOCAL_ERROR if spool is None else ""
+        limit = self.session.size_limit
         decoder = DataDecoder()
         reader = self._reader
         timeout = self.config.timeout
@@ -125,7 +128,14 @@ class MessageFlow:
                 except OSError as e:
                     self.session.log.error("couldn't write to cache file: %s", e)
                     spool.remove()
-                    spool = None
+                    spool, refusal = None, REPLY_LOCAL_ERROR
+                    continue
+                if limit and spool.size > limit:
+                    self.session.log.warning(
+                        "message refused: over the next hop's SIZE limit of %d bytes", limit
+                    )
+                    spool.remove()
+                    spool, refusal = None, REPLY_TOO_BIG
         if decoder.rest:
             # A command sent right behind the end of data belongs to the command loop. aiosmtpd
             # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
@@ -136,8 +146,8 @@ class MessageFlow:
             except OSError as e:
                 self.session.log.error("couldn't write to cache file: %s", e)
                 spool.remove()
-                return None
-        return spool
+                return None, REPLY_LOCAL_ERROR
+        return spool, refusal
 
     async def _forward(self, spool: Spool, extra_header: bytes) -> None:
         session = self.session
@@ -145,6 +155,7 @@ class MessageFlow:
         reply = await upstream.command(b"DATA")
         if reply.code != 354:
             session.log.warning("server refused data transfer: %s", reply.text)
+            await self._abandon_quietly()
             await self._push_reply(reply)
             return
         header = expand_header(
@@ -152,6 +163,14 @@ class MessageFlow:
         )
         reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
         await self._push_reply(reply)
+
+    async def _abandon_quietly(self) -> None:
+        """End the next hop's transaction (RSET) after it refused DATA: the client was told
+        its transaction is over, and the next MAIL must not be 503 'nested MAIL command'."""
+        try:
+            await self.session.upstream.command(b"RSET")
+        except UpstreamError as e:
+            self.session.log.error("%s", e)
 
     async def _abandon(self, reply: str) -> None:
         """Answer the client ourselves and end the transaction at the next hop (RSET)."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aiosmtpd.smtp import SMTP, Session
 
@@ -23,12 +24,14 @@ from . import metrics, xclient
 from .actions import VirusActions
 from .addresses import Address
 from .config import Config
-from .dialogue import envelope_address, filter_ehlo, xforward_attributes
+from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
 from .maillog import ConnectionLog, next_connection_id
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow
 from .scanner import Scanner
 from .upstream import OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import REPLY_LOCAL_ERROR
+
+T = TypeVar("T")
 
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
 MAX_LINE = 4222
@@ -38,6 +41,9 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+#: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
+MAX_RECIPIENTS = 1000
 REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
@@ -79,6 +85,7 @@ class RelaySessionState(Session):
         self.xforward: dict[str, str] = {}  # ADDR / HELO the next hop accepted via XFORWARD
         self.xclient_sent = False
         self.in_data = False  # between DATA and its final reply: shutdown lets it finish
+        self.size_limit: int | None = None  # the next hop's EHLO SIZE, if it has one
 
 
 class RelaySession(MessageFlow, SMTP):
@@ -92,6 +99,10 @@ class RelaySession(MessageFlow, SMTP):
         self.context = context
         self.config = context.config
         self._closing = False
+        self._last_data = 0.0
+        # Counted from here, not from connection_made: asyncio creates the protocols of a
+        # whole burst of accepted connections before any of them is "made".
+        context.sessions.add(self)
         # aiosmtpd's SMTP.__init__ runs inspect.getmembers() over the handler and this class
         # on every connection, for an AUTH engine and hooks the relay does not use: a fifth of
         # the relay's CPU per message. Its protocol plumbing that we keep (connection_made/lost,
@@ -121,7 +132,7 @@ class RelaySession(MessageFlow, SMTP):
         return RelaySessionState(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.context.sessions.add(self)
+        self._last_data = self.loop.time()
         metrics.CONNECTIONS.inc()
         metrics.ACTIVE.inc()
         super().connection_made(transport)
@@ -231,7 +242,13 @@ class RelaySession(MessageFlow, SMTP):
             metrics.NEXT_HOP_ERRORS.labels("connect").inc()
             await self._say_and_close(REPLY_NEXT_HOP_DOWN)
             return
-        greeting = await session.upstream.read_reply()
+        try:
+            greeting = await session.upstream.read_reply()
+        except UpstreamError as e:
+            session.log.error("SERVER: no greeting: %s", e)
+            metrics.NEXT_HOP_ERRORS.labels("connect").inc()
+            await self._say_and_close(REPLY_NEXT_HOP_DOWN)
+            return
         if greeting.code == 220 and len(greeting.lines) == 1:
             self._debug_lines("SERVER > ", greeting.lines)
             greeting = Reply(220, (REPLY_GREETING,))
@@ -264,12 +281,11 @@ class RelaySession(MessageFlow, SMTP):
     async def _read_command(self) -> bytes | None:
         """One command line without its line ending; None if it was too long (already answered)."""
         try:
-            async with asyncio.timeout(self.config.timeout):
-                try:
-                    line = await self._reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError:
-                    await self._discard_long_line()
-                    line = b"x" * MAX_LINE
+            try:
+                line = await self.read_client(self._readline)
+            except asyncio.LimitOverrunError:
+                await self.read_client(self._discard_long_line)
+                line = b"x" * MAX_LINE
         except TimeoutError:
             self.session.log.warning("network read operation timed out (client)")
             await self._say_and_close(REPLY_TIMEOUT)
@@ -286,6 +302,28 @@ class RelaySession(MessageFlow, SMTP):
         else:
             self._debug_lines("CLIENT < ", (line,))
         return line
+
+    async def read_client(self, read: Callable[[], Awaitable[T]]) -> T:
+        """`await read()` with TimeOut counted from the client's last byte, as the original's
+        socket timeout: a slow but steady client is not cut off in the middle of a line.
+        StreamReader reads keep their data when cancelled, so the read is simply made again."""
+        timeout = self.config.timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await read()
+            except TimeoutError:
+                idle = self.loop.time() - self._last_data
+                if idle >= self.config.timeout:
+                    raise
+                timeout = self.config.timeout - idle
+
+    def _readline(self) -> Awaitable[bytes]:
+        return self._reader.readuntil(b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        super().data_received(data)
 
     async def _discard_long_line(self) -> None:
         while True:
@@ -318,6 +356,12 @@ class RelaySession(MessageFlow, SMTP):
         elif verb == b"XFORWARD":
             self.session.xforward.update(xforward_attributes(line))
 
+    async def smtp_RCPT(self, line: bytes, verb: bytes) -> None:
+        if len(self.envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            await self.push(REPLY_TOO_MANY_RECIPIENTS)  # not relayed: the envelope is full
+            return
+        await self._relay(line, verb)
+
     async def smtp_EHLO(self, line: bytes, verb: bytes) -> None:
         await self._greet(line, verb)
 
@@ -331,6 +375,7 @@ class RelaySession(MessageFlow, SMTP):
             self.envelope = self._create_envelope()
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
             self.session.extended_smtp = verb == b"EHLO"
+            self.session.size_limit = ehlo_size(reply.lines)
             if self.config.xclient and not self.session.xclient_sent:
                 self.session.xclient_sent = True
                 reply = await xclient.introduce(self.session, line, verb, reply)
@@ -349,8 +394,7 @@ class RelaySession(MessageFlow, SMTP):
         while reply.code == 334:
             await self._push_reply(reply)
             try:
-                async with asyncio.timeout(self.config.timeout):
-                    answer = await self._reader.readuntil(b"\n")
+                answer = await self.read_client(self._readline)
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                 raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")

@@ -62,14 +62,24 @@ class _SendallSocket(socket.socket):
 
 
 class _Mended:
-    """Mixin over pyclamd's socket classes: full writes, one timeout, IPv6-capable TCP."""
+    """Mixin over pyclamd's socket classes: full writes, one timeout, IPv6-capable TCP, and
+    every reply line kept, so that only clamd's explicit `stream: OK` counts as clean."""
 
     timeout: float | None
     clamd_socket: socket.socket
+    replies: list[str]
 
     def _recv_response(self) -> str:
         data = self.clamd_socket.recv(4096)
-        return data.decode("utf-8", "replace").strip()
+        reply = data.decode("utf-8", "replace").strip()
+        if reply:
+            self.__dict__.setdefault("replies", []).append(reply)
+        return reply
+
+    def close(self) -> None:
+        sock = getattr(self, "clamd_socket", None)
+        if sock is not None:
+            sock.close()
 
 
 class _Unix(_Mended, pyclamd.ClamdUnixSocket):
@@ -126,8 +136,11 @@ class Scanner:
             return ScanResult(ERROR, detail=f"cannot read spool file: {e.strerror or e}")
 
     def _scan_file(self, body: BinaryIO) -> ScanResult:
+        client = None
         try:
-            found = self._client().scan_stream(body, chunk_size=CHUNK)
+            client = self._client()
+            client.replies = []
+            found = client.scan_stream(body, chunk_size=CHUNK)
         except pyclamd.BufferTooLongError as e:
             return ScanResult(ERROR, detail=f"{e} (raise StreamMaxLength in clamd.conf)")
         except pyclamd.ConnectionError as e:
@@ -138,8 +151,16 @@ class Scanner:
             return ScanResult(ERROR, detail=f"clamd connection failed: {e.strerror or e}")
         except (IndexError, ValueError) as e:  # pyclamd's parser on a reply it does not know
             return ScanResult(ERROR, detail=f"unexpected response from clamd: {e}")
+        finally:
+            if client is not None:
+                client.close()  # pyclamd leaves it open when a scan fails
         if not found:
-            return ScanResult(CLEAN)
+            # pyclamd returns None both for "stream: OK" and for a reply it does not know (or
+            # none at all, when clamd died): only the explicit OK is clean, never the silence.
+            if client.replies and all(r == "stream: OK" for r in client.replies):
+                return ScanResult(CLEAN)
+            said = " / ".join(client.replies)[:200] or "nothing (connection closed)"
+            return ScanResult(ERROR, detail=f"unexpected response from clamd: {said}")
         status, reason = next(iter(found.values()))
         if status == "FOUND":
             return ScanResult(VIRUS, virus=reason.strip() or None)
