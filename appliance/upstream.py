@@ -82,7 +82,9 @@ class Upstream:
                 else:
                     sock, port = await _tcp_connect(address, own)
                     reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_LINE)
-                    peer = writer.get_extra_info("peername")[0]
+                    # (None when the next hop reset the connection in the meantime)
+                    peername = writer.get_extra_info("peername")
+                    peer = peername[0] if peername else str(address.host)
         except TimeoutError:
             _forget(own, port)
             raise UpstreamError(f"couldn't connect to: {address}: connection timed out") from None
@@ -90,11 +92,18 @@ class Upstream:
             _forget(own, port)
             reason = e.strerror or str(e)
             raise UpstreamError(f"couldn't connect to: {address}: {reason}") from None
+        except BaseException:
+            _forget(own, port)
+            raise
         upstream = cls(reader, writer, timeout, peer)
         if own is not None and port:
             upstream.own, upstream.port = own, port
             sockname = writer.get_extra_info("sockname")
-            own.connected(port, (sockname[0], sockname[1]))
+            if isinstance(sockname, tuple):
+                own.connected(port, (sockname[0], sockname[1]))
+            else:
+                own.closed(port)
+                upstream.port = 0
         return upstream
 
     async def read_reply(self) -> Reply:
