@@ -106,8 +106,8 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("1k", 1 * KB, 20, 1000, 400, 120.0, quick=(300, 100, 30.0)),
-    Scenario("100k", 100 * KB, 10, 500, 200, 120.0, quick=(100, 40, 30.0)),
+    Scenario("1k", 1 * KB, 20, 1000, 400, 120.0, quick=(200, 60, 20.0)),
+    Scenario("100k", 100 * KB, 10, 500, 200, 120.0, quick=(100, 40, 20.0)),
     Scenario("5m", 5 * MB, 4, 40, 16, 180.0, quick=(8, 4, 60.0)),
     # the peak-RSS load: 4 concurrent 25 MB messages, in one round only
     Scenario("25m", 25 * MB, 4, 8, 4, 180.0, quick=(4, 4, 60.0), max_rounds=1),
@@ -335,35 +335,76 @@ class SourceResult:
     error: str | None
 
 
+class _Drain(threading.Thread):
+    """Reads a pipe to its end, noting when data last came and when the end came."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(daemon=True)
+        self.pipe = pipe
+        self.data = bytearray()
+        self.last = time.perf_counter()
+        self.closed = threading.Event()
+        self.closed_at: float | None = None
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.pipe.fileno(), 65536):
+                self.data += chunk
+                self.last = time.perf_counter()
+        finally:
+            self.closed_at = time.perf_counter()
+            self.closed.set()
+
+
 def run_smtp_source(port: int, size: int, sessions: int, messages: int, timeout: float,
                     *, keep_connection: bool = False) -> SourceResult:
     """`smtp-source -A -c -m messages -s sessions -l size ...`; failures counted from its
-    warnings (-A: a rejection is a warning, not the end of the run)."""
+    warnings (-A: a rejection is a warning, not the end of the run).
+
+    Bounded twice: `timeout` for the whole run, and a stall limit: smtp-source prints its
+    counter (-c) after every message, so when no message has completed for
+    message_timeout(size) seconds, a session is stuck (a server that never answers) and
+    smtp-source, which would wait minutes for it, is stopped."""
     argv = [tool("smtp-source"), "-A", "-c", "-m", str(messages), "-s", str(sessions),
             "-l", str(size), "-M", HELO_NAME, "-f", SENDER, "-t", RECIPIENT]
     if keep_connection:
         argv.append("-d")
     argv.append(f"{HOST}:{port}")
+    stall = message_timeout(size)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    out, err = _Drain(proc.stdout), _Drain(proc.stderr)
+    out.start()
+    err.start()
     error = None
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        error = f"smtp-source timed out after {timeout:.0f} s"
+        while not out.closed.wait(0.1):
+            now = time.perf_counter()
+            if now - start >= timeout:
+                error = f"smtp-source timed out after {timeout:.0f} s"
+            elif now - out.last >= stall:
+                error = f"smtp-source stalled: no message completed for {stall:.0f} s"
+            if error:
+                proc.kill()
+                break
+        proc.wait()
+        out.join()
+        err.join()
     except BaseException:  # interrupted: leave nothing behind
         proc.kill()
         proc.wait()
         raise
-    seconds = time.perf_counter() - start
-    counters = re.findall(rb"\d+", out)
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    # the end of its output is when smtp-source finished (exact, unlike polling)
+    seconds = (out.closed_at or time.perf_counter()) - start
+    counters = re.findall(rb"\d+", bytes(out.data))
     completed = int(counters[-1]) if counters else 0
     failures: Counter = Counter()
     fatal = None
-    for line in err.decode("utf-8", "replace").splitlines():
+    for line in bytes(err.data).decode("utf-8", "replace").splitlines():
         # "/usr/sbin/smtp-source: warning: end of data rejected: 451 ..." (-A), or "fatal: ..."
         match = _DIAGNOSTIC.match(line)
         if match and match[1] == "warning":
@@ -375,6 +416,8 @@ def run_smtp_source(port: int, size: int, sessions: int, messages: int, timeout:
             f": {fatal.split(': ', 1)[1]}" if fatal else "")
     if error is None and completed < messages:
         error = f"smtp-source completed {completed} of {messages} messages"
+    elif error and "stalled" in error:
+        error += f" ({completed} of {messages} done)"
     return SourceResult(seconds, completed, failures, error)
 
 
@@ -838,8 +881,10 @@ def run_order(plan: Plan, round_no: int) -> list[str]:
 def progress(run: Run, scenario: Scenario) -> str:
     name = TARGET_NAMES[run.target]
     text = f"{scenario.label:>10}  {name:<12} "
-    if run.messages:
+    if run.messages and run.error is None:
         text += f"{run.rate:8.1f} msg/s  {run.accepted}/{run.messages} accepted"
+    elif run.messages:
+        text += f"{run.accepted}/{run.messages} accepted in {run.seconds:.1f} s"
     if run.proxy_cpu is not None and run.messages:
         text += f"  cpu {run.proxy_cpu / run.messages * 1000:.2f} ms/msg"
     if run.latencies:
@@ -1196,7 +1241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smtp-source -d: several messages per connection (default: one "
                         "connection per message); the latency client always connects per message")
     parser.add_argument("--timeout", type=float,
-                        help="seconds allowed per run (default: 120 or 180 per load)")
+                        help="seconds allowed per run (default: 120 or 180 per load; "
+                        "--quick: 20 or 60)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results as markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     parser.add_argument("--workdir", metavar="DIR",
