@@ -21,7 +21,7 @@ from .spool import Spool
 from .upstream import UpstreamError
 from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
 
-DATA_CHUNK = 1 << 16
+DATA_CHUNK = 1 << 18
 REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
 REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"

@@ -92,8 +92,11 @@ class RelaySession(MessageFlow, SMTP):
     """One proxied SMTP connection."""
 
     session: RelaySessionState
-    #: aiosmtpd sizes its StreamReader from this: room for the longest line we accept.
-    line_length_limit = MAX_LINE + 2
+    #: The StreamReader's limit: a line longer than this is thrown away piece by piece, and the
+    #: reader stops reading from the socket at twice this much buffered. It is far above
+    #: MAX_LINE (checked on each line) so that DATA arrives in large chunks, not in 8 KB ones
+    #: with a pause and a resume of the socket in between.
+    line_length_limit = 1 << 17
 
     def __init__(self, context: RelayContext) -> None:
         self.context = context
