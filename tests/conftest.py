@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, next_hop_options
 
 from appliance.lab import PrivateClamd, RecordingNextHop, daemon_argv
 
@@ -65,25 +65,10 @@ def own_clamd(tmp_path_factory):
 # -- next hop -------------------------------------------------------------------------------
 
 
-def _next_hop_options(request) -> dict:
-    options = {"replies": {}}
-    marker = request.node.get_closest_marker("next_hop_replies")
-    if marker is None:
-        return options
-    for mapping in marker.args:  # a dict may be given positionally
-        options["replies"].update(mapping)
-    for key, value in marker.kwargs.items():
-        if key in ("ehlo_extensions", "greeting"):
-            options[key] = value
-        else:
-            options["replies"][key] = value
-    return options
-
-
 @pytest.fixture
 def next_hop(request):
     """A RecordingNextHop on a free 127.0.0.1 port, scripted by @next_hop_replies(...)."""
-    with RecordingNextHop("127.0.0.1", 0, **_next_hop_options(request)) as hop:
+    with RecordingNextHop("127.0.0.1", 0, **next_hop_options(request)) as hop:
         yield hop
 
 

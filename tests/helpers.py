@@ -23,6 +23,7 @@ from appliance.lab import EICAR, free_tcp_port
 __all__ = [
     "EICAR",
     "free_port",
+    "next_hop_options",
     "make_message",
     "read_reply",
     "requires_root",
@@ -158,3 +159,19 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def next_hop_options(request) -> dict:
+    """RecordingNextHop keyword arguments from a test's @next_hop_replies(...) marker."""
+    options = {"replies": {}}
+    marker = request.node.get_closest_marker("next_hop_replies")
+    if marker is None:
+        return options
+    for mapping in marker.args:  # a dict may be given positionally
+        options["replies"].update(mapping)
+    for key, value in marker.kwargs.items():
+        if key in ("ehlo_extensions", "greeting"):
+            options[key] = value
+        else:
+            options["replies"][key] = value
+    return options

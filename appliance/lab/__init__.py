@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from .clamd import EICAR, PrivateClamd, eicar_bytes, free_tcp_port
@@ -26,6 +27,7 @@ __all__ = [
     "daemon_argv",
     "eicar_bytes",
     "free_tcp_port",
+    "stop_process",
 ]
 
 
@@ -40,3 +42,15 @@ def daemon_argv(conf_path: str, *, debug_level: int = 3, reference: bool = False
         binary = "/usr/sbin/clamsmtpd"
         return [binary, "-d", str(debug_level), "-f", str(conf_path)]
     return [sys.executable, "-m", "appliance.cli", "-d", str(debug_level), "-f", str(conf_path)]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout`; the exit status (negative: killed by a signal)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

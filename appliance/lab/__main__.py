@@ -23,7 +23,7 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-from . import EICAR, PrivateClamd, Received, RecordingNextHop, daemon_argv
+from . import EICAR, PrivateClamd, Received, RecordingNextHop, daemon_argv, stop_process
 from .clamd import ClamdError
 
 LAB_HOST = "127.0.0.1"
@@ -186,17 +186,6 @@ class _Stop(Exception):
 
 def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import PrivateClamd, daemon_argv, free_tcp_port
+from . import PrivateClamd, daemon_argv, free_tcp_port, stop_process
 from .clamd import ClamdError
 
 HOST = "127.0.0.1"
@@ -76,7 +76,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 C_DAEMON = "/usr/sbin/clamsmtpd"
 CLAMD_BINARY = shutil.which("clamd") or "/usr/sbin/clamd"  # what PrivateClamd runs
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 #: INSTREAM chunk size of the "clamd alone" client (the same as appliance/scanner.py's).
 CHUNK = 1 << 18
 
@@ -614,18 +613,6 @@ class BenchError(RuntimeError):
 def tool(name: str) -> str:
     """A postfix test tool: /usr/sbin is not on every PATH."""
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
-    """SIGTERM, then SIGKILL after `timeout`; the exit status (negative: killed by a signal)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def wait_accepting(port: int, timeout: float, proc: subprocess.Popen | None = None,

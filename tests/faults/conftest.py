@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 from faultkit import FakeClamd, FakeSMTPServer
+from helpers import next_hop_options
 
 from appliance.lab import PrivateClamd, RecordingNextHop
 
@@ -20,21 +21,6 @@ from appliance.lab import PrivateClamd, RecordingNextHop
 def pytest_configure(config):
     config.addinivalue_line("markers", "fake_next_hop(**kwargs): next_hop is a FakeSMTPServer")
     config.addinivalue_line("markers", "fake_clamd(**kwargs): own_clamd is a FakeClamd")
-
-
-def _recording_options(request) -> dict:
-    """@next_hop_replies(...) as tests/conftest.py reads it."""
-    options = {"replies": {}}
-    marker = request.node.get_closest_marker("next_hop_replies")
-    if marker is not None:
-        for mapping in marker.args:
-            options["replies"].update(mapping)
-        for key, value in marker.kwargs.items():
-            if key in ("ehlo_extensions", "greeting"):
-                options[key] = value
-            else:
-                options["replies"][key] = value
-    return options
 
 
 def _options(request, marker, param: str) -> dict:
@@ -47,7 +33,7 @@ def _options(request, marker, param: str) -> dict:
 def next_hop(request):
     marker = request.node.get_closest_marker("fake_next_hop")
     if marker is None:
-        with RecordingNextHop("127.0.0.1", 0, **_recording_options(request)) as hop:
+        with RecordingNextHop("127.0.0.1", 0, **next_hop_options(request)) as hop:
             yield hop
     else:
         with FakeSMTPServer(**_options(request, marker, "next_hop_options")) as hop:
