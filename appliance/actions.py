@@ -32,12 +32,24 @@ def quarantine(spool_path: str, directory: str) -> str:
     for _ in range(100):
         target = os.path.join(directory, "virus." + secrets.token_hex(3))
         try:
-            os.link(spool_path, target)
+            _link(spool_path, target)
         except FileExistsError:
             log.warning("race condition when quarantining virus file")
             continue
         return target
     raise OSError("no free quarantine file name")
+
+
+def _link(source: str, target: str) -> None:
+    """link(2), following `source` when it is a /proc/self/fd/N link (a nameless spool file).
+
+    os.link() only follows symlinks through linkat(), and only uses linkat() when a directory
+    fd is given: hence the one for "/" (ignored for an absolute path, as the source is)."""
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(source, target, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
 
 
 @dataclass(frozen=True)

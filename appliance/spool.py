@@ -1,25 +1,41 @@
 """One message body on disk, in TempDirectory: private (0600) and always removed.
 
-Mail is confidential (README.Debian), so the file is created by mkstemp (0600, O_EXCL) and removed
-as soon as the message has been forwarded or refused, on every path, errors included. The body is
-written in the decoded form (dot-stuffing undone), so clamd scans what the recipient will read.
+Mail is confidential (README.Debian), so the file has no name at all where Linux allows it
+(O_TMPFILE, mode 0600: it vanishes when closed, even if the daemon is killed), else it is made by
+mkstemp (0600, O_EXCL) and unlinked; either way it is gone as soon as the message has been
+forwarded or refused, on every path, errors included. The body is written in the decoded form
+(dot-stuffing undone), so clamd scans what the recipient will read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 
 READ_CHUNK = 1 << 16
+#: errno values meaning "this file system cannot make a nameless file": use a named one
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 
 
 class Spool:
     """A spool file being written, then read back for the scan and for forwarding."""
 
     def __init__(self, directory: str) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="clamsmtpd.", dir=directory)
+        try:
+            # A file with no name (Linux O_TMPFILE): nothing to unlink, and nothing left in
+            # TempDirectory even if the daemon is killed. It is reached as /proc/self/fd/N,
+            # which is also what Quarantine hard-links to give it a name.
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            self.path = f"/proc/self/fd/{fd}"
+            self._named = False
+        except (AttributeError, IsADirectoryError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in _NO_TMPFILE:
+                raise
+            fd, self.path = tempfile.mkstemp(prefix="clamsmtpd.", dir=directory)
+            self._named = True
         self._file = os.fdopen(fd, "wb", buffering=READ_CHUNK)
         self.size = 0
         #: Offset of the empty line that ends the header section (-1: none seen yet).
@@ -80,8 +96,9 @@ class Spool:
         """Close and delete; safe to call more than once."""
         with contextlib.suppress(OSError):
             self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._named:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def __enter__(self) -> Spool:
         return self

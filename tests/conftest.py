@@ -123,7 +123,40 @@ class RunningAppliance:
             time.sleep(0.05)
 
     def spool_files(self) -> list[str]:
-        return sorted(os.listdir(self.spool_dir))
+        """Files in the spool directory, and, while the daemon runs, the spool files it holds
+        open (the daemon's spool files have no name: they are only seen in /proc/PID/fd)."""
+        return sorted(os.listdir(self.spool_dir)) + [
+            f"open: {target}" for _, target in self._open_spool_fds()
+        ]
+
+    def spool_sizes(self) -> list[int]:
+        """The sizes of the spool files the daemon holds open now (named or not)."""
+        sizes = []
+        for path, _ in self._open_spool_fds():
+            try:
+                sizes.append(os.stat(path).st_size)
+            except OSError:
+                continue
+        return sizes
+
+    def _open_spool_fds(self) -> list[tuple[str, str]]:
+        if self.proc.poll() is not None:
+            return []
+        fd_dir = f"/proc/{self.proc.pid}/fd"
+        found = []
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            return []
+        for fd in fds:
+            path = os.path.join(fd_dir, fd)
+            try:
+                target = os.readlink(path)
+            except OSError:
+                continue
+            if target.startswith(str(self.spool_dir) + "/"):
+                found.append((path, target))
+        return found
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL after 10 s; returns the exit status."""
@@ -217,9 +250,14 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     _wait_accepting(running, START_TIMEOUT)
     try:
         yield running
+        # the test is over: the spool must empty itself while the daemon still runs
+        deadline = time.monotonic() + 5
+        while running.spool_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = running.spool_files()
     finally:
         running.stop()
-    left = running.spool_files()
+    left = left or running.spool_files()
     if left:
         pytest.fail(f"spool files left behind in {spool}: {left}\n"
                     f"daemon log (last lines):\n{_tail(running.log())}", pytrace=False)

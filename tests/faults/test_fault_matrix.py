@@ -203,8 +203,8 @@ def test_clamd_sigkilled_while_the_daemon_streams_to_it(appliance, next_hop, own
         client = threading.Thread(target=lambda: result.append(transaction(appliance, message)))
         client.start()
         # the whole body is spooled once the spool file holds it all; the scan starts right then
-        wait_until(lambda: any(os.path.getsize(appliance.spool_dir / f) >= len(message) - 4096
-                               for f in appliance.spool_files()), timeout=20,
+        wait_until(lambda: any(size >= len(message) - 4096 for size in appliance.spool_sizes()),
+                   timeout=20,
                    what="the body to be spooled")
         time.sleep(0.5)
         assert client.is_alive() and not result, "the proxy answered while clamd was stopped"
