@@ -23,7 +23,8 @@ def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
     cont = first[3:4] == b"-"
     out = [first[:3] + (b"-" if cont else b" ") + b"smtp.passthru"]
     for i, line in enumerate(lines[1:], start=1):
-        keyword = line[4:].split(None, 1)[0].upper() if len(line) > 4 else b""
+        words = line[4:].split(None, 1)
+        keyword = words[0].upper() if words else b""  # (a line of only blanks is kept)
         if keyword in FILTERED_EXTENSIONS:
             if i == last:
                 out.append(line[:3] + b" XFILTERED")

@@ -41,6 +41,8 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+REPLY_BARE_CR = "500 5.5.2 Error: bare CR in command line"
+REPLY_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 #: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
 MAX_RECIPIENTS = 1000
@@ -299,6 +301,12 @@ class RelaySession(MessageFlow, SMTP):
             await self.push(REPLY_LINE_TOO_LONG)
             return None
         line = line.rstrip(b"\r\n")
+        if b"\r" in line:
+            # A next hop that takes a bare CR for a line end would read several commands (even
+            # DATA and a whole unscanned message) where we saw one: never relay it.
+            self.session.log.warning("command with a bare CR refused")
+            await self.push(REPLY_BARE_CR)
+            return None
         if line[:5].upper() == b"AUTH ":
             # the initial response (AUTH PLAIN <base64>) is a password: log the mechanism only
             self._debug_lines("CLIENT < ", (b" ".join(line.split()[:2]) + b" [...]",))
@@ -398,10 +406,19 @@ class RelaySession(MessageFlow, SMTP):
             await self._push_reply(reply)
             try:
                 answer = await self.read_client(self._readline)
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            except asyncio.LimitOverrunError:
+                await self.read_client(self._discard_long_line)
+                answer = b"*"  # cancels the exchange at the next hop (RFC 4954 4)
+                await upstream.command(answer)
+                await self.push(REPLY_AUTH_LINE_TOO_LONG)
+                return
+            except (TimeoutError, asyncio.IncompleteReadError, OSError):
                 raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")
-            reply = await upstream.command(answer.rstrip(b"\r\n"))
+            answer = answer.rstrip(b"\r\n")
+            if b"\r" in answer or b"\n" in answer:
+                answer = b"*"  # a bare CR or LF could end the line early at the next hop
+            reply = await upstream.command(answer)
         await self._push_reply(reply)
 
     async def smtp_QUIT(self, line: bytes, verb: bytes) -> None:
