@@ -1,0 +1,79 @@
+"""The fuzz rig: ONE daemon (module-scoped), in front of a recording next hop that also speaks
+SASL (AUTH PLAIN / LOGIN, so the relay's continuation lines are exercised) and the session's
+private clamd. Started as the `appliance` fixture of tests/conftest.py starts its daemon, with
+TimeOut: 3 so that a hang would show within seconds.
+
+The numbers of a run (sessions, lines, replies, messages) are kept in `STATS`, written to
+`fuzz-summary.txt` in pytest's base temporary directory and shown in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from fuzzkit import STATS, TIMEOUT, FuzzRig, SaslRecordingNextHop
+from helpers import free_port
+
+from appliance.lab import PrivateClamd, daemon_argv
+
+
+def pytest_terminal_summary(terminalreporter):
+    if STATS.sessions:
+        terminalreporter.write_line(STATS.summary())
+
+
+def _wait_accepting(rig: FuzzRig, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if rig.proc.poll() is not None:
+            pytest.fail(f"the daemon exited with {rig.proc.returncode}:\n{rig.log()}")
+        try:
+            with socket.create_connection(rig.address, timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the daemon does not accept connections:\n{rig.log()}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory, clamd: PrivateClamd):
+    """The daemon (-d 4, TimeOut 3) between the SASL recording next hop and clamd."""
+    work = tmp_path_factory.mktemp("fuzz")
+    spool = work / "spool"
+    spool.mkdir(mode=0o700)
+    with SaslRecordingNextHop("127.0.0.1", 0, ehlo_extensions=None) as hop:
+        port, metrics = free_port(), free_port()
+        conf = work / "clamsmtpd.conf"
+        conf.write_text(f"Listen: 127.0.0.1:{port}\nOutAddress: {hop.host}:{hop.port}\n"
+                        f"ClamAddress: {clamd.socket_path}\nTempDirectory: {spool}\n"
+                        f"TimeOut: {TIMEOUT}\nMetricsListen: 127.0.0.1:{metrics}\n")
+        log_path = work / "clamsmtpd.stderr"
+        with open(log_path, "wb") as stderr:
+            proc = subprocess.Popen(daemon_argv(str(conf), debug_level=4),
+                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        running = FuzzRig(("127.0.0.1", port), proc, spool, log_path, hop,
+                          ("127.0.0.1", metrics))
+        try:
+            _wait_accepting(running)
+            running.new_log()
+            yield running
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            summary = tmp_path_factory.getbasetemp() / "fuzz-summary.txt"
+            if STATS.sessions:
+                summary.write_text(STATS.summary() + "\n")
+                print(f"\n{STATS.summary()} (also in {summary})")
+    left = os.listdir(spool)
+    assert left == [], f"spool files left behind: {left}"
