@@ -350,6 +350,8 @@ RUN_HERE: dict[str, str] = {
     r"\.venv/bin/pip show aiosmtpd": "test_pip_show_aiosmtpd_is_in_the_pinned_range",
     r"\.venv/bin/pytest tests/install -q -p no:cacheprovider":
         "test_the_install_tests_command_collects_them",
+    r"\.venv/bin/pytest tests/(faults|fuzz|netsetup|integration)\S*( tests/\S+)*( -k \S+| -rxX)*":
+        "test_the_reliability_test_commands_collect_them",
     r"postconf -[nM] .+": "test_documented_postconf_commands",
     r"postmap -q .+": "test_mime_header_checks_example",
     r"printf %s \S+ > /tmp/eicar\.com|swaks --server 127\.0\.0\.1:10026 .+":
@@ -437,6 +439,12 @@ CANNOT_RUN_HERE: dict[str, str] = {
                                             "private clamd",
     r"grep clamsmtpd /var/log/mail\.log": "no syslog daemon writes /var/log/mail.log here; "
                                           "the documented grep -E runs on sample lines",
+    r"\.venv/bin/pip install atheris": "installs the optional fuzzer atheris, which is not a "
+                                       "dependency of the project, into the venv",
+    r"\.venv/bin/python tests/fuzz/atheris_dotstuff\.py .+": "needs atheris (not a dependency) "
+                                                            "and is a minute of fuzzing by "
+                                                            "hand; the same properties run "
+                                                            "in tests/fuzz with Hypothesis",
 }
 
 #: Code blocks that are not commands, and where they are checked.
@@ -1226,6 +1234,18 @@ def test_the_install_tests_command_collects_them():
     (command,) = documented("test_the_install_tests_command_collects_them")
     result = ok(run([*entry_argv(command.words), "--collect-only"], timeout=120))
     assert re.search(r"\b\d+ tests? collected\b", result.stdout), result.stdout
+
+
+def test_the_reliability_test_commands_collect_them():
+    """reliability.md's pytest lines, with --collect-only: each selects at least one test (the
+    runs themselves are those modules')."""
+    commands = documented("test_the_reliability_test_commands_collect_them")
+    assert len(commands) >= 5
+    for command in commands:
+        result = ok(run([*entry_argv(command.words), "--collect-only", "-q",
+                         "-p", "no:cacheprovider"], timeout=120))
+        counts = re.findall(r"^(\d+)(?:/\d+)? tests? collected", result.stdout, flags=re.M)
+        assert counts and int(counts[-1]) > 0, (str(command), result.stdout[-2000:])
 
 
 def test_scripts_and_modules_print_their_help():
