@@ -140,3 +140,8 @@ def _parse_ipv6(text: str) -> str:
         return str(ipaddress.IPv6Address(text))
     except ValueError:
         raise ValueError(f"invalid IPv6 address '{text}'") from None
+
+
+def plain_ip(ip: str) -> str:
+    """An IPv4 peer of a dual-stack socket, as the IPv4 address it is (::ffff:a.b.c.d)."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from . import metrics, xclient
 from .actions import VirusActions
-from .addresses import Address
+from .addresses import Address, plain_ip
 from .config import Config
 from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
 from .maillog import ConnectionLog, next_connection_id
@@ -144,8 +144,8 @@ class RelaySession(MessageFlow, SMTP):
         session = self.session
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        session.client_ip = _plain_ip(peer[0]) if isinstance(peer, tuple) else "127.0.0.1"
-        session.local_ip = _plain_ip(local[0]) if isinstance(local, tuple) else "127.0.0.1"
+        session.client_ip = plain_ip(peer[0]) if isinstance(peer, tuple) else "127.0.0.1"
+        session.local_ip = plain_ip(local[0]) if isinstance(local, tuple) else "127.0.0.1"
         session.log.info("accepted connection from: %s", session.client_ip)
 
     def eof_received(self) -> bool | None:
@@ -434,11 +434,6 @@ class RelaySession(MessageFlow, SMTP):
     async def smtp_XCLIENT(self, line: bytes, verb: bytes) -> None:
         self.session.log.warning("client attempted use of privileged XCLIENT feature")
         await self.push(REPLY_XCLIENT)
-
-
-def _plain_ip(ip: str) -> str:
-    """An IPv4 client of a dual-stack listener, as the IPv4 address it is (::ffff:a.b.c.d)."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 # Our verbs only: aiosmtpd's own smtp_* methods take other arguments and are not used.

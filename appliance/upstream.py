@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from .addresses import Address
+from .addresses import Address, plain_ip
 
 #: A reply line longer than this is cut (the C original's buffer was 4224 bytes as well).
 MAX_REPLY_LINE = 4224
@@ -280,10 +280,7 @@ class OwnConnections:
 
 
 def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    def plain(ip: str) -> str:
-        return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
-
-    return a[1] == b[1] and plain(a[0]) == plain(b[0])
+    return a[1] == b[1] and plain_ip(a[0]) == plain_ip(b[0])
 
 
 def _literal(address: Address) -> list[tuple] | None:
