@@ -9,6 +9,7 @@ answers the client, and removes the spool file.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from . import metrics
@@ -61,7 +62,8 @@ class MessageFlow:
                 return
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
-            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
+            if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
+                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
             metrics.MESSAGES.labels(result.status.lower()).inc()
             verdict = decide(result, self.config.action)
             if verdict.infected:
