@@ -12,8 +12,10 @@ No internet means no real signatures, and the system clamd must not be relied on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +39,38 @@ def eicar_bytes() -> bytes:
     return EICAR
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the kernel's choice; may be taken again, rarely)."""
+    """A port nobody listens on right now, chosen outside the kernel's ephemeral range.
+
+    A port the kernel picked with bind(0) can be handed out again to any outgoing connection
+    before our daemon binds it; one below the ephemeral range can only be taken by another
+    listener, which the test bind below rules out at the moment of choosing.
+    """
+    low, high = _ephemeral_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65536)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        for _ in range(200):
+            port = random.choice(candidates)
+            if port in _handed_out:  # two calls in a row must not name the same port
+                continue
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            _handed_out.append(port)
+            return port
+        sock.bind((host, 0))  # a crowded range: fall back on the kernel's choice
         return sock.getsockname()[1]
 
 

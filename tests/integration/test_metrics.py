@@ -9,8 +9,6 @@ import urllib.request
 import pytest
 from helpers import EICAR, free_port, smtp_client
 
-METRICS_PORT = free_port()
-
 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -24,16 +22,18 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-@pytest.mark.appliance_config(MetricsListen=f"127.0.0.1:{METRICS_PORT}")
+# chosen when the daemon starts, not at collection: a port free minutes earlier may not be now
+@pytest.mark.appliance_config(MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
 def test_metrics_count_connections_messages_and_scans(appliance, next_hop):
-    before = scrape(METRICS_PORT)
+    metrics_port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    before = scrape(metrics_port)
     with smtp_client(appliance) as client:
         client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nclean\r\n")
         client.ehlo()
         client.mail("a@example.com")
         client.rcpt("b@example.com")
         client.data(b"Subject: v\r\n\r\n" + EICAR + b"\r\n")
-    after = scrape(METRICS_PORT)
+    after = scrape(metrics_port)
     assert after['clamsmtpd_messages_total{status="clean"}'] == \
         before['clamsmtpd_messages_total{status="clean"}'] + 1
     assert after['clamsmtpd_messages_total{status="virus"}'] == \
