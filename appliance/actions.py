@@ -1,9 +1,10 @@
 """Side effects after a virus verdict: keep the file (Quarantine), run the admin's VirusAction.
 
 Both run only after the decision is made, and neither can block or lose mail: the quarantine is
-a hard link (no copy), and the script runs in the background with a timeout, no terminal, its
-output and exit status logged. Values that come from the network (sender, recipients, HELO, virus
-name) reach the script only through its environment, never through its command line.
+a hard link (no copy) or one small write, and the script runs in the background with a timeout,
+no terminal, its output and exit status logged. Values that come from the network (sender,
+recipients, HELO, virus name) reach the script only through its environment, never through its
+command line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 from dataclasses import dataclass
 
 from .maillog import log
+from .spool import Spool
 
 #: A VirusAction still running after this many seconds is killed (with its process group).
 VIRUS_ACTION_TIMEOUT = 60.0
@@ -27,29 +29,18 @@ MAX_OUTPUT = 4096
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def quarantine(spool_path: str, directory: str) -> str:
-    """Keep the infected message as `<directory>/virus.XXXXXX` (a hard link, mode 0600)."""
+def quarantine(spool: Spool, directory: str) -> str:
+    """Keep the infected message as `<directory>/virus.XXXXXX` (mode 0600; a hard link when
+    the body is on disk)."""
     for _ in range(100):
         target = os.path.join(directory, "virus." + secrets.token_hex(3))
         try:
-            _link(spool_path, target)
+            spool.save_as(target)
         except FileExistsError:
             log.warning("race condition when quarantining virus file")
             continue
         return target
     raise OSError("no free quarantine file name")
-
-
-def _link(source: str, target: str) -> None:
-    """link(2), following `source` when it is a /proc/self/fd/N link (a nameless spool file).
-
-    os.link() only follows symlinks through linkat(), and only uses linkat() when a directory
-    fd is given: hence the one for "/" (ignored for an absolute path, as the source is)."""
-    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(source, target, src_dir_fd=root, follow_symlinks=True)
-    finally:
-        os.close(root)
 
 
 @dataclass(frozen=True)

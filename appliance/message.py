@@ -18,7 +18,7 @@ from .dotstuff import DataDecoder, stuff
 from .header import expand_header
 from .maillog import summary
 from .scanner import ERROR
-from .spool import Spool
+from .spool import Spool, SpoolOpenError
 from .upstream import UpstreamError
 from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
 
@@ -45,17 +45,13 @@ class MessageFlow:
         self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
         self.session.in_data = True
         await self.push(REPLY_START_DATA)
-        spool: Spool | None = None
+        spool: Spool | None = Spool(self.config.temp_directory)
         try:
-            try:
-                spool = Spool(self.config.temp_directory)
-            except OSError as e:
-                log.error("couldn't open cache file in %s: %s", self.config.temp_directory, e)
             async with self.session.upstream.keepalive(self.config.keepalives, log):
                 spool, refusal = await self._receive_body(spool)
                 if spool is not None:
                     started = time.monotonic()
-                    result = await self.context.scanner.scan(spool.path)
+                    result = await self.context.scanner.scan(spool)
                     metrics.SCAN_SECONDS.observe(time.monotonic() - started)
             if spool is None:
                 await self._abandon(refusal)
@@ -83,7 +79,7 @@ class MessageFlow:
         email = None
         if self.config.quarantine:
             try:
-                email = quarantine(spool.path, self.config.temp_directory)
+                email = quarantine(spool, self.config.temp_directory)
                 session.log.info("quarantined virus file as: %s", email)
             except OSError as e:
                 session.log.error("couldn't quarantine virus file: %s", e)
@@ -97,7 +93,7 @@ class MessageFlow:
             prefix=session.log.prefix,
         )
 
-    async def _receive_body(self, spool: Spool | None) -> tuple[Spool | None, str]:
+    async def _receive_body(self, spool: Spool) -> tuple[Spool | None, str]:
         """Read the body to its end-of-data line. Returns the spool, or None and the reply that
         says why the message was not kept (the spool could not be written, or the message is
         over the next hop's SIZE: it is refused now instead of after a useless scan).
@@ -105,7 +101,7 @@ class MessageFlow:
         The whole body is always read, even when it cannot be kept, so client and proxy stay in
         step and the client gets a reply it can act on.
         """
-        refusal = REPLY_LOCAL_ERROR if spool is None else ""
+        refusal = ""
         limit = self.session.size_limit
         decoder = DataDecoder()
         reader = self._reader
@@ -127,6 +123,11 @@ class MessageFlow:
             if spool is not None and data:
                 try:
                     spool.write(data)
+                except SpoolOpenError as e:
+                    self.session.log.error("%s", e.strerror)
+                    spool.remove()
+                    spool, refusal = None, REPLY_LOCAL_ERROR
+                    continue
                 except OSError as e:
                     self.session.log.error("couldn't write to cache file: %s", e)
                     spool.remove()

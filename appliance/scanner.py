@@ -22,6 +22,7 @@ from typing import BinaryIO
 import pyclamd
 
 from .addresses import Address
+from .spool import Spool
 
 CLEAN, VIRUS, ERROR = "CLEAN", "VIRUS", "ERROR"
 #: clamd accepts INSTREAM chunks up to StreamMaxLength; 256 KiB keeps syscalls few and memory low.
@@ -108,7 +109,7 @@ class _Tcp(_Mended, pyclamd.ClamdNetworkSocket):
 
 
 class Scanner:
-    """Scans spooled messages with clamd, at most `concurrency` at a time."""
+    """Scans spooled messages (in memory or on disk) with clamd, at most `concurrency` at a time."""
 
     def __init__(self, address: Address, timeout: float, concurrency: int) -> None:
         self.address = address
@@ -128,9 +129,9 @@ class Scanner:
             self._local.client = client
         return client
 
-    def _scan_blocking(self, path: str) -> ScanResult:
+    def _scan_blocking(self, spool: Spool) -> ScanResult:
         try:
-            with open(path, "rb") as body:
+            with spool.open() as body:
                 return self._scan_file(body)
         except OSError as e:
             return ScanResult(ERROR, detail=f"cannot read spool file: {e.strerror or e}")
@@ -166,13 +167,13 @@ class Scanner:
             return ScanResult(VIRUS, virus=reason.strip() or None)
         return ScanResult(ERROR, detail=reason)
 
-    async def scan(self, path: str) -> ScanResult:
+    async def scan(self, spool: Spool) -> ScanResult:
         loop = asyncio.get_running_loop()
         try:
             # The socket timeouts bound each clamd operation; this bounds the whole scan (a clamd
             # that trickles bytes slower than TimeOut apart could otherwise hold us forever).
             async with asyncio.timeout(self.timeout * 2 + 5):
-                return await loop.run_in_executor(self._pool, self._scan_blocking, path)
+                return await loop.run_in_executor(self._pool, self._scan_blocking, spool)
         except TimeoutError:
             return ScanResult(ERROR, detail="clamd scan timed out")
 

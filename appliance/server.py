@@ -22,6 +22,7 @@ from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .scanner import Scanner
+from .spool import MEMORY_LIMIT, check_directory
 from .upstream import OwnConnections
 
 REPLY_BUSY = b"421 Server busy, too many connections\r\n"
@@ -176,6 +177,11 @@ class Appliance:
         if self.metrics_sock is not None:
             self._metrics_server = await metrics.serve(self.metrics_sock)
             log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
+        problem = await loop.run_in_executor(None, check_directory, self.config.temp_directory)
+        if problem:
+            log.warning("TempDirectory %s is not usable (%s): messages over %d KB will be "
+                        "deferred (451) until it is", self.config.temp_directory, problem,
+                        MEMORY_LIMIT // 1024)
         if not await loop.run_in_executor(None, self.context.scanner.ping):
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",

@@ -29,7 +29,10 @@ from faultkit import (
     delivered_contents,
     rst_close,
 )
-from helpers import EICAR, read_reply, send_raw, wait_until
+from helpers import EICAR, free_port, read_reply, send_raw, wait_until
+
+from appliance.lab import daemon_argv
+from appliance.spool import MEMORY_LIMIT
 
 ENVELOPE = ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>"]
 
@@ -466,8 +469,9 @@ def test_temp_directory_full(appliance, next_hop):
 
 @pytest.mark.parametrize("how", ["missing", "not-a-directory", "read-only"])
 def test_temp_directory_unusable(how, appliance, next_hop):
-    """TempDirectory missing, a file, or read-only -> 451, the session goes on; once it is fixed
-    the same daemon spools again."""
+    """TempDirectory missing, a file, or read-only: a body too big to keep in memory -> 451 and
+    the session goes on; a small one in the same session never needed the disk and is delivered;
+    once the directory is fixed the same daemon spools big ones again."""
     spool = appliance.spool_dir
     mounted = False
     if how != "read-only":
@@ -480,12 +484,18 @@ def test_temp_directory_unusable(how, appliance, next_hop):
             mounted = True
         else:
             spool.chmod(0o500)
+    big = big_message(MEMORY_LIMIT + 4096, f"spool-{how}")
+    token = f"small-{how}-{time.time_ns()}"
     try:
-        replies = transaction(appliance, clean_message(f"spool-{how}"))
-        assert final_reply(replies) == R.LOCAL_ERROR, replies
-        assert replies[6].startswith("221")
-        assert "couldn't open cache file" in appliance.log()
-        assert_nothing_delivered(next_hop)
+        replies = send_raw(appliance.host, appliance.port, [
+            *ENVELOPE, "DATA", (big + b".\r\n", 1),
+            *ENVELOPE[1:], "DATA", (clean_message(token) + b".\r\n", 1), "QUIT"])
+        assert replies[5] == R.LOCAL_ERROR, replies[:6]
+        assert replies[6:9] == ["250 2.1.0 OK", "250 2.1.5 OK", R.START_DATA]
+        assert replies[9].startswith("250 2.0.0"), replies
+        assert f"couldn't open cache file in {spool}" in appliance.log()
+        [content] = wait_until(lambda: delivered_contents(next_hop), what="the small message")
+        assert token.encode() in content
     finally:
         if mounted:
             _umount(spool)
@@ -495,7 +505,33 @@ def test_temp_directory_unusable(how, appliance, next_hop):
             if how == "not-a-directory":
                 spool.unlink()
             spool.mkdir(mode=0o700)
+    next_hop.clear()
+    replies = transaction(appliance, big)
+    assert final_reply(replies).startswith("250 2.0.0"), replies
     assert_still_serving(appliance, next_hop)
+
+
+def test_unusable_temp_directory_is_reported_at_start_up(tmp_path, clamd, next_hop):
+    """Small bodies never touch TempDirectory, so a broken one is named at start-up, before a
+    big message finds it."""
+    missing = tmp_path / "no-such-spool"
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"Listen: 127.0.0.1:{free_port()}\n"
+                    f"OutAddress: {next_hop.host}:{next_hop.port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {missing}\n")
+    log = tmp_path / "clamsmtpd.stderr"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(daemon_argv(str(conf), debug_level=3), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)
+    try:
+        wait_until(lambda: "is not usable" in log.read_text(), timeout=20,
+                   what="the TempDirectory warning")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    said = log.read_text()
+    assert f"TempDirectory {missing} is not usable (No such file or directory)" in said, said
+    assert "will be deferred (451) until it is" in said
 
 
 # -- the client --------------------------------------------------------------------------------
