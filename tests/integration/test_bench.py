@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark (appliance/lab/bench.py, scripts/bench) on a tiny load.
+"""Smoke test of the benchmark (appliance/lab/bench/, scripts/bench) on a tiny load.
 
 It runs the real thing end to end (private clamd, smtp-sink, the C clamsmtpd, ours,
 smtp-source, the latency client, the INSTREAM client) and checks the shape of the results,
