@@ -106,9 +106,10 @@ def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-def run_benchmark(args: argparse.Namespace, say=print) -> Report:
-    """Everything but printing the report: start, measure, stop, summarize."""
-    plan = make_plan(args)
+def run_benchmark(args: argparse.Namespace, say=print, plan: Plan | None = None) -> Report:
+    """Everything but printing the report: start, measure, stop, summarize (`plan`: the one
+    make_plan(args) makes, if main() has it already)."""
+    plan = plan or make_plan(args)
     own_workdir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clamsmtp-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        report = run_benchmark(args, say)
+        report = run_benchmark(args, say, plan)
     except (ClamdError, BenchError) as error:
         say(f"bench: could not start the lab: {error}")
         return 1

@@ -35,6 +35,7 @@ class SourceResult:
     completed: int
     failures: Counter
     error: str | None
+    hung: bool = False  # stopped: timed out or stalled (a server that stopped answering)
 
 
 class _Drain(threading.Thread):
@@ -100,6 +101,7 @@ def run_smtp_source(port: int, size: int, sessions: int, messages: int, timeout:
     finally:
         proc.stdout.close()
         proc.stderr.close()
+    hung = error is not None
     # the end of its output is when smtp-source finished (exact, unlike polling)
     seconds = (out.closed_at or time.perf_counter()) - start
     counters = re.findall(rb"\d+", bytes(out.data))
@@ -120,7 +122,7 @@ def run_smtp_source(port: int, size: int, sessions: int, messages: int, timeout:
         error = f"smtp-source completed {completed} of {messages} messages"
     elif error and "stalled" in error:
         error += f" ({completed} of {messages} done)"
-    return SourceResult(seconds, completed, failures, error)
+    return SourceResult(seconds, completed, failures, error, hung)
 
 
 # -- load: the latency client -----------------------------------------------------------------
@@ -189,6 +191,7 @@ class LoadResult:
     failures: Counter
     error: str | None
     seconds: float
+    hung: bool = False  # stopped at the run's deadline
 
 
 async def _latency_load(port: int, body: bytes, messages: int, sessions: int,
@@ -224,7 +227,7 @@ async def _latency_load(port: int, body: bytes, messages: int, sessions: int,
     await asyncio.gather(*(worker() for _ in range(sessions)))
     seconds = time.perf_counter() - start
     error = f"latency client timed out after {timeout:.0f} s" if expired else None
-    return LoadResult(latencies, len(latencies), failures, error, seconds)
+    return LoadResult(latencies, len(latencies), failures, error, seconds, expired)
 
 
 def run_latency_client(port: int, body: bytes, messages: int, sessions: int,
@@ -261,12 +264,15 @@ def instream(socket_path: str, parts: Iterable[bytes], timeout: float) -> bytes:
 
 def run_clamd_alone(socket_path: str, body: bytes, messages: int, sessions: int,
                     timeout: float) -> LoadResult:
-    """`messages` INSTREAM scans of messages with `body` from `sessions` threads."""
+    """`messages` INSTREAM scans of messages with `body` from `sessions` threads. A scan
+    without a reply within message_timeout() is a failure of that message; only the run's
+    deadline (`timeout`) ends the run."""
     latencies: list[float] = []
     failures: Counter = Counter()
     lock = threading.Lock()
     todo = iter(range(messages))
     deadline = time.monotonic() + timeout
+    patience = message_timeout(len(body))
     expired = threading.Event()
 
     def worker() -> None:
@@ -278,14 +284,17 @@ def run_clamd_alone(socket_path: str, body: bytes, messages: int, sessions: int,
             if left <= 0:
                 expired.set()
                 return
+            limit = min(left, patience)
             start = time.perf_counter()
             try:
-                header = message_header()
-                reply = instream(socket_path, (header, body),
-                                 min(left, message_timeout(len(body))))
+                reply = instream(socket_path, (message_header(), body), limit)
             except TimeoutError:
-                expired.set()
-                return
+                if limit == left:  # bounded by the run's deadline, which has now passed
+                    expired.set()
+                    return
+                with lock:
+                    failures[f"no reply within {patience:.0f} s"] += 1
+                continue
             except OSError as error:
                 with lock:
                     failures[f"{type(error).__name__}: {error}"[:80]] += 1
@@ -303,4 +312,4 @@ def run_clamd_alone(socket_path: str, body: bytes, messages: int, sessions: int,
             future.result()
     seconds = time.perf_counter() - start
     error = f"clamd scans timed out after {timeout:.0f} s" if expired.is_set() else None
-    return LoadResult(latencies, len(latencies), failures, error, seconds)
+    return LoadResult(latencies, len(latencies), failures, error, seconds, expired.is_set())

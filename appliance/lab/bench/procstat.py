@@ -45,12 +45,16 @@ def peak_rss_kb(pid: int) -> int | None:
 
 
 def _command_output(argv: list[str]) -> str:
+    """The first line a command printed (stdout, else stderr), or "" when it is missing, did
+    not finish or failed (a non-zero exit status: its output is an error, not the answer)."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
-        return "?"
+        return ""
+    if done.returncode != 0:
+        return ""
     lines = (done.stdout or done.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"
+    return lines[0].strip() if lines else ""
 
 
 def machine_info() -> dict[str, str]:
@@ -75,11 +79,11 @@ def machine_info() -> dict[str, str]:
         "memory": memory,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "clamd": _command_output([CLAMD_BINARY, "--version"]),
-        "C clamsmtpd": _command_output([C_DAEMON, "-v"]),
-        "ours": f"{__version__} (git {commit})",
+        "clamd": _command_output([CLAMD_BINARY, "--version"]) or "?",
+        "C clamsmtpd": _command_output([C_DAEMON, "-v"]) or "?",
+        "ours": f"{__version__} (git {commit})" if commit else __version__,  # "": no checkout
         "postfix (smtp-source, smtp-sink)": _command_output(
-            ["dpkg-query", "-W", "-f", "${Version}", "postfix"]),
+            ["dpkg-query", "-W", "-f", "${Version}", "postfix"]) or "?",
     }
 
 

@@ -23,6 +23,7 @@ class Run:
     seconds: float = 0.0
     failures: Counter = field(default_factory=Counter)
     error: str | None = None  # the run did not complete (timeout, crash, ...)
+    hung: bool = False  # the load timed out or stalled: not run on this scenario again
     proxy_cpu: float | None = None  # seconds during the throughput load
     clamd_cpu: float | None = None
     rss_kb: int | None = None

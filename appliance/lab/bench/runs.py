@@ -49,7 +49,7 @@ def measure_proxy(lab: Lab, plan: Plan, target: str, scenario: Scenario, round_n
         cpu1, clamd1 = cpu_seconds(proc.pid), cpu_seconds(lab.clamd_pid)
         run.messages, run.seconds, run.failures = messages, result.seconds, result.failures
         run.accepted = max(0, min(result.completed, messages) - sum(result.failures.values()))
-        run.error = result.error
+        run.error, run.hung = result.error, result.hung
         if None not in (cpu0, cpu1):
             run.proxy_cpu = cpu1 - cpu0
         if None not in (clamd0, clamd1):
@@ -58,8 +58,7 @@ def measure_proxy(lab: Lab, plan: Plan, target: str, scenario: Scenario, round_n
         if proc.poll() is not None:
             run.error = f"the proxy exited with status {proc.returncode} during the load"
             return run
-        hung = result.error is not None and "timed out" in result.error
-        if plan.latency and not hung:
+        if plan.latency and not run.hung:
             lat = run_latency_client(port, message_body(scenario.size),
                                      plan.latency_messages[scenario.key],
                                      scenario.sessions, timeout)
@@ -91,7 +90,7 @@ def measure_direct(lab: Lab, plan: Plan, scenario: Scenario, round_no: int) -> R
                              keep_connection=plan.keep_connection)
     run.messages, run.seconds, run.failures = messages, result.seconds, result.failures
     run.accepted = max(0, min(result.completed, messages) - sum(result.failures.values()))
-    run.error = result.error
+    run.error, run.hung = result.error, result.hung
     if plan.latency and run.error is None:
         lat = run_latency_client(lab.sink_port, message_body(scenario.size),
                                  plan.latency_messages[scenario.key], scenario.sessions, timeout)
@@ -111,7 +110,7 @@ def measure_clamd(lab: Lab, plan: Plan, scenario: Scenario, round_no: int) -> Ru
                              scenario.sessions, timeout)
     clamd1 = cpu_seconds(lab.clamd_pid)
     run.messages, run.seconds, run.accepted = messages, result.seconds, result.accepted
-    run.failures, run.error = result.failures, result.error
+    run.failures, run.error, run.hung = result.failures, result.error, result.hung
     if None not in (clamd0, clamd1):
         run.clamd_cpu = clamd1 - clamd0
     run.latencies = result.latencies
@@ -160,7 +159,7 @@ def execute(plan: Plan, workdir: Path, say=print) -> list[Run]:
     """Start the lab, run every (round, scenario, target), stop the lab; the runs."""
     lab = Lab(workdir)
     runs: list[Run] = []
-    hung: set[tuple[str, str]] = set()  # a proxy that hung on a scenario is not retried
+    hung: set[tuple[str, str]] = set()  # a target that hung on a scenario is not retried
     try:
         lab.start()
         say(f"bench: clamd pid {lab.clamd_pid}, smtp-sink on {HOST}:{lab.sink_port}, "
@@ -178,7 +177,7 @@ def execute(plan: Plan, workdir: Path, say=print) -> list[Run]:
                     run.wall = time.monotonic() - began
                     runs.append(run)
                     say("bench:   " + progress(run, scenario))
-                    if run.error and "timed out" in run.error:
+                    if run.hung:
                         hung.add((target, scenario.key))
     finally:
         lab.stop()

@@ -96,12 +96,6 @@ def message_body(size: int) -> bytes:
     return source_payload(size) + b"\r\n"
 
 
-def message_bytes(size: int) -> bytes:
-    """One whole message like smtp-source's: what the latency client sends and what "clamd
-    alone" scans (both send a new header, then the shared body, without copying it)."""
-    return message_header() + message_body(size)
-
-
 # -- the plan ---------------------------------------------------------------------------------
 
 
