@@ -393,7 +393,8 @@ MAPPED: dict[str, str] = {
     r"scripts/netlab --demo":
         "tests/e2e/test_transparent.py::test_netlab_demo_runs_green_and_leaves_nothing_behind",
     r"scripts/netlab": "tests/e2e/test_transparent.py::test_netlab_stays_up_until_ctrl_c",
-    r"scripts/bench( --quick| --markdown \S+| --json \S+)?|smtp-source -A .+|smtp-sink .+":
+    r"scripts/bench( --quick| --markdown \S+| --json \S+)?|smtp-source -A .+|smtp-sink .+"
+    r"|scripts/bench --scenarios \S+ --targets \S+ --sessions \d+ --rounds \d+":
         "tests/integration/test_bench.py::"
         "test_a_tiny_benchmark_measures_every_target_and_every_message_is_accepted",
     r"(clamd|mailserver|gateway|client)\.sh .+|clamsmtp-netsetup enable -i IF --proxy-port P":
