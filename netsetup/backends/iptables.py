@@ -37,6 +37,7 @@ HOOKS = (HOOK_FORWARDED, HOOK_LOCAL)
 XTABLES_LOCK = "/run/xtables.lock"  # the lock iptables-legacy takes (XTABLES_LOCKFILE overrides)
 LOCK_TIMEOUT = 10.0
 FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the change after N successful ones fails
+DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each kernel change
 KERNEL_MODULES = {
     "REDIRECT": "xt_REDIRECT",
     "addrtype": "xt_addrtype",
@@ -141,6 +142,10 @@ class IptablesBackend(backends.Backend):
         fail_after = os.environ.get(FAIL_AFTER_ENV)
         self._fail_after = int(fail_after) if fail_after and fail_after.isdigit() else None
         self._made = 0  # kernel changes that succeeded (NETSETUP_FAIL_AFTER counts these)
+        try:
+            self._delay = max(0.0, float(os.environ.get(DELAY_ENV) or 0))
+        except ValueError:
+            self._delay = 0.0
         self._lock_depth = 0
         self._workers: dict[int, FamilyWorker] = {}
 
@@ -170,6 +175,9 @@ class IptablesBackend(backends.Backend):
         except Exception as error:  # IPTCError, XTablesError, ValueError from python-iptables
             raise OperationFailed(op, str(error) or type(error).__name__) from error
         self._made += 1
+        if self._delay:
+            # lets a test that kills us "at change N" be sure change N+1 has not started yet
+            time.sleep(self._delay)
 
     # -- kernel access (python-iptables, in one worker process per family) ---------------
 

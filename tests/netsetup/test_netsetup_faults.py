@@ -43,7 +43,8 @@ pytestmark = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NETSETUP_FAIL_AFTER"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NETSETUP_FAIL_AFTER", "NETSETUP_CHANGE_DELAY")}
     env.update(PYTHONPATH=str(nslab.REPO_ROOT), PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -186,7 +187,8 @@ def test_enable_killed_at_a_kernel_change_converges(router, states, op):
     enable then disable, or disable alone, get back to exactly the known rule sets."""
     before, _ = states
     whole_group = KILL_POINTS.index(op) % 2 == 0
-    kill_at(router, op, whole_group=whole_group)
+    # a pause after each change: the kill lands before change op+1 however busy the machine is
+    kill_at(router, op, whole_group=whole_group, NETSETUP_CHANGE_DELAY="0.2")
     wait_no_processes(router)
     if op > 1:  # change op-1 was complete before change op was announced
         assert ruleset(router) != before
