@@ -8,7 +8,8 @@
 - `python -m appliance.lab.clamdrun` / `.sinkrun`: PrivateClamd and a RecordingNextHop that
   stores each message as files, as long-running programs for vagrant/provision/*.sh.
 - `python -m appliance.lab.netlab` / `scripts/netlab` (netlab.py): the transparent gateway end
-  to end in network namespaces, built with those provisioning scripts (root only).
+  to end in network namespaces, built with those provisioning scripts (root only); its
+  `NetLab` is in netgateway.py, the topology and requirements in nettopo.py.
 """
 
 from __future__ import annotations
