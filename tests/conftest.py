@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import free_port, next_hop_options
+from helpers import free_port, next_hop_options, proxy_directives, start_daemon
 
-from appliance.lab import PrivateClamd, RecordingNextHop, daemon_argv
+from appliance.lab import PrivateClamd, RecordingNextHop
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -73,21 +73,6 @@ def next_hop(request):
 
 
 # -- the appliance --------------------------------------------------------------------------
-
-
-def _directive_value(value) -> str:
-    if value is True:
-        return "on"
-    if value is False:
-        return "off"
-    return str(value)
-
-
-def write_appliance_config(path: Path, directives: dict) -> None:
-    lines = ["# clamsmtpd.conf written by tests/conftest.py"]
-    lines += [f"{name}: {_directive_value(value)}" for name, value in directives.items()
-              if value is not None]
-    path.write_text("\n".join(lines) + "\n")
 
 
 @dataclass
@@ -221,13 +206,7 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     spool.mkdir(mode=0o700)
     spool.chmod(0o700)
     port = free_port()
-    directives = {
-        "Listen": f"127.0.0.1:{port}",
-        "OutAddress": f"{next_hop.host}:{next_hop.port}",
-        "ClamAddress": scanner.socket_path,
-        "TempDirectory": str(spool),
-        "TimeOut": 30,
-    }
+    directives = proxy_directives(port, next_hop, scanner, str(spool), TimeOut=30)
     marker = request.node.get_closest_marker("appliance_config")
     if marker is not None:
         for mapping in marker.args:
@@ -236,16 +215,8 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     # a value may be a function of the next hop, e.g. lambda hop: f"0.0.0.0:{hop.port}"
     directives = {k: v(next_hop) if callable(v) else v for k, v in directives.items()}
     conf = tmp_path / "clamsmtpd.conf"
-    write_appliance_config(conf, directives)
-
     stderr_path = tmp_path / "clamsmtpd.stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            daemon_argv(str(conf), debug_level=4, reference=daemon_kind == "reference"),
-            stdin=subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-        )
+    proc = start_daemon(conf, directives, stderr_path, reference=daemon_kind == "reference")
     running = RunningAppliance("127.0.0.1", port, conf, spool, stderr_path, proc, directives)
     _wait_accepting(running, START_TIMEOUT)
     try:

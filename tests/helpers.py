@@ -5,31 +5,38 @@ Import them as `from helpers import ...` (tests/ is on sys.path through tests/co
 
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import io
 import os
 import re
 import smtplib
 import socket
+import subprocess
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
-from appliance.lab import EICAR, free_tcp_port
+from appliance.lab import EICAR, daemon_argv, free_tcp_port
 
 __all__ = [
     "EICAR",
     "free_port",
     "next_hop_options",
+    "proxy_directives",
     "make_message",
+    "raw_session_in_data",
     "read_reply",
     "requires_root",
     "send_raw",
     "smtp_client",
+    "start_daemon",
     "wait_until",
+    "write_appliance_config",
     "zip_bytes",
 ]
 
@@ -117,6 +124,70 @@ def send_raw(
                     return replies
                 replies.append(reply)
     return replies
+
+
+@contextlib.contextmanager
+def raw_session_in_data(
+    appliance, timeout: float = 10.0
+) -> Iterator[tuple[socket.socket, io.BufferedReader]]:
+    """A raw connection to the appliance that has read the greeting and sent HELO, MAIL, RCPT
+    and DATA, reading one reply line after each (unchecked): yields the socket, to send message
+    text on, and its reader, for the replies after it. Both are closed on exit."""
+    with socket.create_connection(appliance.address, timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        try:
+            reader.readline()
+            for command in (b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n",
+                            b"DATA\r\n"):
+                sock.sendall(command)
+                reader.readline()
+            yield sock, reader
+        finally:
+            reader.close()  # (a makefile() keeps the socket open past close())
+
+
+def _directive_value(value) -> str:
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    return str(value)
+
+
+def write_appliance_config(path: Path, directives: dict) -> None:
+    """Write a clamsmtpd.conf: one `Name: value` line per directive, in order (True and False
+    as on and off; a directive whose value is None is left out)."""
+    lines = ["# clamsmtpd.conf written by tests/conftest.py"]
+    lines += [f"{name}: {_directive_value(value)}" for name, value in directives.items()
+              if value is not None]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def proxy_directives(port: int, next_hop, clamd, spool: Path | str, **more) -> dict:
+    """The directives that put the daemon on 127.0.0.1:`port` between `next_hop` (anything with
+    `host` and `port`) and `clamd` (with `socket_path`), spooling into `spool`; then `more`."""
+    return {
+        "Listen": f"127.0.0.1:{port}",
+        "OutAddress": f"{next_hop.host}:{next_hop.port}",
+        "ClamAddress": clamd.socket_path,
+        "TempDirectory": spool,
+        **more,
+    }
+
+
+def start_daemon(conf: Path, directives: dict, log: Path, *, debug_level: int = 4,
+                 reference: bool = False) -> subprocess.Popen:
+    """Write `directives` to `conf` and start the daemon on it in the foreground (the C one
+    with `reference=True`, see `daemon_argv`): stdin /dev/null, stdout and stderr to `log`.
+    Stopping it is the caller's."""
+    write_appliance_config(conf, directives)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            daemon_argv(str(conf), debug_level=debug_level, reference=reference),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
 
 
 def make_message(

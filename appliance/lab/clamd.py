@@ -74,6 +74,18 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def read_clamd_reply(sock: socket.socket) -> bytes:
+    """Read a z-command's reply from clamd up to its NUL (or until clamd closes); the reply
+    without the NUL."""
+    reply = b""
+    while not reply.endswith(b"\0"):
+        part = sock.recv(4096)
+        if not part:
+            break
+        reply += part
+    return reply.rstrip(b"\0")
+
+
 class ClamdError(RuntimeError):
     """clamd could not be started or did not answer."""
 
@@ -200,13 +212,7 @@ class PrivateClamd:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
             sock.sendall(b"zPING\0")
-            reply = b""
-            while not reply.endswith(b"\0"):
-                chunk = sock.recv(64)
-                if not chunk:
-                    break
-                reply += chunk
-        return reply.rstrip(b"\0") == b"PONG"
+            return read_clamd_reply(sock) == b"PONG"
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop clamd (SIGTERM, then SIGKILL) and remove a temporary work directory."""

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .clamd import ClamdError, PrivateClamd
@@ -68,13 +69,42 @@ def remove_pidfile(path: str) -> None:
             os.unlink(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_until_stopped(say: Callable[[str], None], pidfile: str | None,
+                      start: Callable[[], int], serve: Callable[[], int],
+                      stop: Callable[[], None]) -> int:
+    """The run loop of a lab runner (this one and sinkrun); returns the exit status.
+
+    From now on SIGTERM, SIGINT and SIGHUP stop the runner. `start()` brings the service up and
+    returns 0 (else the exit status: it failed); then this process's pid goes to `pidfile` and
+    `serve()` runs until such a signal (exit 0) or returns the exit status itself. Last, always,
+    with SIGTERM and SIGINT ignored: `stop()`, and the pid file is removed.
+    """
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
+    try:
+        status = start()
+        if status:
+            return status
+        if pidfile:
+            write_pidfile(pidfile)
+        return serve()
+    except (_Stop, KeyboardInterrupt) as stopped:
+        say(f"stopping ({stopped or 'SIGINT'})")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop()
+        if pidfile:
+            remove_pidfile(pidfile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     clamd = PrivateClamd(Path(args.workdir).resolve(), tcp=args.tcp,
                          start_timeout=args.start_timeout)
-    try:
+
+    def start() -> int:
         try:
             clamd.start()
         except ClamdError as error:
@@ -83,21 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         tcp = f", tcp 127.0.0.1:{clamd.tcp_port}" if clamd.tcp_port else ""
         say(f"ready: socket {clamd.socket_path}{tcp}, clamd pid {clamd.pid}, "
             f"log {clamd.log_path}")
-        if args.pidfile:
-            write_pidfile(args.pidfile)
+        return 0
+
+    def serve() -> int:
         while clamd.is_running():
             time.sleep(0.5)
         say(f"error: clamd exited with status {clamd.proc.returncode}")
         return 1
-    except (_Stop, KeyboardInterrupt) as stop:
-        say(f"stopping ({stop or 'SIGINT'})")
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        clamd.stop()
-        if args.pidfile:
-            remove_pidfile(args.pidfile)
+
+    return run_until_stopped(say, args.pidfile, start, serve, clamd.stop)
 
 
 if __name__ == "__main__":

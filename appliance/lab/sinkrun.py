@@ -23,13 +23,12 @@ import dataclasses
 import ipaddress
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from .clamdrun import remove_pidfile, write_pidfile
+from .clamdrun import run_until_stopped
 from .sink import Received, RecordingNextHop
 
 PROG = "sinkrun"
@@ -148,14 +147,6 @@ def say(text: str) -> None:
     print(f"{PROG}: {text}", flush=True)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def _show(host: str, port: int) -> str:
     if host == ANY:
         return f"*:{port} (IPv4 and IPv6)"
@@ -164,11 +155,10 @@ def _show(host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _raise_stop)
     records = RecordDir(args.record_dir)
     servers: list[RecordingNextHop] = []
-    try:
+
+    def start() -> int:
         for host, port in args.listen:
             where = _show(host, port)
 
@@ -185,21 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             servers.append(server)
             say(f"listening on {where}, recording into {records.path}")
-        if args.pidfile:
-            write_pidfile(args.pidfile)
+        return 0
+
+    def serve() -> int:
         while True:
             time.sleep(3600)
-    except (_Stop, KeyboardInterrupt) as stop:
-        say(f"stopping ({stop or 'SIGINT'})")
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def stop() -> None:
         for server in servers:
             with contextlib.suppress(Exception):
                 server.stop()
-        if args.pidfile:
-            remove_pidfile(args.pidfile)
+
+    return run_until_stopped(say, args.pidfile, start, serve, stop)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 HANG = "<hang>"  # read on, never answer
 CLOSE = "<close>"  # close the connection instead of answering
@@ -74,7 +75,64 @@ class _Closed(Exception):
     pass
 
 
-class FakeSMTPServer:
+class _Listening:
+    """What both fakes share: a listening socket whose accept loop runs in a thread, and the
+    connections and threads that `stop()` shuts down. A subclass passes the lock it guards
+    `_conns` with, and defines `start()` (which calls `_listen()`) and `_take()`."""
+
+    def __init__(self, guard: threading.Lock | threading.Condition) -> None:
+        self._guard = guard  # guards _conns
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _take(self, conn: socket.socket) -> threading.Thread:
+        """Register the accepted `conn` (in `_conns`, under the lock); the thread to serve it."""
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            thread = self._take(conn)
+            thread.start()
+            self._threads.append(thread)
+
+    def _listen(self, listener: socket.socket, name: str) -> None:
+        """Serve `listener` from now on: its accept loop runs in a daemon thread `name`."""
+        self._listener = listener
+        thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        with self._guard:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FakeSMTPServer(_Listening):
     """A scripted SMTP server on 127.0.0.1:<free port>.
 
     It behaves until `arm()`: the `appliance` fixture's readiness probe opens a session here
@@ -110,10 +168,7 @@ class FakeSMTPServer:
         self._used: set[str] = set()  # answer 552 after the dot to a body larger than this
         self.sessions: list[Session] = []
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._listener: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
-        self._conns: set[socket.socket] = set()
+        super().__init__(self._cond)
         self._queued = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -128,31 +183,8 @@ class FakeSMTPServer:
         listener.bind((self.host, self.port))
         listener.listen(64)
         self.port = listener.getsockname()[1]
-        self._listener = listener
-        thread = threading.Thread(target=self._accept_loop, name="fake-smtp-accept", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._listen(listener, "fake-smtp-accept")
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-        with self._cond:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(5)
-
-    def __enter__(self) -> FakeSMTPServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def arm(self, script: dict | None = None, *, faulty_sessions: int = 1, repeat: bool = False,
             close_in_body_after: int | None = None, reset_in_body: bool = False) -> None:
@@ -221,21 +253,14 @@ class FakeSMTPServer:
 
     # -- serving -----------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._cond:
-                session = Session(len(self.sessions))
-                self.sessions.append(session)
-                self._conns.add(conn)
-                self._cond.notify_all()
-            thread = threading.Thread(target=self._serve, args=(conn, session), daemon=True,
-                                      name=f"fake-smtp-{session.index}")
-            thread.start()
-            self._threads.append(thread)
+    def _take(self, conn: socket.socket) -> threading.Thread:
+        with self._cond:
+            session = Session(len(self.sessions))
+            self.sessions.append(session)
+            self._conns.add(conn)
+            self._cond.notify_all()
+        return threading.Thread(target=self._serve, args=(conn, session), daemon=True,
+                                name=f"fake-smtp-{session.index}")
 
     def _reply_for(self, session: Session, key: str, default):
         with self._cond:
@@ -395,7 +420,7 @@ class FakeSMTPServer:
 # -- clamd -------------------------------------------------------------------------------------
 
 
-class FakeClamd:
+class FakeClamd(_Listening):
     """A clamd that misbehaves on its first `faulty` scans, on a unix socket in `workdir` (or,
     with `tcp=True`, on 127.0.0.1:<free port>). `socket_path` is what ClamAddress should say.
 
@@ -427,11 +452,8 @@ class FakeClamd:
         self.stream_bytes: list[int] = []  # bytes of the stream read, per faulty scan
         self.client_gave_up: list[bool] = []  # per faulty scan: the scanner closed first
         self.faulty_done = threading.Event()  # a faulty scan's connection is over
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._conns: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
+        super().__init__(self._lock)
 
     def start(self) -> FakeClamd:
         if self.tcp:
@@ -444,46 +466,19 @@ class FakeClamd:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(self.socket_path)
         listener.listen(32)
-        self._listener = listener
-        thread = threading.Thread(target=self._accept_loop, daemon=True, name="fake-clamd")
-        thread.start()
-        self._threads.append(thread)
+        self._listen(listener, "fake-clamd")
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(5)
+        super().stop()
         if not self.tcp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
 
-    def __enter__(self) -> FakeClamd:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.add(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _take(self, conn: socket.socket) -> threading.Thread:
+        with self._lock:
+            self._conns.add(conn)
+        return threading.Thread(target=self._serve, args=(conn,), daemon=True)
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(30)

@@ -29,9 +29,16 @@ from faultkit import (
     delivered_contents,
     rst_close,
 )
-from helpers import EICAR, free_port, read_reply, send_raw, wait_until
+from helpers import (
+    EICAR,
+    free_port,
+    proxy_directives,
+    read_reply,
+    send_raw,
+    start_daemon,
+    wait_until,
+)
 
-from appliance.lab import daemon_argv
 from appliance.spool import MEMORY_LIMIT
 
 ENVELOPE = ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>"]
@@ -515,14 +522,10 @@ def test_unusable_temp_directory_is_reported_at_start_up(tmp_path, clamd, next_h
     """Small bodies never touch TempDirectory, so a broken one is named at start-up, before a
     big message finds it."""
     missing = tmp_path / "no-such-spool"
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(f"Listen: 127.0.0.1:{free_port()}\n"
-                    f"OutAddress: {next_hop.host}:{next_hop.port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {missing}\n")
     log = tmp_path / "clamsmtpd.stderr"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(daemon_argv(str(conf), debug_level=3), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out)
+    proc = start_daemon(tmp_path / "clamsmtpd.conf",
+                        proxy_directives(free_port(), next_hop, clamd, missing), log,
+                        debug_level=3)
     try:
         wait_until(lambda: "is not usable" in log.read_text(), timeout=20,
                    what="the TempDirectory warning")

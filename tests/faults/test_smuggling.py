@@ -131,41 +131,43 @@ def test_the_lenient_next_hop_is_really_vulnerable(mode):
             assert froms == [b"<alice@example.com>", b"<evil@attacker.test>"], variant
 
 
-@pytest.mark.fake_next_hop()
-def test_bare_lf_line_endings_become_crlf(appliance, next_hop):
+def assert_delivered_as(appliance, next_hop: FakeSMTPServer, data: bytes,
+                        content: bytes) -> None:
+    """Send `data` through the proxy to the armed next hop: it must be queued, arrive as the one
+    message `content` (dot-unstuffed) and no bare CR or LF may go on the wire."""
     next_hop.arm()
-    data = b"From: alice@example.com\nSubject: lf\n\nline1\nline2\n\nline4" + b"\r\n.\r\n"
     replies = send_message(appliance, data)
     assert replies[-2].startswith("250 "), replies
     [txn] = next_hop.delivered()
-    assert txn.content == (b"From: alice@example.com\r\nSubject: lf\r\n" + R.DEFAULT_HEADER
-                           + b"\r\n\r\nline1\r\nline2\r\n\r\nline4\r\n")
+    assert txn.content == content
     assert BARE.search(bytes(next_hop.armed_session().raw)) is None
+
+
+def _in_crlf(subject: bytes) -> bytes:
+    """The message of the two tests below, as the next hop must get it: CRLF line ends only."""
+    return (b"From: alice@example.com\r\nSubject: " + subject + b"\r\n" + R.DEFAULT_HEADER
+            + b"\r\n\r\nline1\r\nline2\r\n\r\nline4\r\n")
+
+
+@pytest.mark.fake_next_hop()
+def test_bare_lf_line_endings_become_crlf(appliance, next_hop):
+    data = b"From: alice@example.com\nSubject: lf\n\nline1\nline2\n\nline4" + b"\r\n.\r\n"
+    assert_delivered_as(appliance, next_hop, data, _in_crlf(b"lf"))
 
 
 @pytest.mark.fake_next_hop()
 def test_bare_cr_line_endings_become_crlf(appliance, next_hop):
-    next_hop.arm()
     data = b"From: alice@example.com\rSubject: cr\r\rline1\rline2\r\rline4" + b"\r\n.\r\n"
-    replies = send_message(appliance, data)
-    assert replies[-2].startswith("250 "), replies
-    [txn] = next_hop.delivered()
-    assert txn.content == (b"From: alice@example.com\r\nSubject: cr\r\n" + R.DEFAULT_HEADER
-                           + b"\r\n\r\nline1\r\nline2\r\n\r\nline4\r\n")
-    assert BARE.search(bytes(next_hop.armed_session().raw)) is None
+    assert_delivered_as(appliance, next_hop, data, _in_crlf(b"cr"))
 
 
 @pytest.mark.fake_next_hop()
 def test_mixed_and_doubled_line_endings(appliance, next_hop):
     """LF CR, CR CR LF and friends: each bare CR and each bare LF is one line end."""
-    next_hop.arm()
     data = b"Subject: mixed\r\n\r\na\n\rb\r\r\nc\n\nd\r\n.\r\n"
-    replies = send_message(appliance, data)
-    assert replies[-2].startswith("250 "), replies
-    [txn] = next_hop.delivered()
-    assert txn.content == (b"Subject: mixed\r\n" + R.DEFAULT_HEADER
-                           + b"\r\n\r\na\r\n\r\nb\r\n\r\nc\r\n\r\nd\r\n")
-    assert BARE.search(bytes(next_hop.armed_session().raw)) is None
+    assert_delivered_as(appliance, next_hop, data,
+                        b"Subject: mixed\r\n" + R.DEFAULT_HEADER
+                        + b"\r\n\r\na\r\n\r\nb\r\n\r\nc\r\n\r\nd\r\n")
 
 
 @pytest.mark.fake_next_hop()

@@ -17,9 +17,9 @@ import time
 
 import pytest
 from fuzzkit import STATS, TIMEOUT, FuzzRig, SaslRecordingNextHop
-from helpers import free_port
+from helpers import free_port, proxy_directives, start_daemon
 
-from appliance.lab import PrivateClamd, daemon_argv
+from appliance.lab import PrivateClamd
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -49,14 +49,10 @@ def rig(tmp_path_factory, clamd: PrivateClamd):
     spool.mkdir(mode=0o700)
     with SaslRecordingNextHop("127.0.0.1", 0, ehlo_extensions=None) as hop:
         port, metrics = free_port(), free_port()
-        conf = work / "clamsmtpd.conf"
-        conf.write_text(f"Listen: 127.0.0.1:{port}\nOutAddress: {hop.host}:{hop.port}\n"
-                        f"ClamAddress: {clamd.socket_path}\nTempDirectory: {spool}\n"
-                        f"TimeOut: {TIMEOUT}\nMetricsListen: 127.0.0.1:{metrics}\n")
         log_path = work / "clamsmtpd.stderr"
-        with open(log_path, "wb") as stderr:
-            proc = subprocess.Popen(daemon_argv(str(conf), debug_level=4),
-                                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        directives = proxy_directives(port, hop, clamd, spool, TimeOut=TIMEOUT,
+                                      MetricsListen=f"127.0.0.1:{metrics}")
+        proc = start_daemon(work / "clamsmtpd.conf", directives, log_path)
         running = FuzzRig(("127.0.0.1", port), proc, spool, log_path, hop,
                           ("127.0.0.1", metrics))
         try:

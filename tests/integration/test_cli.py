@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from helpers import free_port, send_raw, wait_until
+from helpers import free_port, send_raw, start_daemon, wait_until
 
 DAEMON = [sys.executable, "-m", "appliance.cli"]
 
@@ -127,18 +130,23 @@ def test_port_only_listen_takes_ipv4_and_ipv6(tmp_path, next_hop, clamd):
         import pytest
         pytest.skip("no IPv6 on this host")
     port = free_port()
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: {port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
-    with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen([*DAEMON, "-d", "3", "-f", str(conf)], stderr=err,
-                                stdin=subprocess.DEVNULL)
-    try:
+    with _daemon(tmp_path, OutAddress=f"127.0.0.1:{next_hop.port}", Listen=port,
+                 ClamAddress=clamd.socket_path, TempDirectory=tmp_path) as log_path:
         assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
         assert send_raw("::1", port, ["QUIT"])[0] == "220 smtp.passthru"
-        log = (tmp_path / "stderr").read_text()
+        log = log_path.read_text()
         assert "accepted connection from: 127.0.0.1" in log  # not ::ffff:127.0.0.1
         assert "accepted connection from: ::1" in log
+
+
+@contextlib.contextmanager
+def _daemon(tmp_path: Path, **directives) -> Iterator[Path]:
+    """The daemon (-d 3) on a config of `directives` while the block runs, then SIGTERM (it must
+    exit within 15 s); yields the path of its log."""
+    log = tmp_path / "stderr"
+    proc = start_daemon(tmp_path / "clamsmtpd.conf", directives, log, debug_level=3)
+    try:
+        yield log
     finally:
         proc.terminate()
         proc.wait(15)
@@ -153,20 +161,12 @@ def _greeting(host: str, port: int) -> str | None:
 
 def test_transparent_mode_refuses_a_connection_that_was_not_redirected(tmp_path, clamd):
     port = free_port()
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(f"TransparentProxy: on\nListen: 127.0.0.1:{port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
-    with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen([*DAEMON, "-d", "3", "-f", str(conf)], stderr=err,
-                                stdin=subprocess.DEVNULL)
-    try:
+    with _daemon(tmp_path, TransparentProxy=True, Listen=f"127.0.0.1:{port}",
+                 ClamAddress=clamd.socket_path, TempDirectory=tmp_path) as log_path:
         reply = wait_until(lambda: _greeting("127.0.0.1", port))
         assert reply.startswith("421 4.4.6 Local Error, mail loop")
-        log = (tmp_path / "stderr").read_text()
+        log = log_path.read_text()
         assert f"loop detected in transparent proxying: 127.0.0.1:{port} is this proxy" in log
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_daemon_mode_reports_a_failed_start_up(tmp_path, next_hop):

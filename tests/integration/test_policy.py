@@ -11,7 +11,7 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, smtp_client, wait_until
+from helpers import EICAR, raw_session_in_data, smtp_client, wait_until
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -216,19 +216,13 @@ def test_xclient_off_by_default(appliance, next_hop):
 
 @pytest.mark.appliance_config(KeepAlives=1)
 def test_keepalives_while_the_client_is_slow(appliance, next_hop):
-    with socket.create_connection(appliance.address, timeout=20) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        for command in (b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n"):
-            sock.sendall(command)
-            f.readline()
+    with raw_session_in_data(appliance, timeout=20) as (sock, f):
         sock.sendall(b"Subject: slow\r\n\r\n")
         for _ in range(4):
             time.sleep(0.9)
             sock.sendall(b"a line, slowly\r\n")
         sock.sendall(b".\r\n")
         assert f.readline().startswith(b"250 2.0.0")
-        f.close()
     assert next_hop.event_names().count("NOOP") >= 2
     assert next_hop.wait_for(1)[0].original_content.count(b"a line, slowly") == 4
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, make_message, send_raw, smtp_client, zip_bytes
+from helpers import EICAR, make_message, raw_session_in_data, send_raw, smtp_client, zip_bytes
 
 CLEAN = (
     b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: clean\r\n"
@@ -362,12 +362,7 @@ def test_idle_client_times_out(appliance, next_hop):
 
 @pytest.mark.appliance_config(TimeOut=2)
 def test_client_stalling_in_data_times_out_and_nothing_is_delivered(appliance, next_hop):
-    with socket.create_connection(appliance.address, timeout=10) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        for command in (b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n"):
-            sock.sendall(command)
-            f.readline()
+    with raw_session_in_data(appliance) as (sock, f):
         sock.sendall(b"Subject: half\r\n\r\nhalf a mess")
         assert f.readline() == (R.TIMEOUT + "\r\n").encode()
     time.sleep(0.3)
@@ -375,14 +370,8 @@ def test_client_stalling_in_data_times_out_and_nothing_is_delivered(appliance, n
 
 
 def test_client_vanishing_mid_data_delivers_nothing(appliance, next_hop):
-    with socket.create_connection(appliance.address, timeout=10) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        for command in (b"HELO c\r\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n"):
-            sock.sendall(command)
-            f.readline()
+    with raw_session_in_data(appliance) as (sock, _):
         sock.sendall(b"Subject: half\r\n\r\n" + base64.b64encode(b"x" * 100000))
-        f.close()  # (a makefile() keeps the socket open past close())
     appliance.wait_log("unexpected end of data from client")
     time.sleep(0.2)
     assert next_hop.messages == []

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..clamd import read_clamd_reply
 from .tools import tool
 from .workload import HELO_NAME, HOST, RECIPIENT, SENDER, message_header, message_timeout
 
@@ -253,13 +254,7 @@ def instream(socket_path: str, parts: Iterable[bytes], timeout: float) -> bytes:
                 sock.sendall(struct.pack("!I", len(chunk)))
                 sock.sendall(chunk)
         sock.sendall(struct.pack("!I", 0))
-        reply = b""
-        while not reply.endswith(b"\0"):
-            part = sock.recv(4096)
-            if not part:
-                break
-            reply += part
-    return reply.rstrip(b"\0")
+        return read_clamd_reply(sock)
 
 
 def run_clamd_alone(socket_path: str, body: bytes, messages: int, sessions: int,
