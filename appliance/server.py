@@ -159,7 +159,17 @@ class Appliance:
         keep = {field: getattr(old.config, field) for field in RESTART_ONLY}
         config = _replace(config, **keep)
         self.context = self._context(config, old)
+        self.check_temp_directory()
         return pending
+
+    def check_temp_directory(self) -> None:
+        """Small bodies never touch TempDirectory, so a broken one is named now, at start-up
+        and on reload, rather than when the first big message finds it."""
+        problem = check_directory(self.config.temp_directory)
+        if problem:
+            log.warning("TempDirectory %s is not usable (%s): messages over %d KB will be "
+                        "deferred (451) until it is", self.config.temp_directory, problem,
+                        MEMORY_LIMIT // 1024)
 
     def _protocol(self) -> asyncio.Protocol:
         if len(self.sessions) >= self.config.max_connections:
@@ -177,11 +187,7 @@ class Appliance:
         if self.metrics_sock is not None:
             self._metrics_server = await metrics.serve(self.metrics_sock)
             log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
-        problem = await loop.run_in_executor(None, check_directory, self.config.temp_directory)
-        if problem:
-            log.warning("TempDirectory %s is not usable (%s): messages over %d KB will be "
-                        "deferred (451) until it is", self.config.temp_directory, problem,
-                        MEMORY_LIMIT // 1024)
+        self.check_temp_directory()
         if not await loop.run_in_executor(None, self.context.scanner.ping):
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",

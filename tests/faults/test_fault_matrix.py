@@ -37,6 +37,7 @@ from helpers import (
     send_raw,
     start_daemon,
     wait_until,
+    write_appliance_config,
 )
 
 from appliance.spool import MEMORY_LIMIT
@@ -535,6 +536,15 @@ def test_unusable_temp_directory_is_reported_at_start_up(tmp_path, clamd, next_h
     said = log.read_text()
     assert f"TempDirectory {missing} is not usable (No such file or directory)" in said, said
     assert "will be deferred (451) until it is" in said
+
+
+def test_unusable_temp_directory_is_reported_on_reload(appliance, tmp_path):
+    """The same on SIGHUP, when the new configuration names a TempDirectory that is not there."""
+    missing = tmp_path / "gone"
+    write_appliance_config(appliance.conf_path, {**appliance.directives, "TempDirectory": missing})
+    appliance.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: f"TempDirectory {missing} is not usable" in appliance.log(), timeout=20,
+               what="the TempDirectory warning after SIGHUP")
 
 
 # -- the client --------------------------------------------------------------------------------
