@@ -2,7 +2,7 @@
 
 Exit codes (netsetup.errors.ExitCode): 0 ok, 1 a change failed (our objects rolled back),
 2 usage or config error, 3 not root, 4 missing kernel support, 5 interface not found,
-6 nftables host / nft backend (the equivalent nft ruleset is printed).
+6 is no longer used (it was: nftables host, the nft backend could not write rules).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from netsetup.errors import (
     InterfaceNotFound,
     KernelSupportError,
     NetsetupError,
-    NftablesHost,
     NotRoot,
     OperationFailed,
     UsageError,
@@ -122,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Redirect intercepted SMTP (TCP port 25) to the local clamsmtpd.",
         epilog="exit codes: 0 ok, 1 change failed (rolled back), 2 usage/config, 3 not root, "
-        "4 missing kernel support, 5 interface not found, 6 nftables host",
+        "4 missing kernel support (or the nft command), 5 interface not found",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("enable", parents=[common], help="install the redirect rules")
@@ -343,16 +342,13 @@ def _dispatch(
         return ExitCode.OK
     try:
         backend.enable(plan)
-    except NftablesHost:
-        raise
-    except BaseException as error:
-        _out("enable failed; rolling back (removing our own chains):")
-        try:
-            backend.disable(plan)
-        except NetsetupError as undo:
-            _warn(f"rollback incomplete: {undo}")
-        if isinstance(error, OperationFailed):
+    except OperationFailed as error:
+        if not backend.atomic:
+            _rollback(backend, plan)
             raise OperationFailed(error.op, f"{error.reason} (rolled back)") from error
+        raise  # one transaction, aborted by the kernel: nothing changed, nothing to undo
+    except BaseException:
+        _rollback(backend, plan)
         raise
     _out(
         f"{'would enable' if args.dry_run else 'enabled'}: TCP "
@@ -360,6 +356,14 @@ def _dispatch(
         f"{' and local mail' if plan.local else ''} -> port {plan.proxy_port}"
     )
     return ExitCode.OK
+
+
+def _rollback(backend, plan: RedirectPlan) -> None:
+    _out("enable failed; rolling back (removing our own chains):")
+    try:
+        backend.disable(plan)
+    except NetsetupError as undo:
+        _warn(f"rollback incomplete: {undo}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,10 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return int(run(args))
-    except NftablesHost as error:
-        _out(error.script.rstrip("\n"))
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return int(error.exit_code)
     except OperationFailed as error:
         print(
             f"{PROG}: error: {args.command} failed at `{error.op}`: {error.reason}", file=sys.stderr

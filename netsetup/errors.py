@@ -16,7 +16,7 @@ class ExitCode(IntEnum):
     NOT_ROOT = 3
     NO_KERNEL_SUPPORT = 4  # nat table, REDIRECT/addrtype/owner or the xtables extensions missing
     NO_INTERFACE = 5  # --interface names a link that does not exist
-    NFTABLES_HOST = 6  # rules live in nftables (or --backend nft) and we cannot write nftables
+    NFTABLES_HOST = 6  # no longer used: the nft backend once refused (it applies rules now)
 
 
 class NetsetupError(Exception):
@@ -43,16 +43,6 @@ class KernelSupportError(NetsetupError):
 
 class InterfaceNotFound(NetsetupError):
     exit_code = ExitCode.NO_INTERFACE
-
-
-class NftablesHost(NetsetupError):
-    """The nft backend was chosen but cannot write rules here; ``script`` is the equivalent."""
-
-    exit_code = ExitCode.NFTABLES_HOST
-
-    def __init__(self, message: str, script: str):
-        super().__init__(message)
-        self.script = script
 
 
 class OperationFailed(NetsetupError):

@@ -3,7 +3,8 @@
 A backend owns named objects only (chains ``CLAMSMTP-<port>[-LOCAL]``, or the nftables table
 ``clamsmtp-<port>``), so several instances can coexist and removal finds exactly its own.
 ``enable`` starts with ``disable``; ``disable`` removes whatever of its own it finds and nothing
-else; ``status`` only reads.  Every kernel change goes through the backend's one ``_apply(op)``.
+else; ``status`` only reads.  Every kernel change goes through the backend's one ``_apply(op)``
+(for nft, one ``nft -f -`` transaction).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _print(line: str) -> None:
 class Backend(ABC):
     name: str = ""
     description: str = ""
+    atomic: bool = False  # True: a failed change changed nothing (no rollback needed)
 
     def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = _print):
         self.dry_run = dry_run

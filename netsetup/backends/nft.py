@@ -1,30 +1,53 @@
-"""nftables: a clear refusal that hands over the equivalent ruleset.
+"""nftables through the ``nft`` command (package nftables), one atomic transaction per change.
 
-This build writes no nftables rules (python-iptables only drives legacy xtables, and Debian's
-python3-nftables bindings are not available to it).  When the host's rules live in nftables, or
-``--backend nft`` is asked for, ``enable``/``disable`` raise NftablesHost (exit 6) carrying an
-``nft -f`` script with the same layout as the iptables backend, in a table the script owns:
-``<family> clamsmtp-<port>``.  Removing it is one ``delete table``.  ``status`` reads (through
-pyroute2) whether such a table exists.
+Everything lives in one table this backend owns, ``<family> clamsmtp-<port>`` (``inet`` for
+both families, ``ip``/``ip6`` for one), with the same rule layout as the iptables backend.
+``enable`` is one ``nft -f -`` script that creates (if missing) and deletes its own table, then
+declares it afresh: the kernel applies it whole or not at all, so re-enabling replaces the
+table in one step and a failure leaves the ruleset as it was.  ``disable`` deletes the tables
+of ours that exist, also in one transaction.  ``status`` parses ``nft list table``.
+No other table is read or written.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
 from netsetup import backends
-from netsetup.discovery import nft_tables
-from netsetup.errors import NftablesHost
+from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import HOOK_FORWARDED, RedirectPlan, Rule, chain_layout
 
 NAT_PRIORITY = -100  # dstnat
+NFT = "/usr/sbin/nft"
+TIMEOUT = 30.0
+FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the transaction after N good ones fails
+DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each transaction
+# Appended to a transaction by the test-only hook: the kernel rejects it (ENOENT) after it has
+# taken every rule before it, so the whole transaction must be aborted.
+INJECTED_FAILURE = "delete table ip clamsmtp-injected-failure"
+FAMILY_NAMES = {4: "ip", 6: "ip6"}
+_COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
 
 
 def table_family(plan: RedirectPlan) -> str:
     families = set(plan.families)
-    return "inet" if families == {4, 6} else ("ip" if families == {4} else "ip6")
+    return "inet" if families == {4, 6} else FAMILY_NAMES[plan.families[0]]
 
 
 def table_name(plan: RedirectPlan) -> str:
     return f"clamsmtp-{plan.proxy_port}"
+
+
+def overlapping_families(plan: RedirectPlan) -> tuple[str, ...]:
+    """Table families that can hold this plan's rules: its own, and inet for either family."""
+    return (*(FAMILY_NAMES[f] for f in sorted(plan.families)), "inet")
 
 
 def rule_statement(rule: Rule) -> str:
@@ -52,14 +75,34 @@ def rule_statement(rule: Rule) -> str:
     return " ".join(words)
 
 
+def listed_statement(rule: Rule) -> str:
+    """``rule_statement`` as ``nft list`` prints it back (a host prefix loses its /32, /128)."""
+
+    def host(net: ipaddress.IPv4Network | ipaddress.IPv6Network | None):
+        if net is not None and net.prefixlen == net.max_prefixlen:
+            return str(net.network_address)
+        return net
+
+    text = rule_statement(rule)
+    for net in (rule.source, rule.destination):
+        if net is not None and host(net) != net:
+            text = text.replace(f" {net}", f" {host(net)}", 1)
+    return text
+
+
+def hook_name(hook: str) -> str:
+    return "prerouting" if hook == HOOK_FORWARDED else "output"
+
+
 def removal_command(plan: RedirectPlan) -> str:
     return f"nft delete table {table_family(plan)} {table_name(plan)}"
 
 
-def render_script(plan: RedirectPlan) -> str:
-    """An ``nft -f`` script equivalent to what the iptables backend installs for ``plan``.
+def render_script(plan: RedirectPlan, replaces: tuple[str, ...] = ()) -> str:
+    """The ``nft -f`` script that installs ``plan``: one transaction.
 
-    It starts by (creating and) deleting its own table, so applying it twice converges.
+    It starts by (creating and) deleting its own table, so applying it twice converges;
+    ``replaces`` names more tables (``"ip clamsmtp-10025"``) of ours to remove in it.
     """
     family, name = table_family(plan), table_name(plan)
     layout = chain_layout(plan, None if family == "inet" else plan.families[0])
@@ -67,12 +110,12 @@ def render_script(plan: RedirectPlan) -> str:
         "#!/usr/sbin/nft -f",
         f"# clamsmtp-netsetup: transparent SMTP redirect to port {plan.proxy_port}",
         f"# apply: nft -f FILE    remove: {removal_command(plan)}",
-        f"table {family} {name}",
-        f"delete table {family} {name}",
-        f"table {family} {name} {{",
     ]
+    for table in (*replaces, f"{family} {name}"):
+        lines += [f"table {table}", f"delete table {table}"]
+    lines.append(f"table {family} {name} {{")
     for hook, _chain, rules in layout:
-        nft_hook = "prerouting" if hook == HOOK_FORWARDED else "output"
+        nft_hook = hook_name(hook)
         lines.append(f"\tchain {nft_hook} {{")
         lines.append(f"\t\ttype nat hook {nft_hook} priority {NAT_PRIORITY}; policy accept;")
         lines += [f"\t\t{rule_statement(rule)}" for rule in rules]
@@ -81,45 +124,228 @@ def render_script(plan: RedirectPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Transaction:
+    """One ``nft -f -`` run: the kernel commits all of ``script`` or none of it."""
+
+    what: str  # what it does, for messages
+    script: str
+    shown: tuple[str, ...]  # what is printed for it (the script, or the equivalent commands)
+
+    def __str__(self) -> str:
+        return f"nft -f - ({self.what}, one transaction)"
+
+
+@dataclass(frozen=True)
+class ListedTable:
+    family: str
+    name: str
+    chains: dict[str, str]  # chain -> its "type ... hook ..." line
+    rules: list[tuple[str, str, int, int]]  # (chain, statement without counts, pkts, bytes)
+
+
+def parse_listing(text: str) -> ListedTable:
+    """``nft list table FAMILY NAME`` output, with the counters taken out of each rule."""
+    family = name = ""
+    chains: dict[str, str] = {}
+    rules: list[tuple[str, str, int, int]] = []
+    chain = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("table ") and line.endswith("{"):
+            family, name = line.split()[1:3]
+        elif line.startswith("chain ") and line.endswith("{"):
+            chain = line.split()[1]
+            chains[chain] = ""
+        elif line == "}":
+            chain = None
+        elif chain is not None and line.startswith("type "):
+            chains[chain] = line
+        elif chain is not None:
+            found = _COUNTER.search(line)
+            pkts, nbytes = (int(found[1]), int(found[2])) if found else (0, 0)
+            rules.append((chain, _COUNTER.sub("counter", line), pkts, nbytes))
+    return ListedTable(family, name, chains, rules)
+
+
 class NftBackend(backends.Backend):
     name = "nft"
-    description = "nftables; this build only prints the equivalent ruleset"
+    description = "nftables through the nft command"
+    atomic = True  # a failed change changed nothing: there is nothing to roll back
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        fail_after = os.environ.get(FAIL_AFTER_ENV)
+        self._fail_after = int(fail_after) if fail_after and fail_after.isdigit() else None
+        self._made = 0
+        try:
+            self._delay = max(0.0, float(os.environ.get(DELAY_ENV) or 0))
+        except ValueError:
+            self._delay = 0.0
+
+    @classmethod
+    def nft_path(cls) -> str | None:
+        return shutil.which("nft") or (NFT if os.access(NFT, os.X_OK) else None)
 
     @classmethod
     def is_supported(cls) -> bool:
-        return False  # writes nothing; see the module docstring
+        return cls.nft_path() is not None
 
-    def _refuse(self, plan: RedirectPlan, what: str, script: str) -> None:
-        raise NftablesHost(
-            f"the nft backend cannot {what} here: this build writes legacy xtables only "
-            "(python-iptables) and has no nftables bindings (Debian's python3-nftables). "
-            "Apply the nft commands printed above with `nft -f`, or use --backend iptables "
-            "to install legacy xtables rules next to the nftables ones",
-            script,
-        )
+    # -- running nft -------------------------------------------------------------------------
+
+    def _nft(self, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+        path = self.nft_path()
+        if path is None:
+            raise KernelSupportError(
+                "the nft command is missing: install the nftables package "
+                "(apt-get install nftables), or use --backend iptables"
+            )
+        try:
+            return subprocess.run(
+                [path, *args],
+                input=script,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            command = " ".join(["nft", *args])
+            raise NetsetupError(f"`{command}` did not finish in {TIMEOUT:.0f}s") from None
+
+    def _apply(self, tx: Transaction) -> None:
+        """Log ``tx``, then (unless dry run) run it, or raise OperationFailed naming it."""
+        for line in tx.shown:
+            self.log(line)
+        self.changes += 1
+        if self.dry_run:
+            return
+        script, injected = tx.script, False
+        if self._fail_after is not None and self._made >= self._fail_after:
+            self._fail_after = None
+            script, injected = script + INJECTED_FAILURE + "\n", True
+        result = self._nft("-f", "-", script=script)
+        if result.returncode != 0:
+            reason = " ".join(result.stderr.split()) or f"nft exited {result.returncode}"
+            if injected:
+                reason = f"injected failure ({FAIL_AFTER_ENV}, test only): {reason}"
+            raise OperationFailed(tx, f"{reason}; the transaction was aborted, nothing changed")
+        self._made += 1
+        if self._delay:
+            time.sleep(self._delay)
+
+    def _tables(self) -> list[tuple[str, str]]:
+        """(family, name) of every nftables table."""
+        result = self._nft("-j", "list", "tables")
+        if result.returncode != 0:
+            raise NetsetupError(f"cannot list the nftables tables: {result.stderr.strip()}")
+        items = json.loads(result.stdout or "{}").get("nftables", [])
+        return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
+
+    def _ours(self, plan: RedirectPlan, *, for_dry_run: bool = False) -> list[str]:
+        """Our tables that hold rules of ``plan``'s families, as "family name"."""
+        try:
+            tables = self._tables()
+        except NetsetupError as error:
+            if not (self.dry_run and for_dry_run):
+                raise
+            self.log(f"  (cannot read the nftables tables ({error}); assuming none of ours)")
+            return []
+        families = overlapping_families(plan)
+        return [f"{f} {n}" for f, n in tables if n == table_name(plan) and f in families]
+
+    # -- Backend interface -------------------------------------------------------------------
+
+    def check(self, plan: RedirectPlan) -> None:
+        if not self.dry_run and not self.is_supported():
+            self._nft("--version")  # raises the clear KernelSupportError
 
     def enable(self, plan: RedirectPlan) -> None:
-        self._refuse(plan, "install rules", render_script(plan))
+        own = f"{table_family(plan)} {table_name(plan)}"
+        others = tuple(t for t in self._ours(plan, for_dry_run=True) if t != own)
+        for table in others:
+            self.log(f"  (replacing {table}: this plan's rules go to {own})")
+        script = render_script(plan, others)
+        self._apply(Transaction(f"replace table {own}", script, tuple(script.splitlines())))
 
     def disable(self, plan: RedirectPlan) -> None:
-        tables = nft_tables()
-        if tables is not None and not any(t.name == table_name(plan) for t in tables):
-            return  # nothing of ours to remove
-        self._refuse(plan, "remove rules", removal_command(plan) + "\n")
+        ours = self._ours(plan, for_dry_run=True)
+        if not ours:
+            return
+        if any(t.startswith("inet ") for t in ours) and set(plan.families) != {4, 6}:
+            self.log("  (the inet table holds IPv4 and IPv6 rules: removing it removes both)")
+        # "add" first: deleting a table that vanished meanwhile cannot fail the transaction
+        script = "".join(f"add table {t}\ndelete table {t}\n" for t in ours)
+        shown = tuple(f"  nft delete table {t}" for t in ours)
+        self._apply(Transaction(f"delete {', '.join(ours)}", script, shown))
+
+    def owns_objects(self, plan: RedirectPlan) -> bool:
+        try:
+            return any(n == table_name(plan) for _f, n in self._tables())
+        except NetsetupError:
+            return False
 
     def status(self, plan: RedirectPlan) -> list[str]:
-        family, name = table_family(plan), table_name(plan)
-        tables = nft_tables()
-        if tables is None:
-            return [f"nftables: cannot read the ruleset; try: nft list table {family} {name}"]
-        mine = [t for t in tables if t.name == name]
-        if not mine:
-            return [f"nftables table {family} {name}: not installed"]
-        return [
-            f"nftables table {t}: installed ({t.chains} chains, {t.rules} rules); "
-            f"counters: nft list table {t}"
-            for t in mine
-        ]
+        own = f"{table_family(plan)} {table_name(plan)}"
+        try:
+            tables = self._tables()
+        except NetsetupError as error:
+            if not self.dry_run:
+                raise
+            return [f"nftables: {error}"]
+        ours = [f"{f} {n}" for f, n in tables if n == table_name(plan)]
+        families = ", ".join(f"IPv{f}" for f in plan.families)
+        lines = []
+        if own not in ours:
+            lines.append(f"nftables table {own} ({families}): not installed")
+        for table in ours:
+            lines += self._table_status(plan, table, own)
+        others = sorted(
+            f"{f} {n}" for f, n in tables if n.startswith("clamsmtp-") and n != table_name(plan)
+        )
+        if others:
+            lines.append(
+                f"  other clamsmtp-netsetup tables here: {', '.join(others)} (other --proxy-port)"
+            )
+        return lines
+
+    def _table_status(self, plan: RedirectPlan, table: str, own: str) -> list[str]:
+        result = self._nft("list", "table", *table.split())
+        if result.returncode != 0:
+            return [f"nftables table {table}: cannot list it: {result.stderr.strip()}"]
+        listed = parse_listing(result.stdout)
+        problems = []
+        if table != own:
+            problems.append(f"{table} is installed but the plan asks for table {own}")
+        else:
+            family = None if table_family(plan) == "inet" else plan.families[0]
+            expected = {
+                hook_name(hook): [listed_statement(r) for r in rules]
+                for hook, _chain, rules in chain_layout(plan, family)
+            }
+            for chain, statements in expected.items():
+                if chain not in listed.chains:
+                    problems.append(f"chain {chain} is in the plan but not installed")
+                elif f"type nat hook {chain} " not in listed.chains[chain] + " ":
+                    problems.append(f"chain {chain} is not a nat {chain} hook")
+                elif [s for c, s, _p, _b in listed.rules if c == chain] != statements:
+                    problems.append(f"chain {chain} differs from the plan")
+            problems += [
+                f"chain {c} is installed but not in the plan"
+                for c in listed.chains
+                if c not in expected
+            ]
+        state = "installed" if not problems else "installed, NOT as planned"
+        lines = [f"nftables table {table} (nft list table {table}): {state}"]
+        lines += [f"  ! {p}" for p in problems]
+        if problems:
+            lines.append("  (compared with the plan these options describe; enable converges)")
+        lines.append(f"  {'pkts':>10} {'bytes':>12}  rule")
+        for chain, hook in listed.chains.items():
+            lines.append(f"  {'':>10} {'':>12}  chain {chain}: {hook}")
+            lines += [f"  {p:>10} {b:>12}    {s}" for c, s, p, b in listed.rules if c == chain]
+        return lines
 
 
 Backend = NftBackend

@@ -40,8 +40,12 @@ CLIENT_V6, GATEWAY_IN_V6 = "2001:db8:1::10", "2001:db8:1::1"
 GATEWAY_OUT_V6, SERVER_V6 = "2001:db8:2::1", "2001:db8:2::25"
 
 
-def unavailable_reason() -> str | None:
-    """Why namespace tests cannot run here, or None when they can."""
+def unavailable_reason(*commands: tuple[str, str]) -> str | None:
+    """Why namespace tests cannot run here, or None when they can; `commands` are further
+    (command, what provides it) pairs the tests need."""
+    for command, provider in commands:
+        if os.geteuid() == 0 and shutil.which(command) is None:
+            return f"needs {command} ({provider})"
     if os.geteuid() != 0:
         return "needs root (network namespaces and netfilter changes)"
     if shutil.which("ip") is None:

@@ -33,7 +33,6 @@ from netsetup.discovery import HostFacts, Interface, NftTable
 from netsetup.errors import (
     ExitCode,
     KernelSupportError,
-    NftablesHost,
     OperationFailed,
     UsageError,
 )
@@ -464,19 +463,102 @@ def test_nft_script_is_the_same_layout():
     assert "table ip clamsmtp-10026 {" in render_script(ipv4_only)
 
 
-def test_nft_backend_refuses_with_script(monkeypatch):
-    import netsetup.backends.nft as module
+class FakeNft:
+    """Stands in for the nft command: a table list, listings, and the scripts it was given."""
 
-    with pytest.raises(NftablesHost) as caught:
+    def __init__(self, tables=(), listing="", fail=False):
+        self.tables, self.listing, self.fail = list(tables), listing, fail
+        self.scripts: list[str] = []
+
+    def __call__(self, *args, script=None):  # set on the class: called without self
+        import json
+        import subprocess
+
+        if args[:1] == ("-f",):
+            self.scripts.append(script)
+            failed = self.fail or "clamsmtp-injected-failure" in script  # as the kernel does
+            return subprocess.CompletedProcess(args, int(failed), "", "Error: boom")
+        if args == ("-j", "list", "tables"):
+            items = [{"table": {"family": f, "name": n}} for f, n in self.tables]
+            return subprocess.CompletedProcess(args, 0, json.dumps({"nftables": items}), "")
+        return subprocess.CompletedProcess(args, 0, self.listing, "")
+
+
+def test_nft_backend_applies_one_transaction(monkeypatch):
+    fake = FakeNft(tables=[("inet", "fw"), ("ip6", "clamsmtp-10025"), ("ip", "clamsmtp-10026")])
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    shown = []
+    NftBackend(log=shown.append).enable(PLAN)
+    assert fake.scripts == [render_script(PLAN, ("ip6 clamsmtp-10025",))]
+    assert "table ip6 clamsmtp-10025\ndelete table ip6 clamsmtp-10025\n" in fake.scripts[0]
+    assert "clamsmtp-10026" not in fake.scripts[0] and "fw" not in fake.scripts[0]
+    fake.tables.append(("inet", "clamsmtp-10025"))
+    backend = NftBackend(log=shown.append)
+    backend.disable(dataclasses.replace(PLAN, families=(4,)))  # ip6 is not asked for
+    assert fake.scripts[-1] == "add table inet clamsmtp-10025\ndelete table inet clamsmtp-10025\n"
+    assert "  nft delete table inet clamsmtp-10025" in shown
+    assert any("removing it removes both" in line for line in shown)
+    fake.tables = [("inet", "fw")]
+    backend = NftBackend(log=quiet)
+    backend.disable(PLAN)
+    assert backend.changes == 0 and len(fake.scripts) == 2  # nothing of ours: no transaction
+
+
+def test_nft_backend_dry_run_and_failure(monkeypatch):
+    fake = FakeNft()
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    shown = []
+    NftBackend(dry_run=True, log=shown.append).enable(PLAN)
+    assert "\n".join(shown) + "\n" == render_script(PLAN)
+    assert fake.scripts == []
+    fake.fail = True
+    with pytest.raises(OperationFailed, match="Error: boom; the transaction was aborted") as e:
         NftBackend(log=quiet).enable(PLAN)
-    assert caught.value.exit_code == ExitCode.NFTABLES_HOST
-    assert caught.value.script == render_script(PLAN)
-    monkeypatch.setattr(module, "nft_tables", lambda: NFT_HOST)
-    NftBackend(log=quiet).disable(PLAN)  # not installed: nothing to refuse
-    monkeypatch.setattr(module, "nft_tables", lambda: (NftTable("inet", "clamsmtp-10025", 1, 3),))
-    with pytest.raises(NftablesHost) as caught:
-        NftBackend(log=quiet).disable(PLAN)
-    assert caught.value.script == "nft delete table inet clamsmtp-10025\n"
+    assert str(e.value.op) == "nft -f - (replace table inet clamsmtp-10025, one transaction)"
+    monkeypatch.setenv("NETSETUP_FAIL_AFTER", "0")
+    fake.fail = False
+    with pytest.raises(OperationFailed, match="injected failure"):
+        NftBackend(log=quiet).enable(PLAN)
+    assert fake.scripts[-1].endswith("delete table ip clamsmtp-injected-failure\n")
+
+
+def test_nft_missing_command_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(NftBackend, "nft_path", classmethod(lambda cls: None))
+    assert not NftBackend.is_supported()
+    with pytest.raises(KernelSupportError, match="nft command is missing.*nftables") as e:
+        NftBackend(log=quiet).check(PLAN)
+    assert e.value.exit_code == ExitCode.NO_KERNEL_SUPPORT
+    shown = []
+    NftBackend(dry_run=True, log=shown.append).enable(PLAN)  # a dry run still shows the script
+    assert "#!/usr/sbin/nft -f" in shown
+
+
+LISTED = """table inet clamsmtp-10025 {
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip saddr 192.0.2.25 counter packets 3 bytes 180 return
+\t\tfib daddr type local counter packets 0 bytes 0 return
+\t\tiifname "lan0" tcp dport 25 counter packets 7 bytes 420 redirect to :10025
+\t}
+}
+"""
+
+
+def test_nft_status_parses_counters_and_compares_with_the_plan(monkeypatch):
+    fake = FakeNft(tables=[("inet", "clamsmtp-10025"), ("ip", "clamsmtp-10026")], listing=LISTED)
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    plan = dataclasses.replace(PLAN, exempt_sources=(net("192.0.2.25/32"),))
+    lines = NftBackend(log=quiet).status(plan)
+    assert lines[0].endswith(": installed")
+    redirect = 'iifname "lan0" tcp dport 25 counter redirect to :10025'
+    assert f"           7          420    {redirect}" in lines
+    assert lines[-1].endswith("ip clamsmtp-10026 (other --proxy-port)")
+    lines = NftBackend(log=quiet).status(PLAN)  # without the exemption: drift
+    assert lines[0].endswith(": installed, NOT as planned")
+    assert "  ! chain prerouting differs from the plan" in lines
+    lines = NftBackend(log=quiet).status(dataclasses.replace(PLAN, families=(4,)))
+    assert "nftables table ip clamsmtp-10025 (IPv4): not installed" in lines
+    assert any("plan asks for table ip clamsmtp-10025" in line for line in lines)
 
 
 # -- choosing the backend ---------------------------------------------------------------------
@@ -629,13 +711,22 @@ def test_cli_no_interface_to_intercept(host, monkeypatch, capsys):
     assert "no interface to intercept" in capsys.readouterr().err
 
 
-def test_cli_nftables_host_exit_6_prints_nft_script(host, monkeypatch, capsys):
+def test_cli_nftables_host_dry_run_prints_nft_script(host, monkeypatch, capsys):
     monkeypatch.setattr(discovery, "nft_tables", lambda: NFT_HOST)
-    assert cli.main(["enable", "-f", host.config, "-i", "lan0"]) == ExitCode.NFTABLES_HOST
+    fake = FakeNft(tables=[("ip", "filter"), ("inet", "fw")])
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    assert cli.main(["enable", "--dry-run", "-f", host.config, "-i", "lan0"]) == ExitCode.OK
     out, err = capsys.readouterr()
     assert "backend:     nft" in out
     assert "table inet clamsmtp-10030 {" in out
-    assert "--backend iptables" in err
+    assert fake.scripts == []
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0"]) == ExitCode.OK
+    assert len(fake.scripts) == 1
+    fake.fail = True
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0"]) == ExitCode.FAILED
+    out, err = capsys.readouterr()
+    assert "nothing changed" in err and "rolling back" not in out
+    assert len(fake.scripts) == 2  # no rollback transaction after an aborted one
     assert host.snapshot() == FakeNat().snapshot()
 
 
