@@ -422,9 +422,11 @@ class RelaySession(MessageFlow, SMTP):
         await self._push_reply(reply)
 
     async def smtp_QUIT(self, line: bytes, verb: bytes) -> None:
-        reply = await self.session.upstream.command(line)
+        upstream = self.session.upstream
+        reply = await upstream.command(line)
         await self._push_reply(reply)
-        self.close()
+        if reply.code == 221 or reply.code == 421 or upstream.at_eof:
+            self.close()  # (after a refused QUIT, e.g. 501 to "QUIT now", the session goes on)
 
     async def smtp_STARTTLS(self, line: bytes, verb: bytes) -> None:
         await self.push(REPLY_NOT_IMPLEMENTED)

@@ -306,6 +306,14 @@ def test_unknown_verbs_are_relayed(appliance, next_hop):
     assert replies[2].startswith("500") and "FROBNICATE" in replies[2]  # aiosmtpd's own answer
 
 
+def test_a_refused_quit_does_not_end_the_session(appliance, next_hop):
+    """The next hop answers "QUIT now" with 501 and carries on: so does the proxy."""
+    replies = send_raw(appliance.host, appliance.port,
+                       ["EHLO client.test", "QUIT now", "NOOP", "QUIT"])
+    assert replies[2].startswith("501"), replies
+    assert replies[3].startswith("250") and replies[4].startswith("221"), replies
+
+
 def test_line_over_the_limit(appliance, next_hop):
     # The original's limit: 4222 bytes with the CRLF are refused, 4221 are relayed.
     replies = send_raw(appliance.host, appliance.port, [
