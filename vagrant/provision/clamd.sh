@@ -11,7 +11,6 @@
 #
 # Environment: CLAMD_WORKDIR (= --workdir, default /var/lib/clamsmtp-lab/clamd), and see lib.sh.
 set -euo pipefail
-PROG="clamd.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=up
@@ -20,24 +19,14 @@ while [ $# -gt 0 ]; do
     case "$1" in
         up|down) ACTION="$1" ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown argument '$1' (see --help)" ;;
+        *) other_arg "$1" ;;
     esac
     shift
 done
 
-need_root
-PIDFILE="$WORKDIR/clamdrun.pid"
-
-if [ "$ACTION" = down ]; then
-    stop_pidfile "$PIDFILE" clamd
-    exit 0
-fi
-
+stop_if_down clamdrun.pid clamd
 need clamd clamav-daemon
-mkdir -p "$WORKDIR"
-WORKDIR="$(cd "$WORKDIR" && pwd)"
-PIDFILE="$WORKDIR/clamdrun.pid"
+use_workdir clamdrun.pid
 if [ -n "$(pid_of "$PIDFILE")" ]; then
     say "clamd already running (pid $(pid_of "$PIDFILE")), socket $WORKDIR/clamd.sock"
     exit 0

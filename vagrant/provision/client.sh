@@ -11,7 +11,6 @@
 #
 # Environment: CLIENT_VIA, CLIENT_VIA6, CLIENT_NETS, CLIENT_NETS6 (space-separated) for `up`.
 set -euo pipefail
-PROG="client.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=up
@@ -38,25 +37,26 @@ while [ $# -gt 0 ]; do
         --subject) SUBJECT="${2?--subject needs a text}"; shift ;;
         --from) FROM="${2:?--from needs an address}"; shift ;;
         --to) TO="${2:?--to needs an address}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown argument '$1' (see --help)" ;;
+        *) other_arg "$1" ;;
     esac
     shift
 done
 
+add_routes() {  # add_routes 4|6 GATEWAY NET...: `ip route replace NET via GATEWAY` for each
+    local family="$1" via="$2" six="" net
+    shift 2
+    [ "$family" = 4 ] || six=6
+    for net in "$@"; do
+        [ -n "$via" ] || die "--net$six $net needs --via$six"
+        need_root
+        ip -"$family" route replace "$net" via "$via"
+        say "route $net via $via"
+    done
+}
+
 if [ "$ACTION" = up ]; then
-    for net in "${NETS[@]}"; do
-        [ -n "$VIA" ] || die "--net $net needs --via"
-        need_root
-        ip -4 route replace "$net" via "$VIA"
-        say "route $net via $VIA"
-    done
-    for net in "${NETS6[@]}"; do
-        [ -n "$VIA6" ] || die "--net6 $net needs --via6"
-        need_root
-        ip -6 route replace "$net" via "$VIA6"
-        say "route $net via $VIA6"
-    done
+    add_routes 4 "$VIA" "${NETS[@]}"
+    add_routes 6 "$VIA6" "${NETS6[@]}"
     [ "${#NETS[@]}" -gt 0 ] || [ "${#NETS6[@]}" -gt 0 ] || say "no routes to add"
     exit 0
 fi

@@ -33,7 +33,6 @@
 #                         the daemon must run as that user, --user clamsmtp, or it would
 #                         redirect its own connections back to itself: refused)
 set -euo pipefail
-PROG="gateway.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=up
@@ -57,8 +56,7 @@ while [ $# -gt 0 ]; do
         --max-connections) MAX_CONNECTIONS="${2:?--max-connections needs a number}"; shift ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
         --) shift; NETSETUP_EXTRA=("$@"); break ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown argument '$1' (see --help)" ;;
+        *) other_arg "$1" ;;
     esac
     shift
 done

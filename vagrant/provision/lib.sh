@@ -6,6 +6,9 @@
 # with setsid, stdin from /dev/null and output to a log file in the work directory, so the
 # script that started them can exit (and a caller capturing its output is not kept waiting).
 #
+# A script sources it first thing, after `set -euo pipefail`; its messages are prefixed with
+# its file name (PROG).
+#
 # Environment read here:
 #   CLAMSMTP_REPO  the project checkout (default: two levels above this file)
 #   CLAMSMTP_BIN   directory with python, clamsmtpd and clamsmtp-netsetup
@@ -18,10 +21,18 @@ if [ -z "${CLAMSMTP_BIN:-}" ] && [ -x "$CLAMSMTP_REPO/.venv/bin/python" ]; then
 fi
 CLAMSMTP_BIN="${CLAMSMTP_BIN:-}"
 START_TIMEOUT="${START_TIMEOUT:-60}"
+PROG="${BASH_SOURCE[1]##*/}"
 
 say() { echo "$PROG: $*"; }
 usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
+
+other_arg() {  # other_arg ARG: an argument the script's own options do not take
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+}
 
 tool() {  # tool NAME: the project's command NAME (python, clamsmtpd, clamsmtp-netsetup)
     if [ -n "$CLAMSMTP_BIN" ] && [ -x "$CLAMSMTP_BIN/$1" ]; then
@@ -112,4 +123,21 @@ start_background() {  # start_background LOGFILE PIDFILE NAME COMMAND...: start,
         sleep 0.1
     done
     say "$name running (pid $(pid_of "$pidfile"), log $log)"
+}
+
+# For a script that keeps one program running from its WORKDIR, with the pid file
+# WORKDIR/PIDNAME: stop_if_down, then (for `up`) use_workdir.
+stop_if_down() {  # stop_if_down PIDNAME NAME: needs root; `down` stops NAME and exits 0
+    need_root
+    PIDFILE="$WORKDIR/$1"
+    if [ "$ACTION" = down ]; then
+        stop_pidfile "$PIDFILE" "$2"
+        exit 0
+    fi
+}
+
+use_workdir() {  # use_workdir PIDNAME [SUBDIR]: creates WORKDIR[/SUBDIR]; WORKDIR absolute, PIDFILE
+    mkdir -p "$WORKDIR/${2:-}"
+    WORKDIR="$(cd "$WORKDIR" && pwd)"
+    PIDFILE="$WORKDIR/$1"
 }

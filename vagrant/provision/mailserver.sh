@@ -13,7 +13,6 @@
 # Environment: SINK_LISTEN (= --listen), SINK_WORKDIR (= --workdir, default
 # /var/lib/clamsmtp-lab/mailserver), and see lib.sh.
 set -euo pipefail
-PROG="mailserver.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ACTION=up
@@ -24,23 +23,13 @@ while [ $# -gt 0 ]; do
         up|down) ACTION="$1" ;;
         --listen) LISTEN="${2:?--listen needs an address}"; shift ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown argument '$1' (see --help)" ;;
+        *) other_arg "$1" ;;
     esac
     shift
 done
 
-need_root
-PIDFILE="$WORKDIR/sink.pid"
-
-if [ "$ACTION" = down ]; then
-    stop_pidfile "$PIDFILE" "mail server"
-    exit 0
-fi
-
-mkdir -p "$WORKDIR/received"
-WORKDIR="$(cd "$WORKDIR" && pwd)"
-PIDFILE="$WORKDIR/sink.pid"
+stop_if_down sink.pid "mail server"
+use_workdir sink.pid received
 if [ -n "$(pid_of "$PIDFILE")" ]; then
     if [ "$(cat "$WORKDIR/sink.listen" 2>/dev/null)" = "$LISTEN" ]; then
         say "mail server already running on $LISTEN (pid $(pid_of "$PIDFILE"))"
