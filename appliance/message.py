@@ -33,6 +33,11 @@ class ClientGone(Exception):
     """The client closed, or did not speak within TimeOut."""
 
 
+class NextHopLostInMessage(UpstreamError):
+    """The next hop failed while a message was on its way: the answer to that message is the
+    original's 451 (the client retries it), where between commands it is a 421."""
+
+
 class MessageFlow:
     """smtp_DATA and what it needs; mixed into the relay's session class."""
 
@@ -68,6 +73,8 @@ class MessageFlow:
                 await self._forward(spool, verdict.extra_header)
             else:
                 await self._abandon(verdict.reply)
+        except UpstreamError as e:
+            raise NextHopLostInMessage(str(e)) from None
         finally:
             self.session.in_data = False
             if spool is not None:

@@ -26,7 +26,7 @@ from .addresses import Address, plain_ip
 from .config import Config
 from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
 from .maillog import ConnectionLog, next_connection_id
-from .message import REPLY_TIMEOUT, ClientGone, MessageFlow
+from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
 from .scanner import Scanner
 from .upstream import OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import REPLY_LOCAL_ERROR
@@ -41,6 +41,7 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+REPLY_NEXT_HOP_LOST = "421 4.4.2 Local Error, connection to next hop lost; try again later"
 REPLY_BARE_CR = "500 5.5.2 Error: bare CR in command line"
 REPLY_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
@@ -210,7 +211,10 @@ class RelaySession(MessageFlow, SMTP):
         except UpstreamError as e:
             log.error("%s", e)
             metrics.NEXT_HOP_ERRORS.labels("session").inc()
-            await self._say_and_close(REPLY_LOCAL_ERROR)
+            # The session cannot go on without the next hop: RFC 5321's 421 says so, except as
+            # the answer to a message, where it is the original's 451.
+            in_message = isinstance(e, NextHopLostInMessage)
+            await self._say_and_close(REPLY_LOCAL_ERROR if in_message else REPLY_NEXT_HOP_LOST)
         except asyncio.CancelledError:
             raise
         except Exception:

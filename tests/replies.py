@@ -16,6 +16,8 @@ INSUFFICIENT_AUTHORIZATION = "554 Insufficient authorization"
 BUSY = "421 Server busy, too many connections"
 # Ours: the original closed silently here.
 NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
+#: the next hop failed between commands: the session cannot go on (in a message: LOCAL_ERROR)
+NEXT_HOP_LOST = "421 4.4.2 Local Error, connection to next hop lost; try again later"
 TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 
