@@ -1,7 +1,8 @@
 """clamsmtp-netsetup enable | disable | status: transparent port-25 redirection to clamsmtpd.
 
-Exit codes (netsetup.errors.ExitCode): 0 ok, 1 a change failed (our objects rolled back),
-2 usage or config error, 3 not root, 4 missing kernel support, 5 interface not found,
+Exit codes (netsetup.errors.ExitCode): 0 ok, 1 a change failed (iptables: our objects rolled
+back; nft: one transaction, never rolled back), 2 usage or config error (also: our rules exist
+with the other backend), 3 not root, 4 missing kernel support, 5 interface not found,
 6 is no longer used (it was: nftables host, the nft backend could not write rules).
 """
 
@@ -26,7 +27,7 @@ from netsetup.errors import (
     OperationFailed,
     UsageError,
 )
-from netsetup.plan import DEFAULT_PORTS, DEFAULT_USER, RedirectPlan
+from netsetup.plan import DEFAULT_PORTS, DEFAULT_USER, RedirectPlan, check_interface_name
 
 PROG = "clamsmtp-netsetup"
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Redirect intercepted SMTP (TCP port 25) to the local clamsmtpd.",
-        epilog="exit codes: 0 ok, 1 change failed (rolled back), 2 usage/config, 3 not root, "
+        epilog="exit codes: 0 ok, 1 change failed (iptables: rolled back; nft: one transaction, "
+        "never rolled back), 2 usage/config (also: ours exist with the other backend), 3 not root, "
         "4 missing kernel support (or the nft command), 5 interface not found",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -154,9 +156,27 @@ def _families(args: argparse.Namespace, facts: discovery.HostFacts) -> tuple[tup
     return ((4, 6) if facts.ipv6 else (4,)), True
 
 
+def _safe_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Discovered names that pass the interface-name rule; the others are skipped, loudly."""
+    safe = []
+    for name in names:
+        try:
+            check_interface_name(name)
+        except ValueError as error:
+            _warn(f"skipping discovered interface: {error}")
+            continue
+        safe.append(name)
+    return tuple(safe)
+
+
 def _interfaces(args: argparse.Namespace, facts: discovery.HostFacts) -> tuple[str, ...]:
+    for name in args.interface:  # before anything looks them up: a bad name is a usage error
+        try:
+            check_interface_name(name)
+        except ValueError as error:
+            raise UsageError(f"--interface: {error}") from None
     if not args.interface:
-        found = facts.default_interfaces()
+        found = _safe_names(facts.default_interfaces())
         if not found and args.command == "enable":
             raise InterfaceNotFound(
                 "no interface to intercept on: every interface is loopback or carries a "
@@ -291,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args, choice, plan, listen, facts, defaulted)
     finally:
-        choice.backend.close()
+        for backend in (choice.backend, *choice.also):
+            backend.close()
 
 
 def _dispatch(
@@ -305,6 +326,14 @@ def _dispatch(
     backend = choice.backend
     _out(f"backend:     {backend.name} ({backend.description}), {choice.reason}")
     _out(f"host rules:  {choice.host}")
+    if args.command == "enable" and choice.also:
+        other = choice.also[0]
+        raise UsageError(
+            f"our rules for proxy port {plan.proxy_port} are also installed with the "
+            f"{other.name} backend ({other.description}); two mechanisms would redirect the "
+            f"same mail: run `{PROG} disable --backend {other.name}` (with the same "
+            "--proxy-port) first"
+        )
     if args.command != "disable":
         for warning in choice.warnings:
             _warn(warning)
@@ -323,6 +352,14 @@ def _dispatch(
             _out(line)
         for line in backend.status(plan):
             _out(line)
+        for other in choice.also:
+            _warn(
+                f"our rules are also installed with the {other.name} backend: only one may "
+                f"redirect; remove them with `{PROG} disable --backend {other.name}`"
+            )
+            _out(f"also installed with backend {other.name} ({other.description}):")
+            for line in other.status(plan):
+                _out(line)
         return ExitCode.OK
     if args.command == "enable":
         for line in _describe(plan, listen, facts, discovered=not args.interface):
@@ -330,9 +367,21 @@ def _dispatch(
     if args.dry_run:
         _out(f"dry run: nothing is changed; {args.command} would run:")
     if args.command == "disable":
-        backend.disable(plan)
+        others = choice.also if args.backend == "auto" else ()
+        try:
+            backend.disable(plan)
+        finally:  # a failure in one mechanism does not skip the other
+            for other in others:  # auto removes ours from every mechanism that holds them
+                _out(f"also removing ours from backend {other.name}:")
+                other.disable(plan)
+        for other in choice.also:
+            if other not in others:
+                _warn(
+                    f"our rules are also installed with the {other.name} backend; remove "
+                    f"them with `{PROG} disable --backend {other.name}` (or plain `disable`)"
+                )
         families = ", ".join(f"IPv{f}" for f in plan.families)
-        if not backend.changes:
+        if not backend.changes and not any(o.changes for o in others):
             _out(
                 f"nothing to remove: no rules of ours for proxy port {plan.proxy_port} ({families})"
             )
@@ -347,8 +396,16 @@ def _dispatch(
             _rollback(backend, plan)
             raise OperationFailed(error.op, f"{error.reason} (rolled back)") from error
         raise  # one transaction, aborted by the kernel: nothing changed, nothing to undo
-    except BaseException:
-        _rollback(backend, plan)
+    except BaseException as error:
+        if not backend.atomic:
+            _rollback(backend, plan)
+        elif isinstance(error, KeyboardInterrupt):
+            # never roll back a transaction: the kernel took it whole or not at all, and a
+            # rollback would delete the earlier (working) installation too
+            _warn(
+                f"interrupted during one {backend.name} transaction, applied whole or not at "
+                "all; nothing is rolled back: state unknown: run status"
+            )
         raise
     _out(
         f"{'would enable' if args.dry_run else 'enabled'}: TCP "
@@ -359,6 +416,7 @@ def _dispatch(
 
 
 def _rollback(backend, plan: RedirectPlan) -> None:
+    """Only for a backend that is not atomic (iptables: our chains, one change at a time)."""
     _out("enable failed; rolling back (removing our own chains):")
     try:
         backend.disable(plan)

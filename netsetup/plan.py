@@ -21,7 +21,17 @@ HOOK_LOCAL = "OUTPUT"  # connections made on the gateway itself (--local)
 DEFAULT_PORTS = (25,)
 DEFAULT_USER = "clamsmtp"
 
-_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+# Letters, digits and _ . @ - only, with an optional trailing "+" (iptables' wildcard; a bare
+# "+" is every interface), 1-15 characters (IFNAMSIZ - 1).  Nothing that could end a quoted
+# string or start a comment in an nft script, or an option in an iptables command.
+_IFNAME = re.compile(r"[A-Za-z0-9_.@-]{0,14}[A-Za-z0-9_.@+-]")
+IFNAME_RULE = "letters, digits, _ . @ - and an optional trailing +, 1 to 15 characters"
+
+
+def check_interface_name(name: str) -> None:
+    """Raise ValueError naming ``name`` unless it is a safe interface name or wildcard."""
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name):
+        raise ValueError(f"invalid interface name {name!r} (allowed: {IFNAME_RULE})")
 
 
 def chain_names(proxy_port: int) -> tuple[str, str]:
@@ -58,8 +68,7 @@ class RedirectPlan:
         if not self.families or set(self.families) - set(FAMILIES):
             raise ValueError(f"families must be a non-empty subset of {FAMILIES}")
         for name in self.interfaces:
-            if not _IFNAME.match(name):
-                raise ValueError(f"invalid interface name {name!r}")
+            check_interface_name(name)
         if len(set(self.interfaces)) != len(self.interfaces):
             raise ValueError(f"interface given twice: {self.interfaces}")
         for net in (*self.exempt_sources, *self.exempt_destinations):

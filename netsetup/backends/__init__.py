@@ -20,6 +20,19 @@ from netsetup.plan import RedirectPlan
 
 NAMES = ("iptables", "nft")
 AUTO_ORDER = ("iptables", "nft")
+NFT_FAMILIES = ("ip", "ip6", "inet")  # the nftables families our tables can have
+NFT_PREFIX = "clamsmtp-"
+
+
+def is_our_table(table: NftTable, proxy_port: int | None = None) -> bool:
+    """An ip/ip6/inet ``clamsmtp-<port>`` table (any port when ``proxy_port`` is None).
+
+    A table of another family with such a name (``netdev clamsmtp-10025``) is not ours."""
+    if table.family not in NFT_FAMILIES:
+        return False
+    if proxy_port is None:
+        return table.name.startswith(NFT_PREFIX)
+    return table.name == f"{NFT_PREFIX}{proxy_port}"
 
 
 def _print(line: str) -> None:
@@ -81,6 +94,7 @@ class Choice:
     reason: str  # why this backend
     host: str  # where the host's own rules are
     warnings: tuple[str, ...] = ()
+    also: tuple[Backend, ...] = ()  # other backends that hold this plan's objects too
 
 
 def describe_host(legacy: dict[str, int], nft: tuple[NftTable, ...] | None) -> str:
@@ -88,7 +102,10 @@ def describe_host(legacy: dict[str, int], nft: tuple[NftTable, ...] | None) -> s
     if nft is None:
         nft_text = "unknown (cannot read nftables)"
     else:
-        nft_text = ", ".join(f"{t} ({t.rules} rules)" for t in nft if t.chains) or "none"
+        nft_text = (
+            ", ".join(f"{t} ({t.rules} rules)" for t in nft if t.chains and not is_our_table(t))
+            or "none"
+        )
     return f"legacy xtables: {legacy_text}; nftables: {nft_text}"
 
 
@@ -103,22 +120,29 @@ def choose(
     """The backend to use, and why.
 
     ``auto``: the mechanism that already holds this plan's own objects; otherwise nft when the
-    host's rules live only in nftables (iptables-nft or native nft); otherwise iptables
-    (legacy xtables, through python-iptables).  An explicit name is used as asked, with a
-    warning when it mixes mechanisms.
+    host's rules live only in nftables (iptables-nft or native nft) and the nft command is
+    there; otherwise iptables (legacy xtables, through python-iptables).  An explicit name is
+    used as asked, with a warning when it mixes mechanisms.  ``Choice.also`` lists the other
+    backend when it holds this plan's objects too (``enable`` refuses, ``disable`` cleans it).
     """
     iptables = get_backend("iptables")(dry_run=dry_run, log=log)
-    legacy = iptables.host_rules() if iptables.is_supported() else {}
-    nft_tables = tuple(t for t in nft or () if t.chains and not t.name.startswith("clamsmtp-"))
+    iptables_ok = iptables.is_supported()
+    nft_ok = get_backend("nft").is_supported()
+    legacy = iptables.host_rules() if iptables_ok else {}
+    nft_tables = tuple(t for t in nft or () if t.chains and not is_our_table(t))
     host = describe_host(legacy, nft)
     nft_host = bool(nft_tables) and not any(legacy.values())
+    owned = {
+        "iptables": iptables_ok and iptables.owns_objects(plan),
+        "nft": any(is_our_table(t, plan.proxy_port) for t in nft or ()),
+    }
     warnings: list[str] = []
     if name == "auto":
-        if iptables.is_supported() and iptables.owns_objects(plan):
+        if owned["iptables"]:
             chosen, why = "iptables", "our chains already exist in legacy xtables"
-        elif any(t.name == f"clamsmtp-{plan.proxy_port}" for t in nft or ()):
+        elif owned["nft"] and nft_ok:
             chosen, why = "nft", "our table already exists in nftables"
-        elif nft_host:
+        elif nft_host and nft_ok:
             chosen, why = "nft", "the host's rules are in nftables"
         else:
             chosen = next((n for n in AUTO_ORDER if get_backend(n).is_supported()), None)
@@ -128,14 +152,27 @@ def choose(
                     + ", ".join(f"{n} ({get_backend(n).description})" for n in AUTO_ORDER)
                 )
             why = "no rules in nftables" if not nft_tables else "the host uses legacy xtables"
+            if owned["nft"] or nft_host:  # nft would have been chosen
+                why = "the nft command is missing"
+                warnings.append(
+                    ("our table is" if owned["nft"] else "the host's rules are")
+                    + " in nftables, but the nft command is missing (apt-get install "
+                    f"nftables): using {chosen} instead"
+                )
         reason = f"chosen by auto: {why}"
     else:
         chosen, reason = name, f"chosen by --backend {name}"
+    also: list[Backend] = []
     if chosen == "iptables":
         backend = iptables
     else:
-        iptables.close()
         backend = get_backend(chosen)(dry_run=dry_run, log=log)
+        if owned["iptables"]:
+            also.append(iptables)
+        else:
+            iptables.close()
+    if chosen != "nft" and owned["nft"]:
+        also.append(get_backend("nft")(dry_run=dry_run, log=log))
     if chosen == "iptables" and nft_tables:
         warnings.append(
             "the host's rules are in nftables ("
@@ -146,4 +183,4 @@ def choose(
         )
     if chosen == "nft" and any(legacy.values()):
         warnings.append(f"the host also has legacy xtables rules: {host}")
-    return Choice(backend, reason, host, tuple(warnings))
+    return Choice(backend, reason, host, tuple(warnings), tuple(also))

@@ -57,7 +57,7 @@ def rule_args(rule: Rule) -> str:
         args += ["-s", str(rule.source)]
     if rule.destination is not None:
         args += ["-d", str(rule.destination)]
-    if rule.in_interface:
+    if rule.in_interface and rule.in_interface != "+":  # "-i +" is any: -save leaves it out
         args += ["-i", rule.in_interface]
     if rule.protocol:
         args += ["-p", rule.protocol]

@@ -34,6 +34,15 @@ DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each tra
 INJECTED_FAILURE = "delete table ip clamsmtp-injected-failure"
 FAMILY_NAMES = {4: "ip", 6: "ip6"}
 _COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
+# a base chain as enable declares it, as `nft list` prints it back (-100 is "dstnat" there
+# for prerouting, and stays -100 for output)
+_PLANNED_BASE = re.compile(
+    rf"type nat hook (prerouting|output) priority (dstnat|{NAT_PRIORITY}); policy accept;"
+)
+
+
+class NftTimeout(NetsetupError):
+    """The nft command did not finish in TIMEOUT seconds and was killed."""
 
 
 def table_family(plan: RedirectPlan) -> str:
@@ -55,7 +64,7 @@ def rule_statement(rule: Rule) -> str:
     for key, net in (("saddr", rule.source), ("daddr", rule.destination)):
         if net is not None:
             words.append(f"{'ip' if net.version == 4 else 'ip6'} {key} {net}")
-    if rule.in_interface:
+    if rule.in_interface and rule.in_interface != "+":  # a bare "+" is every interface
         name = rule.in_interface
         name = name[:-1] + "*" if name.endswith("+") else name  # iptables' wildcard
         words.append(f'iifname "{name}"')
@@ -142,6 +151,7 @@ class ListedTable:
     name: str
     chains: dict[str, str]  # chain -> its "type ... hook ..." line
     rules: list[tuple[str, str, int, int]]  # (chain, statement without counts, pkts, bytes)
+    flags: tuple[str, ...] = ()  # table flags ("dormant": its chains see no packets)
 
 
 def parse_listing(text: str) -> ListedTable:
@@ -150,6 +160,7 @@ def parse_listing(text: str) -> ListedTable:
     chains: dict[str, str] = {}
     rules: list[tuple[str, str, int, int]] = []
     chain = None
+    flags: tuple[str, ...] = ()
     for raw in text.splitlines():
         line = raw.strip()
         if not line:
@@ -163,11 +174,13 @@ def parse_listing(text: str) -> ListedTable:
             chain = None
         elif chain is not None and line.startswith("type "):
             chains[chain] = line
+        elif chain is None and line.startswith("flags "):
+            flags += tuple(f.strip() for f in line[len("flags ") :].split(","))
         elif chain is not None:
             found = _COUNTER.search(line)
             pkts, nbytes = (int(found[1]), int(found[2])) if found else (0, 0)
             rules.append((chain, _COUNTER.sub("counter", line), pkts, nbytes))
-    return ListedTable(family, name, chains, rules)
+    return ListedTable(family, name, chains, rules, flags)
 
 
 class NftBackend(backends.Backend):
@@ -212,7 +225,7 @@ class NftBackend(backends.Backend):
             )
         except subprocess.TimeoutExpired:
             command = " ".join(["nft", *args])
-            raise NetsetupError(f"`{command}` did not finish in {TIMEOUT:.0f}s") from None
+            raise NftTimeout(f"`{command}` did not finish in {TIMEOUT:.0f}s") from None
 
     def _apply(self, tx: Transaction) -> None:
         """Log ``tx``, then (unless dry run) run it, or raise OperationFailed naming it."""
@@ -225,7 +238,15 @@ class NftBackend(backends.Backend):
         if self._fail_after is not None and self._made >= self._fail_after:
             self._fail_after = None
             script, injected = script + INJECTED_FAILURE + "\n", True
-        result = self._nft("-f", "-", script=script)
+        try:
+            result = self._nft("-f", "-", script=script)
+        except NftTimeout as error:
+            # killed before or after the kernel committed: never roll back (cli), just say so
+            raise NetsetupError(
+                f"{tx}: {error} and was killed; the kernel applies a transaction whole or not "
+                "at all, so the ruleset is either as before or as planned: state unknown: "
+                "run status"
+            ) from None
         if result.returncode != 0:
             reason = " ".join(result.stderr.split()) or f"nft exited {result.returncode}"
             if injected:
@@ -236,12 +257,19 @@ class NftBackend(backends.Backend):
             time.sleep(self._delay)
 
     def _tables(self) -> list[tuple[str, str]]:
-        """(family, name) of every nftables table."""
+        """(family, name) of every ip, ip6 and inet table (the families ours can have)."""
         result = self._nft("-j", "list", "tables")
         if result.returncode != 0:
             raise NetsetupError(f"cannot list the nftables tables: {result.stderr.strip()}")
-        items = json.loads(result.stdout or "{}").get("nftables", [])
-        return [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
+        try:
+            items = json.loads(result.stdout or "{}").get("nftables", [])
+            tables = [(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i]
+        except (ValueError, AttributeError, KeyError, TypeError) as error:
+            raise NetsetupError(
+                f"cannot read `nft -j list tables` (unexpected output: {error})"
+            ) from None
+        # only ip/ip6/inet tables can be ours: a "netdev clamsmtp-10025" is someone else's
+        return [(f, n) for f, n in tables if f in backends.NFT_FAMILIES]
 
     def _ours(self, plan: RedirectPlan, *, for_dry_run: bool = False) -> list[str]:
         """Our tables that hold rules of ``plan``'s families, as "family name"."""
@@ -329,6 +357,11 @@ class NftBackend(backends.Backend):
                     problems.append(f"chain {chain} is in the plan but not installed")
                 elif f"type nat hook {chain} " not in listed.chains[chain] + " ":
                     problems.append(f"chain {chain} is not a nat {chain} hook")
+                elif not _PLANNED_BASE.fullmatch(listed.chains[chain]):
+                    problems.append(
+                        f"chain {chain} is `{listed.chains[chain]}`, not priority "
+                        f"{NAT_PRIORITY} (dstnat) with policy accept"
+                    )
                 elif [s for c, s, _p, _b in listed.rules if c == chain] != statements:
                     problems.append(f"chain {chain} differs from the plan")
             problems += [
@@ -336,6 +369,8 @@ class NftBackend(backends.Backend):
                 for c in listed.chains
                 if c not in expected
             ]
+        if "dormant" in listed.flags:
+            problems.append("the table is dormant (flags dormant): its rules see no packets")
         state = "installed" if not problems else "installed, NOT as planned"
         lines = [f"nftables table {table} (nft list table {table}): {state}"]
         lines += [f"  ! {p}" for p in problems]

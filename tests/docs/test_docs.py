@@ -400,6 +400,8 @@ MAPPED: dict[str, str] = {
     r"clamsmtp-netsetup (enable|disable|status) --backend nft( --dry-run)?|nft list ruleset":
         "tests/netsetup/test_nft_netns.py::"
         "test_nft_enable_twice_status_and_disable_restores_the_exact_ruleset",
+    r"clamsmtp-netsetup disable --backend iptables":
+        "tests/netsetup/test_nft_netns.py::test_rules_of_both_backends_refused_shown_and_removed",
     r"nft -f - \(replace table inet clamsmtp-10025, one transaction\)":
         "tests/netsetup/test_nft_netns.py::test_nft_failure_half_way_changes_nothing",
     r"(clamd|mailserver|gateway|client)\.sh .+|clamsmtp-netsetup enable -i IF --proxy-port P":

@@ -289,9 +289,13 @@ def test_units_have_the_documented_settings():
         "RemainAfterExit": "yes",
         "EnvironmentFile": "-/etc/default/clamsmtp-netsetup",
         "ExecStart": f"{SBIN}/clamsmtp-netsetup enable $NETSETUP_ARGS",
+        "ExecReload": f"{SBIN}/clamsmtp-netsetup enable $NETSETUP_ARGS",
         "ExecStop": f"{SBIN}/clamsmtp-netsetup disable $NETSETUP_ARGS",
         "Wants": "network-online.target",
-        "After": "network-online.target clamsmtpd.service",
+        # nftables.service flushes the ruleset on start/reload/restart: re-apply ours after it
+        "After": "network-online.target clamsmtpd.service nftables.service",
+        "PartOf": "nftables.service",
+        "ReloadPropagatedFrom": "nftables.service",
         "WantedBy": "multi-user.target",
     }
     assert {key: netsetup.get(key) for key in expected} == {k: [v] for k, v in expected.items()}

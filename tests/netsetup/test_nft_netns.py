@@ -9,11 +9,16 @@ SO_ORIGINAL_DST in a listener on the gateway, that it was redirected.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 
 import nslab
 import pytest
 from test_netns import FULL, LISTENER, PROXY_PORT, connect, netsetup, ok
+from test_netns import ruleset as legacy_ruleset
+
+from netsetup.backends.nft import render_script
+from netsetup.plan import RedirectPlan
 
 TABLE = f"clamsmtp-{PROXY_PORT}"
 
@@ -216,3 +221,84 @@ def test_nft_local_mail_redirected_except_the_daemons_own(lab, listener):
     seen = f"{nslab.SERVER_V4} 25 {nslab.GATEWAY_OUT_V4}"
     assert connect(lab.gateway, nslab.SERVER_V4) == seen
     assert connect(lab.gateway, nslab.SERVER_V4, uid=65534) == "refused"  # no loop back
+
+
+# -- review fixes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ['x";redirect#+', 'lan0"'])
+def test_nft_unsafe_interface_name_is_a_usage_error_and_changes_nothing(router, name):
+    before = nft_ruleset(router)
+    result = netsetup(router, "enable", "--backend", "nft", "-i", name)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"invalid interface name {name!r}" in result.stderr
+    assert nft_ruleset(router) == before
+
+
+def test_nft_bare_plus_intercepts_on_every_interface(lab, listener):
+    ok(netsetup(lab.gateway, "enable", "--backend", "nft", "--ipv4", "-i", "+"))
+    ours = nslab.run_in(lab.gateway, ["nft", "list", "table", "ip", TABLE], check=True).stdout
+    assert f"\t\ttcp dport 25 counter packets 0 bytes 0 redirect to :{PROXY_PORT}\n" in ours
+    assert "iifname" not in ours
+    status = ok(netsetup(lab.gateway, "status", "--ipv4", "-i", "+")).stdout
+    assert f"nftables table ip {TABLE} (nft list table ip {TABLE}): installed\n" in status
+    proc = listener(4)
+    seen = f"{nslab.SERVER_V4} 25 {nslab.CLIENT_V4}"
+    assert connect(lab.client, nslab.SERVER_V4) == seen
+    assert proc.stdout.readline().strip() == seen
+    ok(netsetup(lab.gateway, "disable"))
+    assert nft_ruleset(lab.gateway) == ""
+
+
+@pytest.mark.parametrize(
+    "drift",
+    [
+        f"add table inet {TABLE} {{ flags dormant; }}",
+        f"chain inet {TABLE} prerouting {{ policy drop; }}",
+        # the same table and rules, at another priority
+        render_script(RedirectPlan(proxy_port=PROXY_PORT, interfaces=("lan0",))).replace(
+            "priority -100;", "priority 0;"
+        ),
+    ],
+    ids=["dormant", "policy-drop", "priority"],
+)
+def test_nft_status_reports_a_dormant_table_or_changed_chain(router, drift):
+    ok(netsetup(router, "enable", "--backend", "nft"))
+    installed = nft_ruleset(router)
+    nft(router, drift + "\n")
+    status = ok(netsetup(router, "status")).stdout
+    assert f"(nft list table inet {TABLE}): installed, NOT as planned" in status
+    problems = [line for line in status.splitlines() if line.startswith("  ! ")]
+    assert problems and not any("differs from the plan" in line for line in problems), status
+    ok(netsetup(router, "enable", "--backend", "nft"))  # converges
+    assert nft_ruleset(router) == installed
+    assert f"inet {TABLE}): installed\n" in ok(netsetup(router, "status")).stdout
+
+
+@pytest.mark.skipif(shutil.which("iptables-legacy-save") is None, reason="needs iptables")
+def test_rules_of_both_backends_refused_shown_and_removed(router):
+    before, legacy_before = nft_ruleset(router), legacy_ruleset(router)
+    ok(netsetup(router, "enable", "--backend", "iptables"))
+    legacy = legacy_ruleset(router)
+    result = netsetup(router, "enable", "--backend", "nft")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "run `clamsmtp-netsetup disable --backend iptables`" in result.stderr
+    assert nft_ruleset(router) == before and legacy_ruleset(router) == legacy
+    # both at once, as an earlier build let them be
+    nft(router, render_script(RedirectPlan(proxy_port=PROXY_PORT, interfaces=("lan0",))))
+    result = netsetup(router, "enable", "--backend", "iptables")
+    assert result.returncode == 2 and "disable --backend nft`" in result.stderr
+    status = ok(netsetup(router, "status")).stdout
+    assert "IPv4 (iptables-legacy, table nat): installed\n" in status
+    assert f"nftables table inet {TABLE} (nft list table inet {TABLE}): installed\n" in status
+    ok(netsetup(router, "disable"))  # auto: ours from both mechanisms
+    assert nft_ruleset(router) == before
+    assert legacy_ruleset(router) == legacy_before
+    # an explicit backend removes its own only, and says what is left
+    ok(netsetup(router, "enable", "--backend", "iptables"))
+    nft(router, render_script(RedirectPlan(proxy_port=PROXY_PORT, interfaces=("lan0",))))
+    result = ok(netsetup(router, "disable", "--backend", "iptables"))
+    assert "remove them with `clamsmtp-netsetup disable --backend nft`" in result.stderr
+    assert legacy_ruleset(router) == legacy_before and nft_ruleset(router) != before
+    ok(netsetup(router, "disable", "--backend", "nft"))
+    assert nft_ruleset(router) == before

@@ -779,3 +779,230 @@ def test_cli_defaulted_ipv6_dropped_when_unsupported(host, monkeypatch, capsys):
     assert "continuing with IPv4 only" in capsys.readouterr().err
     assert "CLAMSMTP-10030" in host.tables[4] and "CLAMSMTP-10030" not in host.tables[6]
     assert cli.main(["enable", "-f", host.config, "--ipv6"]) == ExitCode.NO_KERNEL_SUPPORT
+
+
+# -- review fixes: atomic enable never rolled back, interface names, both mechanisms ----------
+
+
+class NftRun:
+    """Stands in for subprocess.run inside the nft backend: lists ``tables``; every ``nft -f``
+    is recorded and raises ``raising`` (a timeout, a Ctrl-C)."""
+
+    def __init__(self, tables, raising):
+        self.tables, self.raising, self.scripts = tables, raising, []
+
+    def __call__(self, argv, input=None, **kwargs):
+        import json
+        import subprocess
+
+        if argv[1:] == ["-j", "list", "tables"]:
+            items = [{"table": {"family": f, "name": n}} for f, n in self.tables]
+            return subprocess.CompletedProcess(argv, 0, json.dumps({"nftables": items}), "")
+        assert argv[1:] == ["-f", "-"], argv
+        self.scripts.append(input)
+        raise self.raising
+
+
+@pytest.mark.parametrize(
+    ("raising", "code", "message"),
+    [
+        (
+            __import__("subprocess").TimeoutExpired(["nft", "-f", "-"], 30),
+            ExitCode.FAILED,
+            "did not finish in 30s and was killed",
+        ),
+        (KeyboardInterrupt(), 130, "interrupted during one nft transaction"),
+    ],
+    ids=["timeout", "ctrl-c"],
+)
+def test_cli_nft_enable_timed_out_or_interrupted_is_never_rolled_back(
+    host, monkeypatch, capsys, raising, code, message
+):
+    """A rollback would be `disable`: it would delete the earlier, working installation."""
+    import netsetup.backends.nft as nft_module
+
+    run = NftRun([("inet", "clamsmtp-10030")], raising)  # an earlier installation
+    monkeypatch.setattr(nft_module.subprocess, "run", run)
+    monkeypatch.setattr(NftBackend, "nft_path", classmethod(lambda cls: "/usr/sbin/nft"))
+    assert cli.main(["enable", "--backend", "nft", "-f", host.config, "-i", "lan0"]) == code
+    out, err = capsys.readouterr()
+    assert message in err and "state unknown: run status" in err
+    assert "rolling back" not in out
+    assert len(run.scripts) == 1  # the enable transaction only: no `delete table` after it
+
+
+@pytest.mark.parametrize(
+    "name", ['x";redirect#+', "lan0;", "lan 0", "a#", "+x", "++", "", "a" * 16, "lan0\n", "é0"]
+)
+def test_plan_rejects_unsafe_interface_names(name):
+    with pytest.raises(ValueError, match="invalid interface name"):
+        RedirectPlan(proxy_port=10025, interfaces=(name,))
+
+
+def test_plan_accepts_interface_names_and_wildcards():
+    names = ("lan0", "eth+", "+", "br-lan.10", "wg_0@x", "a" * 15, "a" * 14 + "+")
+    assert RedirectPlan(proxy_port=10025, interfaces=names).interfaces == names
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nft"])
+@pytest.mark.parametrize("name", ['x";redirect#+', 'lan0"'])
+def test_cli_unsafe_interface_name_is_a_usage_error(host, monkeypatch, capsys, backend, name):
+    fake = FakeNft()
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    argv = ["enable", "--backend", backend, "-f", host.config, "-i", name]
+    assert cli.main(argv) == ExitCode.USAGE  # not 5 (not found): it is never looked up
+    assert f"invalid interface name {name!r}" in capsys.readouterr().err
+    assert fake.scripts == [] and host.snapshot() == FakeNat().snapshot()
+
+
+def test_cli_discovered_unsafe_interface_is_skipped_with_a_warning(host, monkeypatch, capsys):
+    odd = Interface('we"ird;', 9, True, False, None, (), ())
+    facts = dataclasses.replace(FACTS, interfaces=(*FACTS.interfaces, odd))
+    monkeypatch.setattr(discovery, "discover", lambda: facts)
+    assert cli.main(["enable", "--dry-run", "--backend", "nft", "-f", host.config]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping discovered interface: invalid interface name 'we\"ird;'" in err
+    assert 'iifname "lan0"' in out and "ird" not in out.split("#!/usr/sbin/nft -f")[1]
+
+
+def test_bare_plus_matches_every_interface():
+    script = render_script(RedirectPlan(proxy_port=10025, interfaces=("+",)))
+    assert "\t\ttcp dport 25 counter redirect to :10025\n" in script
+    assert "iifname" not in script
+    # iptables-legacy-save prints "-i +" as nothing: status compares with that
+    assert rule_args(Rule("REDIRECT", in_interface="+", protocol="tcp", dport=25, to_port=1)) == (
+        "-p tcp -m tcp --dport 25 -j REDIRECT --to-ports 1"
+    )
+
+
+def test_auto_does_not_pick_nft_without_the_nft_command(nat, monkeypatch):
+    monkeypatch.setattr(NftBackend, "nft_path", classmethod(lambda cls: None))
+    choice = choose("auto", PLAN, NFT_HOST, log=quiet)
+    assert choice.backend.name == "iptables"
+    assert choice.reason == "chosen by auto: the nft command is missing"
+    assert any(
+        "nft command is missing" in w and "apt-get install nftables" in w for w in choice.warnings
+    )
+    ours = (*NFT_HOST, NftTable("inet", "clamsmtp-10025", 1, 3))
+    choice = choose("auto", PLAN, ours, log=quiet)
+    assert choice.backend.name == "iptables"
+    assert any(w.startswith("our table is in nftables") for w in choice.warnings)
+
+
+def test_only_ip_ip6_inet_tables_are_ours(nat, monkeypatch):
+    netdev = NftTable("netdev", "clamsmtp-10025", 1, 1)
+    choice = choose("auto", PLAN, (netdev,), log=quiet)
+    assert choice.backend.name == "nft"  # the host's rules (netdev) are in nftables
+    assert choice.reason == "chosen by auto: the host's rules are in nftables"
+    assert choice.also == ()
+    assert "nftables: netdev clamsmtp-10025 (1 rules)" in choice.host
+    ours = NftTable("inet", "clamsmtp-10025", 2, 5)
+    assert "nftables: none" in choose("auto", PLAN, (ours,), log=quiet).host  # not host rules
+    fake = FakeNft(tables=[("netdev", "clamsmtp-10025"), ("bridge", "clamsmtp-10025")])
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    backend = NftBackend(log=quiet)
+    backend.disable(PLAN)
+    assert backend.changes == 0 and fake.scripts == []
+    assert not backend.owns_objects(PLAN)
+    assert backend.status(PLAN) == [
+        "nftables table inet clamsmtp-10025 (IPv4, IPv6): not installed"
+    ]
+
+
+def test_nft_unreadable_table_list_is_a_clear_error(monkeypatch):
+    import subprocess
+
+    from netsetup.errors import NetsetupError
+
+    monkeypatch.setattr(
+        NftBackend, "_nft", lambda *a, **k: subprocess.CompletedProcess(a, 0, "{oops", "")
+    )
+    with pytest.raises(NetsetupError, match="cannot read `nft -j list tables`"):
+        NftBackend(log=quiet).disable(PLAN)
+
+
+DRIFTS = {
+    "dormant": (
+        "table inet clamsmtp-10025 {\n\tflags dormant\n",
+        "the table is dormant (flags dormant)",
+    ),
+    "policy-drop": (
+        "policy accept;",
+        "policy drop;",
+    ),
+    "priority": ("priority dstnat;", "priority 0;"),
+}
+
+
+@pytest.mark.parametrize("drift", ["dormant", "policy-drop", "priority"])
+def test_nft_status_reports_dormant_table_and_chain_drift(monkeypatch, drift):
+    plan = dataclasses.replace(PLAN, exempt_sources=(net("192.0.2.25/32"),))
+    if drift == "dormant":
+        listing = LISTED.replace("table inet clamsmtp-10025 {\n", DRIFTS[drift][0])
+        problem = DRIFTS[drift][1]
+    else:
+        listing = LISTED.replace(*DRIFTS[drift])
+        problem = "chain prerouting is `type nat hook prerouting priority"
+    fake = FakeNft(tables=[("inet", "clamsmtp-10025")], listing=listing)
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    lines = NftBackend(log=quiet).status(plan)
+    assert lines[0].endswith(": installed, NOT as planned"), lines
+    assert any(line.startswith(f"  ! {problem}") for line in lines), lines
+
+
+def test_nft_status_accepts_output_chain_priority_minus_100(monkeypatch):
+    listing = LISTED.replace(
+        "}\n}\n",
+        "}\n\tchain output {\n\t\ttype nat hook output "
+        "priority -100; policy accept;\n\t\tmeta skuid 105 counter return\n"
+        "\t\tip saddr 192.0.2.25 counter return\n"
+        "\t\tfib daddr type local counter return\n"
+        "\t\ttcp dport 25 counter redirect to :10025\n\t}\n}\n",
+    )
+    plan = dataclasses.replace(
+        PLAN, exempt_sources=(net("192.0.2.25/32"),), local=True, owner_uid=105
+    )
+    monkeypatch.setattr(
+        NftBackend, "_nft", FakeNft(tables=[("inet", "clamsmtp-10025")], listing=listing)
+    )
+    lines = NftBackend(log=quiet).status(plan)
+    assert lines[0].endswith(": installed"), lines
+
+
+def test_cli_rules_in_both_mechanisms(host, monkeypatch, capsys):
+    """enable refuses to add a second mechanism; status shows both; auto disable removes both."""
+    fake = FakeNft(tables=[("inet", "fw")])
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    options = ["-f", host.config, "-i", "lan0"]
+    assert cli.main(["enable", "--backend", "iptables", *options]) == 0
+    capsys.readouterr()
+    assert cli.main(["enable", "--backend", "nft", *options]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "also installed with the iptables backend" in err
+    assert "run `clamsmtp-netsetup disable --backend iptables` (with the same --proxy-port)" in err
+    assert fake.scripts == []
+    # both at once, as an earlier build left them
+    fake.tables.append(("inet", "clamsmtp-10030"))
+    monkeypatch.setattr(
+        discovery, "nft_tables", lambda: (NftTable("inet", "clamsmtp-10030", 1, 3),)
+    )
+    assert cli.main(["enable", "--backend", "iptables", *options]) == ExitCode.USAGE
+    assert "disable --backend nft`" in capsys.readouterr().err
+    assert cli.main(["enable", *options]) == ExitCode.USAGE  # auto too
+    capsys.readouterr()
+    assert cli.main(["status", *options]) == 0
+    out, err = capsys.readouterr()
+    assert "IPv4 (iptables-legacy, table nat): installed\n" in out
+    assert "also installed with backend nft (nftables through the nft command):\n" in out
+    assert "nftables table inet clamsmtp-10030 (nft list table inet clamsmtp-10030)" in out
+    assert "also installed with the nft backend" in err
+    assert cli.main(["disable", "--backend", "iptables", *options]) == 0
+    assert "remove them with `clamsmtp-netsetup disable --backend nft`" in capsys.readouterr().err
+    assert fake.scripts == []  # an explicit backend removes its own only
+    assert cli.main(["enable", "--backend", "iptables", *options]) == ExitCode.USAGE
+    IptablesBackend(log=quiet).enable(RedirectPlan(proxy_port=10030, interfaces=("lan0",)))
+    assert cli.main(["disable", *options]) == 0  # auto: from both
+    out = capsys.readouterr().out
+    assert "also removing ours from backend nft:" in out
+    assert host.snapshot() == FakeNat().snapshot()
+    assert fake.scripts == ["add table inet clamsmtp-10030\ndelete table inet clamsmtp-10030\n"]
