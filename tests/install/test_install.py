@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install"
@@ -150,12 +151,6 @@ def write_dpkg_status(root: Path, package: str) -> Path:
         "Architecture: amd64\nMaintainer: Debian <debian@example.org>\nDescription: test\n\n"
     )
     return status
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
