@@ -18,7 +18,7 @@ from .dotstuff import DataDecoder, stuff
 from .header import expand_header
 from .maillog import summary
 from .scanner import ERROR
-from .spool import Spool, SpoolOpenError
+from .spool import Spool, SpoolError
 from .upstream import UpstreamError
 from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
 
@@ -130,13 +130,8 @@ class MessageFlow:
             if spool is not None and data:
                 try:
                     spool.write(data)
-                except SpoolOpenError as e:
-                    self.session.log.error("%s", e.strerror)
-                    spool.remove()
-                    spool, refusal = None, REPLY_LOCAL_ERROR
-                    continue
-                except OSError as e:
-                    self.session.log.error("couldn't write to cache file: %s", e)
+                except SpoolError as e:
+                    self.session.log.error("%s", e)
                     spool.remove()
                     spool, refusal = None, REPLY_LOCAL_ERROR
                     continue
@@ -153,8 +148,8 @@ class MessageFlow:
         if spool is not None:
             try:
                 spool.finish()
-            except OSError as e:
-                self.session.log.error("couldn't write to cache file: %s", e)
+            except SpoolError as e:
+                self.session.log.error("%s", e)
                 spool.remove()
                 return None, REPLY_LOCAL_ERROR
         return spool, refusal

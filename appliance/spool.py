@@ -30,8 +30,9 @@ MEMORY_BUDGET = 32 << 20
 #: errno values meaning "this file system cannot make a nameless file": use a named one
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 
-class SpoolOpenError(OSError):
-    """TempDirectory could not give a file (missing, read-only, not a directory...)."""
+class SpoolError(OSError):
+    """The body could not be kept; the message says what failed, in the original's words
+    ("couldn't open cache file in DIR: ..." or "couldn't write to cache file: ...")."""
 
 
 _in_memory = 0  # bytes held by all spools in memory (the event loop is the only writer)
@@ -42,9 +43,9 @@ class Spool:
 
     def __init__(self, directory: str) -> None:
         self._directory = directory
-        self._memory: bytearray | None = bytearray()
-        self._held = 0  # bytes this spool counts in _in_memory
-        self._data = b""  # the body in memory, once finished
+        # The body while it is in memory (bytes once finished); None once on disk or removed.
+        # Its length is what this spool counts in _in_memory.
+        self._memory: bytearray | bytes | None = bytearray()
         self._file: BinaryIO | None = None
         self.path: str | None = None  # on disk only
         self._named = False
@@ -58,7 +59,7 @@ class Spool:
         return self._file is not None
 
     def write(self, data: bytes) -> None:
-        """Add to the body; OSError when it has to go to disk and cannot."""
+        """Add to the body; SpoolError when it has to go to disk and cannot."""
         global _in_memory
         if not data:
             return
@@ -68,34 +69,36 @@ class Spool:
             grown = len(self._memory) + len(data)
             if grown <= MEMORY_LIMIT and _in_memory + len(data) <= MEMORY_BUDGET:
                 self._memory += data
-                self._held += len(data)
                 _in_memory += len(data)
                 self.size += len(data)
                 return
             self._spill()
-        assert self._file is not None
-        self._file.write(data)
+        self._to_file(data)
         self.size += len(data)
 
     def _spill(self) -> None:
         """Move what is in memory to a new file in TempDirectory."""
-        self._open_file()
-        assert self._file is not None and self._memory is not None
-        self._file.write(self._memory)
-        self._release_memory()
-
-    def _open_file(self) -> None:
         try:
             self._file, self.path, self._named = _new_file(self._directory)
         except OSError as e:
-            raise SpoolOpenError(e.errno, f"couldn't open cache file in {self._directory}: "
-                                 f"{e.strerror or e}") from None
+            raise SpoolError(f"couldn't open cache file in {self._directory}: "
+                             f"{e.strerror or e}") from None
+        assert self._memory is not None
+        self._to_file(self._memory)
+        self._release_memory()
+
+    def _to_file(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise SpoolError(f"couldn't write to cache file: {e}") from None
 
     def _release_memory(self) -> None:
         global _in_memory
-        _in_memory -= self._held
-        self._held = 0
-        self._memory = None
+        if self._memory is not None:
+            _in_memory -= len(self._memory)
+            self._memory = None
 
     def _find_header_end(self, data: bytes) -> None:
         if self.size == 0 and data.startswith(b"\r\n"):
@@ -111,10 +114,12 @@ class Spool:
     def finish(self) -> None:
         """After this the body is complete and can be scanned (a file is flushed to the kernel)."""
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as e:
+                raise SpoolError(f"couldn't write to cache file: {e}") from None
         elif self._memory is not None:
-            self._data = bytes(self._memory)
-            self._memory.clear()  # (the bytes stay counted in the budget until removed)
+            self._memory = bytes(self._memory)  # shared, not copied, by the readers below
 
     def chunks(self, header: bytes = b"") -> Iterator[bytes]:
         """The body read back in chunks, with `header` inserted as the original does.
@@ -144,7 +149,7 @@ class Spool:
     def open(self) -> BinaryIO:
         """The body as a binary file, for the scanner and for forwarding."""
         if self.path is None:
-            return io.BytesIO(self._data)  # (shares the bytes, no copy)
+            return io.BytesIO(self._memory or b"")  # (shares the bytes, no copy)
         return open(self.path, "rb")
 
     def save_as(self, target: str) -> None:
@@ -157,7 +162,7 @@ class Spool:
         try:
             with os.fdopen(fd, "wb") as out:
                 fd = -1
-                out.write(self._data)
+                out.write(self._memory or b"")
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(target)
@@ -169,7 +174,6 @@ class Spool:
     def remove(self) -> None:
         """Close and delete; safe to call more than once."""
         self._release_memory()
-        self._data = b""
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
