@@ -531,6 +531,18 @@ class FakeClamd(_Listening):
     def _misbehave(self, conn: socket.socket, buf: bytearray) -> bool:
         got = len(buf)
         gave_up = False
+
+        def fill(size: int) -> bool:
+            """Read until `buf` holds `size` bytes; False if the peer closed first."""
+            nonlocal got
+            while len(buf) < size:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return False
+                buf.extend(chunk)
+                got += len(chunk)
+            return True
+
         try:
             if self.behaviour in ("close_mid", "half_close_mid"):
                 while got < self.after:
@@ -549,23 +561,15 @@ class FakeClamd(_Listening):
                     return True
                 return False
             while True:  # the whole stream: <4-byte length><payload> ... <0000>
-                while len(buf) < 4:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        gave_up = True
-                        return False
-                    buf += chunk
-                    got += len(chunk)
+                if not fill(4):
+                    gave_up = True
+                    return False
                 (length,) = struct.unpack("!L", bytes(buf[:4]))
                 if length == 0:
                     break
-                while len(buf) < 4 + length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        gave_up = True
-                        return False
-                    buf += chunk
-                    got += len(chunk)
+                if not fill(4 + length):
+                    gave_up = True
+                    return False
                 del buf[: 4 + length]
             if self.behaviour == "silent":
                 while conn.recv(4096):

@@ -263,3 +263,15 @@ def create_router_namespace(prefix: str = "csr") -> str:
         destroy_namespace(ns)
         raise
     return ns
+
+
+@contextlib.contextmanager
+def router_namespace(prefix: str = "csr") -> Iterator[str]:
+    """`create_router_namespace`, and afterwards whatever still runs in it killed and the
+    namespace removed."""
+    ns = create_router_namespace(prefix)
+    try:
+        yield ns
+    finally:
+        kill_processes(ns)
+        destroy_namespace(ns)

@@ -80,11 +80,8 @@ def ipt(ns: str, *args: str, family: int = 4) -> None:
 @pytest.fixture
 def router():
     """One namespace: lan0 (no default route) and wan0 (default routes), see nslab."""
-    ns = nslab.create_router_namespace("csr")
-    try:
+    with nslab.router_namespace("csr") as ns:
         yield ns
-    finally:
-        nslab.destroy_namespace(ns)
 
 
 @pytest.fixture

@@ -132,12 +132,8 @@ def wait_no_processes(ns: str, timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="module")
 def router():
-    ns = nslab.create_router_namespace("csf")
-    try:
+    with nslab.router_namespace("csf") as ns:
         yield ns
-    finally:
-        nslab.kill_processes(ns)
-        nslab.destroy_namespace(ns)
 
 
 @pytest.fixture(scope="module")

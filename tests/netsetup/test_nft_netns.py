@@ -66,12 +66,9 @@ table ip nat {
 @pytest.fixture
 def router():
     """lan0 (no default route) and wan0 (default routes), with foreign nftables rules."""
-    ns = nslab.create_router_namespace("csn")
-    try:
+    with nslab.router_namespace("csn") as ns:
         nft(ns, FOREIGN)
         yield ns
-    finally:
-        nslab.destroy_namespace(ns)
 
 
 @pytest.fixture
