@@ -20,6 +20,9 @@ from .server import Appliance, BindError, bind
 #: How long sessions in flight may finish after SIGTERM/SIGINT.
 STOP_GRACE = 10.0
 
+#: Stop (SIGTERM, SIGINT) and reload (SIGHUP); held from the start of start-up (see HeldSignals).
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # The C original's old flags, still parsed there with a warning; here a pointer to the directive.
 _LEGACY = {
     "-b": "Action: bounce", "-c": "ClamAddress:", "-D": "TempDirectory:",
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(config))
         return 0
 
+    held = process.HeldSignals(_HANDLED_SIGNALS)
     setup_logging(args.debug)
     for warning in config.warnings:
         log.warning("%s", warning)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd))
+        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held))
     finally:
         process.remove_pid_file(config.pid_file)
     return 0
@@ -157,16 +161,20 @@ def _account_to_become(config: Config) -> process.Account | None:
 
 
 async def _serve(
-    args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None
+    args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None,
+    held: process.HeldSignals,
 ) -> None:
     appliance = Appliance(config, sock, metrics_sock)
-    await appliance.start()
-    process.ready(ready_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, args, appliance)
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+                signal.SIGHUP: lambda: _reload(args, appliance)}
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
+    for signum in held.take():  # arrived while starting: acted on now
+        handlers[signum]()
+    await appliance.start()
+    process.ready(ready_fd)
     await stop.wait()
     log.info("stopping: no new connections, letting messages in flight finish")
     await appliance.stop(STOP_GRACE)

@@ -1,4 +1,4 @@
-"""The daemon as a Unix process: detach, pid file, privilege drop.
+"""The daemon as a Unix process: detach, pid file, privilege drop, signals held during start-up.
 
 Order (cli.main): bind the listener as root, detach, write the pid file, then drop to `User` for
 good. Binding first is what lets a `User`-configured daemon listen below port 1024 (the original
@@ -12,6 +12,7 @@ import errno
 import grp
 import os
 import pwd
+import signal
 from dataclasses import dataclass
 
 
@@ -156,3 +157,26 @@ def ready(fd: int | None) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, b"1")
         os.close(fd)
+
+
+class HeldSignals:
+    """Signals that arrive while the daemon starts, before its event loop handles them.
+
+    Their default actions would kill a daemon that is still starting: a SIGHUP from a reload in
+    its first second (no reload, no daemon), a SIGTERM without removing the pid file. Held here
+    from the moment start-up begins, they are handed to the event loop once it takes over.
+    """
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
+        self.received: list[int] = []
+        for signum in signums:
+            signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def take(self) -> list[int]:
+        """The signals received so far, each once, in order; the record is then emptied."""
+        taken = list(dict.fromkeys(self.received))
+        self.received.clear()
+        return taken

@@ -176,3 +176,32 @@ def test_daemon_mode_reports_a_failed_start_up(tmp_path, next_hop):
                     f"PidFile: {tmp_path}/missing-dir/clamsmtpd.pid\n")
     result = run("-f", str(conf))
     assert result.returncode == 1
+
+
+def test_signals_while_starting_are_acted_on_not_fatal(tmp_path, next_hop):
+    # clamd accepts but never answers: start-up waits TimeOut for its first ping. A SIGHUP in
+    # that window used to kill the daemon (the default action) before it handled signals.
+    import socket
+
+    silent_clamd = socket.socket(socket.AF_UNIX)
+    silent_clamd.bind(str(tmp_path / "clamd.ctl"))
+    silent_clamd.listen()
+    log = tmp_path / "stderr"
+    proc = start_daemon(tmp_path / "clamsmtpd.conf", {
+        "OutAddress": f"127.0.0.1:{next_hop.port}", "Listen": f"127.0.0.1:{free_port()}",
+        "ClamAddress": str(tmp_path / "clamd.ctl"), "TempDirectory": tmp_path, "TimeOut": 4,
+    }, log, debug_level=3)
+    try:
+        wait_until(lambda: "listening on" in log.read_text(), what="the daemon to listen")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in log.read_text() or proc.poll() is not None,
+                   what="the reload to be logged")
+        assert proc.poll() is None, log.read_text()
+        assert "clamd is not answering" not in log.read_text()  # still starting when it came
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert log.read_text().rstrip().endswith("stopped")
+    finally:
+        proc.kill()
+        proc.wait()
+        silent_clamd.close()
