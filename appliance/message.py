@@ -162,12 +162,14 @@ class MessageFlow:
             session.log.warning("server refused data transfer: %s", reply.text)
             await self._abandon_quietly()
             await self._push_reply(reply)
+            await self._end_if_next_hop_left(reply)
             return
         header = expand_header(
             self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
         )
         reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
         await self._push_reply(reply)
+        await self._end_if_next_hop_left(reply)
 
     async def _abandon_quietly(self) -> None:
         """End the next hop's transaction (RSET) after it refused DATA: the client was told

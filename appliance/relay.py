@@ -262,8 +262,7 @@ class RelaySession(MessageFlow, SMTP):
             self._debug_lines("SERVER > ", greeting.lines)
             greeting = Reply(220, (REPLY_GREETING,))
         await self._push_reply(greeting)
-        if session.upstream.at_eof:
-            return
+        await self._end_if_next_hop_left(greeting)
         while not self._closing:
             if self.context.stopping:
                 await self._say_and_close(REPLY_SHUTDOWN)
@@ -356,8 +355,18 @@ class RelaySession(MessageFlow, SMTP):
         if reply.positive:
             self._track(line, verb)
         await self._push_reply(reply)
-        if upstream.at_eof or reply.code == 421:
+        await self._end_if_next_hop_left(reply)
+
+    async def _end_if_next_hop_left(self, reply: Reply) -> None:
+        """After relaying `reply`: the next hop's 421 ends the session as it said. A next hop
+        that hung up after any other reply gets the client our 421 now; without it the client
+        would see its connection dropped with no word, right after a 250."""
+        if reply.code == 421:
             self.close()
+        elif self.session.upstream.at_eof:
+            self.session.log.error("SERVER: connection closed after its reply (%d)", reply.code)
+            metrics.NEXT_HOP_ERRORS.labels("session").inc()
+            await self._say_and_close(REPLY_NEXT_HOP_LOST)
 
     def _track(self, line: bytes, verb: bytes) -> None:
         """Follow the envelope as the next hop accepted it (for logs and VirusAction)."""
@@ -399,8 +408,7 @@ class RelaySession(MessageFlow, SMTP):
             await self._send(reply.wire())
         else:
             await self._push_reply(reply)
-        if upstream.at_eof or reply.code == 421:
-            self.close()
+        await self._end_if_next_hop_left(reply)
 
     async def smtp_AUTH(self, line: bytes, verb: bytes) -> None:
         """SASL passes through: relay the challenges and the client's answers as they come."""
@@ -424,6 +432,7 @@ class RelaySession(MessageFlow, SMTP):
                 answer = b"*"  # a bare CR or LF could end the line early at the next hop
             reply = await upstream.command(answer)
         await self._push_reply(reply)
+        await self._end_if_next_hop_left(reply)
 
     async def smtp_QUIT(self, line: bytes, verb: bytes) -> None:
         upstream = self.session.upstream

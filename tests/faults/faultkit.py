@@ -33,6 +33,11 @@ RESET = "<reset>"  # close with a TCP RST (SO_LINGER 0) instead of answering
 WAIT = 10.0  # default wait_* timeout
 
 
+class ThenClose(str):
+    """A reply to send, after which the next hop closes the connection at once: the reply and
+    the FIN travel in one segment, as they do from a real server that closes quickly."""
+
+
 def rst_close(sock: socket.socket) -> None:
     """Close `sock` with an RST instead of a FIN."""
     with contextlib.suppress(OSError):
@@ -313,6 +318,11 @@ class FakeSMTPServer(_Listening):
             self._recv(conn, session, buf)
 
     def _send(self, conn, reply) -> None:
+        if isinstance(reply, ThenClose):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)  # held until the FIN joins
+            conn.sendall(reply.encode() + b"\r\n")
+            conn.shutdown(socket.SHUT_WR)
+            raise _Closed("we closed")
         if reply == HANG:
             return
         if reply == CLOSE:

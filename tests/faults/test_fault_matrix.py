@@ -10,6 +10,7 @@ spool is empty while the daemon still runs, and that one more clean message goes
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from faultkit import (
     CLOSE,
     HANG,
     RESET,
+    ThenClose,
     assert_no_spool_files,
     assert_still_serving,
     clean_message,
@@ -437,6 +439,34 @@ def test_next_hop_closing(how, appliance, next_hop):
     assert said == [expected], replies  # and then the connection is closed
     assert next_hop.wait_ended(next_hop.armed_session().index).ended in ("we closed", "we reset")
     assert next_hop.delivered() == []
+    assert_no_spool_files(appliance)
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.parametrize("stage", ["greeting", "EHLO", "MAIL", "RCPT", "DOT"])
+@pytest.mark.fake_next_hop()
+def test_next_hop_hanging_up_right_after_a_positive_reply(stage, appliance, next_hop):
+    """The next hop answers (220, 250, 250 to the message) and closes at once -> the client
+    gets that reply, then the proxy's 421, never a connection dropped without a word. A
+    message it said 250 to was delivered once."""
+    replies = {"greeting": "220 fake.test ESMTP", "EHLO": "250 fake.test",
+               "MAIL": "250 2.1.0 OK", "RCPT": "250 2.1.5 OK", "DOT": "250 2.0.0 Ok: queued"}
+    next_hop.arm({stage: ThenClose(replies[stage])})
+    steps = [*ENVELOPE, "DATA", clean_message("hang-up").decode() + "."]
+    stop = {"greeting": 0, "EHLO": 1, "MAIL": 2, "RCPT": 3, "DOT": 5}[stage]
+    with socket.create_connection(appliance.address, timeout=20) as sock:
+        buf = bytearray()
+        said = [read_reply(sock, buf)]
+        for command in steps[:stop]:
+            sock.sendall(command.encode() + b"\r\n")
+            said.append(read_reply(sock, buf))
+        assert all(reply[:1] in ("2", "3") for reply in said), said
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):  # the proxy may have said 421 and closed already
+            sock.sendall(b"NOOP\r\n")
+        assert read_reply(sock, buf) == R.NEXT_HOP_LOST, said
+        assert read_reply(sock, buf) is None  # and closed
+    assert len(next_hop.delivered()) == (1 if stage == "DOT" else 0)
     assert_no_spool_files(appliance)
     assert_still_serving(appliance, next_hop)
 
