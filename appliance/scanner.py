@@ -122,12 +122,13 @@ class Scanner:
         """This thread's pyclamd client (its constructor probes clamd, so make it once)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.address.is_unix:
-                client = _Unix(self.address.path, self.timeout)
-            else:
-                client = _Tcp(self.address.host, self.address.port, self.timeout)
-            self._local.client = client
+            client = self._local.client = self._new_client(self.timeout)
         return client
+
+    def _new_client(self, timeout: float) -> _Unix | _Tcp:
+        if self.address.is_unix:
+            return _Unix(self.address.path, timeout)
+        return _Tcp(self.address.host, self.address.port, timeout)
 
     def _scan_blocking(self, spool: Spool) -> ScanResult:
         try:
@@ -177,11 +178,17 @@ class Scanner:
         except TimeoutError:
             return ScanResult(ERROR, detail="clamd scan timed out")
 
-    def ping(self) -> bool:
+    def ping(self, timeout: float | None = None) -> bool:
+        """Whether clamd answers PING within `timeout` (default TimeOut)."""
+        client = None
         try:
-            return bool(self._client().ping())
+            client = self._new_client(self.timeout if timeout is None else timeout)
+            return bool(client.ping())
         except (pyclamd.ConnectionError, OSError):
             return False
+        finally:
+            if client is not None:
+                client.close()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

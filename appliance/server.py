@@ -32,6 +32,9 @@ BACKLOG = 128
 MAX_CONCURRENT_SCANS = 8
 #: At shutdown, VirusAction scripts still running after this are killed.
 ACTIONS_GRACE = 3.0
+#: How long the start-up check waits for clamd's PONG. Only a warning hangs on it, so it need
+#: not wait TimeOut (a socket-activated clamd still loading its database can take minutes).
+CLAMD_CHECK_TIMEOUT = 5.0
 
 
 class BindError(Exception):
@@ -124,6 +127,7 @@ class Appliance:
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
         self.context = self._context(config)
         self._server: asyncio.AbstractServer | None = None
+        self._clamd_check: asyncio.Task | None = None
 
     @property
     def config(self) -> Config:
@@ -160,6 +164,8 @@ class Appliance:
         config = _replace(config, **keep)
         self.context = self._context(config, old)
         self.check_temp_directory()
+        if self.context.scanner is not old.scanner and self._server is not None:
+            self.check_clamd()
         return pending
 
     def check_temp_directory(self) -> None:
@@ -188,10 +194,26 @@ class Appliance:
             self._metrics_server = await metrics.serve(self.metrics_sock)
             log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
         self.check_temp_directory()
-        if not await loop.run_in_executor(None, self.context.scanner.ping):
+        self.check_clamd()
+
+    def check_clamd(self) -> None:
+        """Warn if clamd does not answer, at start-up and when a reload changes ClamAddress.
+
+        In the background: start-up (and the `clamsmtpd` command, which returns once it is
+        done) must not wait on a clamd that is slow to answer; mail is served meanwhile.
+        """
+        if self._clamd_check is not None:
+            self._clamd_check.cancel()
+        self._clamd_check = asyncio.get_running_loop().create_task(
+            self._check_clamd(self.context.scanner)
+        )
+
+    async def _check_clamd(self, scanner: Scanner) -> None:
+        timeout = min(scanner.timeout, CLAMD_CHECK_TIMEOUT)
+        if not await asyncio.get_running_loop().run_in_executor(None, scanner.ping, timeout):
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",
-                self.config.clam_address,
+                scanner.address,
             )
 
     async def stop(self, grace: float) -> None:
@@ -199,6 +221,8 @@ class Appliance:
         `grace` seconds (then its client gets a 421 too); whatever is left is cut."""
         if self._server is not None:
             self._server.close()
+        if self._clamd_check is not None:
+            self._clamd_check.cancel()
         metrics.close(self._metrics_server)
         self.context.stopping = True
         for session in list(self.sessions):

@@ -178,30 +178,64 @@ def test_daemon_mode_reports_a_failed_start_up(tmp_path, next_hop):
     assert result.returncode == 1
 
 
-def test_signals_while_starting_are_acted_on_not_fatal(tmp_path, next_hop):
-    # clamd accepts but never answers: start-up waits TimeOut for its first ping. A SIGHUP in
-    # that window used to kill the daemon (the default action) before it handled signals.
+@contextlib.contextmanager
+def _silent_clamd(path: Path) -> Iterator[str]:
+    """A clamd socket that accepts connections and never answers (a hung clamd, or one still
+    loading its database behind a systemd socket)."""
     import socket
 
-    silent_clamd = socket.socket(socket.AF_UNIX)
-    silent_clamd.bind(str(tmp_path / "clamd.ctl"))
-    silent_clamd.listen()
-    log = tmp_path / "stderr"
-    proc = start_daemon(tmp_path / "clamsmtpd.conf", {
-        "OutAddress": f"127.0.0.1:{next_hop.port}", "Listen": f"127.0.0.1:{free_port()}",
-        "ClamAddress": str(tmp_path / "clamd.ctl"), "TempDirectory": tmp_path, "TimeOut": 4,
-    }, log, debug_level=3)
+    sock = socket.socket(socket.AF_UNIX)
     try:
-        wait_until(lambda: "listening on" in log.read_text(), what="the daemon to listen")
-        proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "configuration reloaded" in log.read_text() or proc.poll() is not None,
-                   what="the reload to be logged")
-        assert proc.poll() is None, log.read_text()
-        assert "clamd is not answering" not in log.read_text()  # still starting when it came
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-        assert log.read_text().rstrip().endswith("stopped")
+        sock.bind(str(path))
+        sock.listen()
+        yield str(path)
     finally:
-        proc.kill()
-        proc.wait()
-        silent_clamd.close()
+        sock.close()
+
+
+def test_signals_while_starting_are_acted_on_not_fatal(tmp_path, next_hop):
+    # Right after "listening on", clamd's first PING is still unanswered. A SIGHUP then used to
+    # kill the daemon (the default action): its handlers came only after that PING.
+    log = tmp_path / "stderr"
+    with _silent_clamd(tmp_path / "clamd.ctl") as clamd_path:
+        proc = start_daemon(tmp_path / "clamsmtpd.conf", {
+            "OutAddress": f"127.0.0.1:{next_hop.port}", "Listen": f"127.0.0.1:{free_port()}",
+            "ClamAddress": clamd_path, "TempDirectory": tmp_path, "TimeOut": 4,
+        }, log, debug_level=3)
+        try:
+            wait_until(lambda: "listening on" in log.read_text(), what="the daemon to listen")
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "configuration reloaded" in log.read_text()
+                       or proc.poll() is not None, what="the reload to be logged")
+            assert proc.poll() is None, log.read_text()
+            assert "clamd is not answering" not in log.read_text()  # the PING was still out
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert log.read_text().rstrip().endswith("stopped")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_daemon_mode_does_not_wait_for_a_silent_clamd(tmp_path, next_hop):
+    """`clamsmtpd` returns once it serves, even if clamd does not answer yet (mail meanwhile is
+    deferred with 451), and a SIGTERM right after stops it at once, not after TimeOut."""
+    pid_file = tmp_path / "clamsmtpd.pid"
+    port = free_port()
+    with _silent_clamd(tmp_path / "clamd.ctl") as clamd_path:
+        conf = tmp_path / "clamsmtpd.conf"
+        conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
+                        f"ClamAddress: {clamd_path}\nTempDirectory: {tmp_path}\nTimeOut: 60\n"
+                        f"PidFile: {pid_file}\n")
+        started = time.monotonic()
+        result = run("-f", str(conf), timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 10  # not TimeOut (60 s)
+        pid = int(pid_file.read_text())
+        try:
+            assert _greeting("127.0.0.1", port) == "220 smtp.passthru"
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not pid_file.exists(), timeout=15, what="the daemon to stop")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

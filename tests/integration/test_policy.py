@@ -144,6 +144,14 @@ def test_sighup_reloads_the_configuration(appliance, next_hop):
     assert "SIGHUP: Listen changed: restart clamsmtpd to apply it" in appliance.log()
 
 
+def test_sighup_to_a_clamd_that_does_not_answer_is_warned_about(appliance, next_hop, tmp_path):
+    missing = tmp_path / "no-clamd.ctl"
+    _set_and_reload(appliance, ClamAddress=missing)
+    appliance.wait_log(f"clamd is not answering at {missing}: mail will be deferred (451)")
+    assert f"{send(appliance, CLEAN)[0]}" == "451"
+    assert next_hop.messages == []
+
+
 def test_sighup_with_a_broken_file_keeps_the_old_configuration(appliance, next_hop):
     text = appliance.conf_path.read_text()
     appliance.conf_path.write_text(text + "Action: sideways\n")
