@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 
 from . import metrics
 from .actions import VirusActions
@@ -209,8 +210,22 @@ class Appliance:
         )
 
     async def _check_clamd(self, scanner: Scanner) -> None:
-        timeout = min(scanner.timeout, CLAMD_CHECK_TIMEOUT)
-        if not await asyncio.get_running_loop().run_in_executor(None, scanner.ping, timeout):
+        # On a thread of its own that exit does not wait for: a SIGTERM right after start-up
+        # must not wait for this PING (the executor's threads are joined at exit).
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[bool] = loop.create_future()
+
+        def settle(ok: bool) -> None:
+            if not answered.done():
+                answered.set_result(ok)
+
+        def ping() -> None:
+            ok = scanner.ping(min(scanner.timeout, CLAMD_CHECK_TIMEOUT))
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
+                loop.call_soon_threadsafe(settle, ok)
+
+        threading.Thread(target=ping, name="clamd-check", daemon=True).start()
+        if not await answered:
             log.warning(
                 "clamd is not answering at %s: mail will be deferred (451) until it does",
                 scanner.address,
