@@ -1,0 +1,387 @@
+"""docs/postfix.md's after-queue content filter, run for real: a private Postfix instance, a
+private clamd and our daemon, with the main.cf and master.cf lines read from the doc.
+
+    smtplib -> Postfix smtpd (free port) -> queue -> "scan" transport (Postfix smtp client)
+      -> clamsmtpd (free port, the doc's 10026) -> Postfix re-injection smtpd (free port, the
+      doc's 10025, content_filter=) -> queue -> relayhost: a RecordingNextHop (free port)
+
+The Postfix instance is private: its own config, queue and data directories and mail log
+(maillog_file) in a fresh /var/tmp/clamsmtp-postfix-* directory (the daemons run as user
+postfix and must be able to enter it; pytest's tmp_path is root's only), started with
+`postfix -c DIR start` (root may name any config directory; the machine's /etc/postfix is
+neither read for the settings nor changed) and stopped, and the directory removed, at the end.
+Every service runs unchrooted, on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import replies as R
+from helpers import EICAR, free_port, make_message, proxy_directives, start_daemon, wait_until
+
+from appliance.lab import RecordingNextHop
+
+POSTFIX = "/usr/sbin/postfix"
+POSTCONF = "/usr/sbin/postconf"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "postfix.md"
+DOC_FILTER_PORT, DOC_REINJECT_PORT = 10026, 10025  # Debian's ports, as the doc writes them
+DELIVERY_TIMEOUT = 30.0
+
+pytestmark = [
+    pytest.mark.root,  # Postfix's master must start as root (tests/conftest.py skips otherwise)
+    pytest.mark.skipif(not (os.access(POSTFIX, os.X_OK) and os.access(POSTCONF, os.X_OK)),
+                       reason=f"{POSTFIX} or {POSTCONF} is missing (Debian package postfix)"),
+]
+
+# -- the doc's snippets ------------------------------------------------------------------------
+
+
+def doc_block(heading: str) -> str:
+    """The first fenced code block of docs/postfix.md's section `heading` (a `## ` line)."""
+    lines = DOC.read_text().splitlines()
+    assert heading in lines, f"docs/postfix.md has no heading {heading!r} any more"
+    start = lines.index(heading) + 1
+    for n in range(start, len(lines)):
+        assert not lines[n].startswith("## "), f"no code block under {heading!r}"
+        if lines[n].startswith("```"):
+            end = lines.index("```", n + 1)
+            return "\n".join(lines[n + 1:end]) + "\n"
+    raise AssertionError(f"no code block under {heading!r}")
+
+
+def with_port(text: str, doc_port: int, port: int) -> str:
+    """`text` with the port `doc_port` (written `:PORT` in the doc) replaced by `port`."""
+    pattern = rf"(?<=:){doc_port}\b"
+    assert re.search(pattern, text), f"the doc's snippet no longer names port {doc_port}"
+    return re.sub(pattern, str(port), text)
+
+
+def documented_main_cf(filter_port: int) -> str:
+    return with_port(doc_block("## 2. main.cf"), DOC_FILTER_PORT, filter_port)
+
+
+def documented_master_cf(reinject_port: int) -> str:
+    return with_port(doc_block("## 3. master.cf"), DOC_REINJECT_PORT, reinject_port)
+
+
+# -- the private Postfix instance ----------------------------------------------------------------
+
+MAIN_CF = """\
+# a private instance for tests/integration/test_postfix_roundtrip.py
+compatibility_level = 3.6
+queue_directory = {base}/queue
+data_directory = {base}/data
+maillog_file = {base}/maillog
+myhostname = postfix.test
+myorigin = $myhostname
+mydestination =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{hop_port}
+smtp_dns_support_level = disabled
+smtputf8_enable = no
+biff = no
+
+# docs/postfix.md, "2. main.cf" (ports substituted):
+{documented}"""
+
+# Debian's master.cf services that SMTP in and out needs, all unchrooted; the public smtpd on a
+# free port instead of 25.
+MASTER_CF = """\
+127.0.0.1:{smtpd_port} inet n - n - - smtpd
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+proxywrite unix  -       -       n       -       1       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+
+# docs/postfix.md, "3. master.cf" (ports substituted):
+{documented}"""
+
+
+@dataclass
+class Pipeline:
+    base: Path
+    config_dir: Path
+    maillog: Path
+    smtpd_port: int  # Postfix's public smtpd (the doc's :25)
+    filter_port: int  # clamsmtpd (the doc's 10026)
+    reinject_port: int  # Postfix's re-injection smtpd (the doc's 10025)
+    hop: RecordingNextHop
+    daemon_log: Path
+
+    def postfix_log(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def clamsmtpd_log(self) -> str:
+        return self.daemon_log.read_text(errors="replace")
+
+    def logs(self) -> str:
+        return (f"--- Postfix maillog:\n{self.postfix_log()}\n"
+                f"--- clamsmtpd log (last lines):\n"
+                + "\n".join(self.clamsmtpd_log().splitlines()[-40:]))
+
+    def wait_postfix_log(self, pattern: str, what: str) -> re.Match:
+        """Wait until a line of Postfix's log matches `pattern`; fail with both logs."""
+        try:
+            return wait_until(lambda: re.search(pattern, self.postfix_log(), flags=re.M),
+                              timeout=DELIVERY_TIMEOUT, interval=0.1, what=what)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.logs()}") from None
+
+    def postconf(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTCONF, "-c", str(self.config_dir), *args],
+                              capture_output=True, text=True, timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs (a zombie, already dead and waiting for its parent, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _instance_pids(config_dir: Path) -> list[int]:
+    """The processes of our instance: master passes MAIL_CONFIG=config_dir to its children."""
+    needle = f"MAIL_CONFIG={config_dir}".encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _stop_postfix(config_dir: Path, master_pid: int | None) -> None:
+    subprocess.run([POSTFIX, "-c", str(config_dir), "stop"], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not (master_pid and _alive(master_pid)) and not _instance_pids(config_dir):
+            return
+        time.sleep(0.1)
+    for pid in ([master_pid] if master_pid else []) + _instance_pids(config_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _start_postfix(base: Path, config_dir: Path) -> int:
+    """`postfix -c config_dir start`; the master's pid."""
+    (base / "queue").mkdir(mode=0o755)  # Postfix makes its subdirectories itself
+    data = base / "data"
+    data.mkdir(mode=0o700)
+    shutil.chown(data, "postfix", "postfix")  # master.lock is made by user postfix
+    # postconf waits a second or two for a main.cf or master.cf changed just now to settle
+    past = time.time() - 10
+    for name in ("main.cf", "master.cf"):
+        os.utime(config_dir / name, (past, past))
+    result = subprocess.run([POSTFIX, "-c", str(config_dir), "start"], capture_output=True,
+                            text=True, timeout=60)
+    pid_file = base / "queue" / "pid" / "master.pid"
+    maillog = base / "maillog"
+    if result.returncode != 0:
+        log = maillog.read_text(errors="replace") if maillog.exists() else ""
+        pytest.fail(f"postfix -c {config_dir} start exited {result.returncode}\n"
+                    f"{result.stdout}{result.stderr}\n--- maillog:\n{log}", pytrace=False)
+    return int(pid_file.read_text().split()[0])
+
+
+def _wait_accepting(port: int, proc: subprocess.Popen, log: Path) -> None:
+    def accepting() -> bool:
+        assert proc.poll() is None, f"clamsmtpd exited {proc.returncode}:\n{log.read_text()}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+
+    wait_until(accepting, timeout=15, what=f"clamsmtpd to accept on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def pipeline(clamd, tmp_path_factory):
+    work = tmp_path_factory.mktemp("postfix-roundtrip")
+    smtpd_port, filter_port, reinject_port, hop_port = (free_port() for _ in range(4))
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="clamsmtp-postfix-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        base.chmod(0o755)
+        config_dir = base / "etc"
+        config_dir.mkdir(mode=0o755)
+        (config_dir / "main.cf").write_text(MAIN_CF.format(
+            base=base, hop_port=hop_port, documented=documented_main_cf(filter_port)))
+        (config_dir / "master.cf").write_text(MASTER_CF.format(
+            smtpd_port=smtpd_port, documented=documented_master_cf(reinject_port)))
+
+        hop = cleanup.enter_context(RecordingNextHop("127.0.0.1", hop_port))
+
+        # clamsmtpd as in the doc's clamsmtpd.conf: Listen on the filter port, OutAddress the
+        # re-injection server; Action drop and the default header
+        spool = work / "spool"
+        spool.mkdir(mode=0o700)
+        daemon_log = work / "clamsmtpd.log"
+        reinjection = SimpleNamespace(host="127.0.0.1", port=reinject_port)
+        directives = proxy_directives(filter_port, reinjection, clamd, spool, TimeOut=30)
+        proc = start_daemon(work / "clamsmtpd.conf", directives, daemon_log)
+
+        def stop_daemon() -> None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        cleanup.callback(stop_daemon)
+        _wait_accepting(filter_port, proc, daemon_log)
+
+        master_pid: int | None = None
+        cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
+        master_pid = _start_postfix(base, config_dir)
+        yield Pipeline(base, config_dir, base / "maillog", smtpd_port, filter_port,
+                       reinject_port, hop, daemon_log)
+
+
+# -- sending -------------------------------------------------------------------------------------
+
+
+def send(pipeline: Pipeline, message) -> str:
+    """Send `message` to Postfix's public smtpd; the queue id it was accepted as."""
+    with smtplib.SMTP("127.0.0.1", pipeline.smtpd_port, local_hostname="client.test",
+                      timeout=30) as client:
+        client.ehlo()
+        assert client.mail(message["From"])[0] == 250
+        assert client.rcpt(message["To"])[0] == 250
+        code, reply = client.data(bytes(message))
+    assert code == 250, reply
+    return re.search(r"queued as (\w+)", reply.decode())[1]
+
+
+def at_hop(pipeline: Pipeline, message) -> list:
+    return [m for m in list(pipeline.hop.messages)
+            if m.header("Message-ID") == message["Message-ID"]]
+
+
+def delivery(pipeline: Pipeline, queue_id: str, port: int, what: str) -> str:
+    """Wait for Postfix's log line of `queue_id`'s delivery attempt to 127.0.0.1:`port`; its
+    status, e.g. `sent (250 2.0.0 Ok: queued as 5B7C92E1A0)`."""
+    pattern = (rf"postfix/\w+\[\d+\]: {queue_id}: to=<[^>]+>, "
+               rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{port}, .*, status=(.+)$")
+    return pipeline.wait_postfix_log(pattern, f"{queue_id}'s delivery to {what}")[1]
+
+
+def unique(what: str) -> str:
+    return f"{what}-{time.time_ns()}"
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def test_a_clean_message_passes_the_filter_once(pipeline):
+    tag = unique("clean")
+    body = f"A clean message through Postfix and clamsmtpd ({tag}).\nSecond line.\n"
+    message = make_message(tag, body, sender=f"{tag}@example.com", to="bob@example.com")
+    first = send(pipeline, message)
+
+    # Postfix hands it to clamsmtpd (the scan transport), which relays the re-injection
+    # server's reply: the message is queued again, under a new id ...
+    status = delivery(pipeline, first, pipeline.filter_port, "clamsmtpd")
+    queued = re.fullmatch(r"sent \(250 2\.0\.0 Ok: queued as (\w+)\)", status)
+    assert queued, f"{first}: status={status}\n{pipeline.logs()}"
+    second = queued[1]
+    # ... and that one goes to the relayhost, the recording hop
+    status = delivery(pipeline, second, pipeline.hop.port, "the next hop")
+    assert status.startswith("sent (250 "), f"{second}: status={status}\n{pipeline.logs()}"
+    pipeline.wait_postfix_log(rf": {second}: removed$", f"{second} to leave the queue")
+
+    received = at_hop(pipeline, message)
+    assert len(received) == 1, f"{len(received)} copies at the hop\n{pipeline.logs()}"
+    got = received[0].original_content
+    head, got_body = got.split(b"\r\n\r\n", 1)
+    name = R.DEFAULT_HEADER.split(b":", 1)[0].lower()  # X-Virus-Scanned
+    scanned = [x for x in head.split(b"\r\n") if x.lower().startswith(name + b":")]
+    assert scanned == [R.DEFAULT_HEADER], head.decode()  # once: it was filtered once
+    assert got_body == bytes(message).split(b"\r\n\r\n", 1)[1]
+    assert received[0].header("Subject") == tag
+
+
+def test_eicar_is_discarded_and_postfix_counts_it_as_delivered(pipeline):
+    tag = unique("eicar")
+    sender = f"{tag}@example.com"
+    message = make_message(tag, attachments=[("eicar.com", EICAR)], sender=sender,
+                           to="bob@example.com")
+    queue_id = send(pipeline, message)
+
+    # sent, not deferred or bounced: Postfix counts it as delivered and forgets it
+    status = delivery(pipeline, queue_id, pipeline.filter_port, "clamsmtpd")
+    assert status == "sent (250 Virus Detected; Discarded Email)", (
+        f"{queue_id}: status={status}\n{pipeline.logs()}")
+    pipeline.wait_postfix_log(rf": {queue_id}: removed$", f"{queue_id} to leave the queue")
+    log = pipeline.postfix_log()
+    assert not re.search(rf": {queue_id}: .*status=(deferred|bounced)", log), log
+    verdicts = [x for x in pipeline.clamsmtpd_log().splitlines() if f"from={sender}," in x]
+    assert any("status=VIRUS:" in x for x in verdicts), pipeline.logs()
+
+    # Postfix has removed it: it cannot reach the hop any more
+    assert at_hop(pipeline, message) == []
+    assert not any(EICAR in m.original_content for m in pipeline.hop.messages)
+
+
+def test_the_running_instance_has_the_documented_lines(pipeline):
+    """The settings Postfix runs with are the doc's, only the ports differ."""
+    main_cf = (pipeline.config_dir / "main.cf").read_text()
+    master_cf = (pipeline.config_dir / "master.cf").read_text()
+    main_doc = documented_main_cf(pipeline.filter_port)
+    master_doc = documented_master_cf(pipeline.reinject_port)
+    assert main_doc in main_cf and master_doc in master_cf
+
+    shown = pipeline.postconf("-n", "content_filter", "receive_override_options")
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    expected = [" ".join(x.split()) for x in main_doc.splitlines()
+                if x.strip() and not x.startswith("#")]
+    assert shown.stdout.splitlines() == expected
+    assert f"scan:[127.0.0.1]:{pipeline.filter_port}" in shown.stdout
+
+    services = pipeline.postconf("-M", "scan/unix", f"127.0.0.1:{pipeline.reinject_port}/inet")
+    assert services.returncode == 0 and services.stderr == "", services.stderr
+    assert len(services.stdout.splitlines()) == 2, services.stdout
+    reinjection = pipeline.postconf("-P", f"127.0.0.1:{pipeline.reinject_port}/inet/content_filter")
+    assert reinjection.stdout.strip() == (
+        f"127.0.0.1:{pipeline.reinject_port}/inet/content_filter ="), reinjection.stdout
