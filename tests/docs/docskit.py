@@ -207,13 +207,13 @@ PROGRAMS = frozenset({
     "clamsmtpd", "clamsmtp-netsetup", "clamsmtp-lab", "swaks", "systemctl", "systemd-analyze",
     "vagrant", "postconf", "postmap", "postfix", "ip", "iptables", "nft", "sysctl", "ss", "curl",
     "find", "install", "runuser", "adduser", "useradd", "groupadd", "journalctl", "apt-get",
-    "kill", "git", "grep", "printf", "python", "python3", "smtp-source", "smtp-sink",
+    "kill", "git", "grep", "printf", "python", "python3", "smtp-source", "smtp-sink", "man",
 })
 OPTION_LIKE = re.compile(r"""^[-\[$/.@'"]""")
 WORD_LIKE = re.compile(r"^\w[\w.:/@=+|-]*$")
 #: Programs whose first argument may be a plain word (a subcommand, a user, a URL...).
 WORD_ARGUMENT = frozenset({"clamsmtp-netsetup", "systemctl", "systemd-analyze", "vagrant", "ip",
-                           "nft", "postfix", "git", "apt-get", "adduser", "grep", "curl"})
+                           "nft", "postfix", "git", "apt-get", "adduser", "grep", "curl", "man"})
 SHELL_LANGS = {"sh", "bash", "shell"}
 CONF_LINE = re.compile(r"^\s*[A-Z][A-Za-z]*\s*:\s*\S")
 MAIN_CF_LINE = re.compile(r"^[a-z][a-z0-9_]*\s*=")
@@ -377,6 +377,8 @@ MAPPED: dict[str, str] = {
         f"{INSTALL_TESTS}::test_installed_units_verify_with_the_installed_commands",
     r"systemd-analyze security --offline=true( /etc/systemd/system/clamsmtpd\.service)?":
         f"{INSTALL_TESTS}::test_systemd_analyze_security_rates_the_daemon_unit_ok",
+    r"man (clamsmtpd|clamsmtpd\.conf|clamsmtp-netsetup)|man --warnings -l":
+        f"{INSTALL_TESTS}::test_install_puts_the_man_pages_where_man_finds_them",
     r"clamsmtpd -f /etc/clamsmtpd\.conf":
         "tests/integration/test_cli.py::test_daemon_mode_detaches_and_writes_a_pid_file",
     r"kill -(HUP|TERM)": f"{INSTALL_TESTS}::test_the_daemon_starts_as_the_unit_starts_it",

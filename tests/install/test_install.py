@@ -44,13 +44,20 @@ VENV = "/opt/clamsmtp/venv"
 SBIN = "/usr/local/sbin"
 PID_FILE = "/run/clamsmtp/clamsmtpd.pid"
 DAEMON_EXEC = f"{SBIN}/clamsmtpd -f /etc/clamsmtpd.conf -p {PID_FILE}"
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Debian's, for root
 SCRIPT_TIMEOUT = 600
+MAN_DIR = "/usr/local/share/man"
+#: The manual pages (appliance/data/man) and where scripts/install puts them.
+MAN_PAGES = {name: f"{MAN_DIR}/man{name.rpartition('.')[2]}/{name}"
+             for name in ("clamsmtpd.8", "clamsmtpd.conf.5", "clamsmtp-netsetup.8")}
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is missing (Debian package systemd)"
 )
 DEV_BIN = Path(sys.executable).parent  # the dev venv running these tests has both commands
+MAN = shutil.which("man")
+needs_man = pytest.mark.skipif(MAN is None, reason="man is missing (Debian package man-db)")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -206,7 +213,7 @@ GUARDED = ["/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow", "/etc/cla
            "/etc/systemd/system/clamsmtp-netsetup.service", "/opt/clamsmtp",
            "/usr/local/sbin/clamsmtpd", "/usr/local/sbin/clamsmtp-netsetup",
            "/usr/local/bin/clamsmtpd", "/usr/local/bin/clamsmtp-netsetup",
-           "/var/spool/clamsmtp", "/run/clamsmtp"]
+           "/var/spool/clamsmtp", "/run/clamsmtp", *MAN_PAGES.values()]
 
 
 def _real_system_state() -> dict[str, object]:
@@ -505,6 +512,50 @@ def test_the_sbin_links_point_into_the_venv(installed):
     assert not (installed.root / "usr/sbin").exists()  # Debian's /usr/sbin/clamsmtpd: not ours
 
 
+def man_pages_in(root: Path) -> dict[str, Path]:
+    return {name: root / path.lstrip("/") for name, path in MAN_PAGES.items()}
+
+
+@pytest.mark.root
+def test_install_puts_the_man_pages_in_usr_local_share_man(installed):
+    for name, page in man_pages_in(installed.root).items():
+        assert page.read_bytes() == (DATA / "man" / name).read_bytes(), page
+        assert stat.S_IMODE(page.stat().st_mode) == 0o644
+        assert f"manual page {MAN_PAGES[name]}: installed" in installed.results[0].stdout
+    # They are package data too (pyproject.toml), so the installed package has them.
+    shipped = list((installed.root / VENV.lstrip("/")).glob("lib/python3*/site-packages/"
+                                                            "appliance/data/man/*"))
+    assert sorted(p.name for p in shipped) == sorted(MAN_PAGES)
+
+
+@pytest.mark.root
+@needs_man
+def test_install_puts_the_man_pages_where_man_finds_them(installed):
+    """`man -l PAGE` renders each installed page without a warning, and `man NAME` (what
+    docs/install.md says) finds it: /usr/local/share/man comes before /usr/share/man, where
+    Debian's clamsmtp package has its own clamsmtpd(8) and clamsmtpd.conf(5)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MANPATH", "MANOPT", "MAN_KEEP_FORMATTING", "MANPAGER", "PAGER")}
+    env.update(MANWIDTH="80", LC_ALL="C.UTF-8")
+    man_dir = installed.root / MAN_DIR.lstrip("/")
+    for name, page in man_pages_in(installed.root).items():
+        stem = name.rpartition(".")[0]
+        rendered = run([MAN, "--warnings", "-l", page], env=env, timeout=60)
+        assert (rendered.returncode, rendered.stderr) == (0, ""), rendered.stderr
+        text = rendered.stdout.replace("\u2212", "-").replace("\u2010", "-")  # \- in UTF-8
+        assert re.match(rf"{re.escape(stem.upper())}\(\d\)", text), text[:400]
+        assert f"\nNAME\n       {stem} - " in text, text[:400]
+        found = run_ok([MAN, "-M", f"{man_dir}:/usr/share/man", "-w", stem], env=env)
+        assert found.stdout.strip() == str(page)
+        shown = run_ok([MAN, "-M", f"{man_dir}:/usr/share/man", stem], env=env)
+        assert shown.stdout == rendered.stdout
+    # The real manpath (from PATH, /etc/manpath.config) has /usr/local/share/man first.
+    manpath = shutil.which("manpath")
+    if manpath:
+        dirs = run_ok([manpath], env={**env, "PATH": ROOT_PATH}).stdout.strip().split(":")
+        assert dirs.index(MAN_DIR) < dirs.index("/usr/share/man"), dirs
+
+
 @pytest.mark.root
 def test_the_daemon_starts_as_the_unit_starts_it(installed, tmp_path_factory):
     """ExecStart as the unit runs it, with User=/UMask= and a RuntimeDirectory= of its own:
@@ -564,6 +615,8 @@ def test_installing_twice_changes_nothing(reinstalled):
     assert second == first
     assert "user clamsmtp: exists" in reinstalled.results[1].stdout
     assert "/etc/clamsmtpd.conf: kept" in reinstalled.results[1].stdout
+    for path in MAN_PAGES.values():
+        assert f"manual page {path}: up to date" in reinstalled.results[1].stdout
 
 
 @pytest.mark.root
@@ -597,6 +650,30 @@ def test_uninstall_removes_venv_links_and_units(uninstalled):
         assert not (root / SBIN.lstrip("/") / name).is_symlink()
     for unit in UNITS:
         assert not (root / "etc/systemd/system" / unit).exists()
+
+
+@pytest.mark.root
+def test_uninstall_removes_the_man_pages(uninstalled):
+    for page in man_pages_in(uninstalled.root).values():
+        assert not page.exists(), page
+    for path in MAN_PAGES.values():
+        assert f"removed the manual page {path}" in uninstalled.results[3].stdout
+    assert "manual page" not in uninstalled.results[4].stdout  # the second run: none left
+
+
+@pytest.mark.root
+def test_uninstall_keeps_a_man_page_that_is_not_ours(tmp_path):
+    """A clamsmtpd(8) in /usr/local/share/man that is not ours (the C clamsmtp built from
+    source installs there) stays; ours say "clamsmtp for Python" in their .TH line."""
+    root = make_fake_root(tmp_path / "root")
+    foreign = man_pages_in(root)["clamsmtpd.8"]
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text('.Dd July, 2004\n.Dt clamsmtpd 8\n.Os clamsmtp\n.Sh NAME\n')
+    ours = man_pages_in(root)["clamsmtp-netsetup.8"]
+    shutil.copy2(DATA / "man" / "clamsmtp-netsetup.8", ours)
+    result = uninstall(root)
+    assert foreign.exists() and not ours.exists()
+    assert f"kept {MAN_PAGES['clamsmtpd.8']}: not ours" in result.stdout
 
 
 @pytest.mark.root
@@ -671,8 +748,10 @@ def test_custom_venv_directory_and_debian_clamsmtp_spool(tmp_path):
     assert os.readlink(link) == "/srv/clamsmtp/venv/bin/clamsmtpd"
     run_ok([inside(root, link), "-v"])
     assert not (root / "opt").exists()
+    assert all(page.is_file() for page in man_pages_in(root).values())
     uninstall(root, "--venv", "/srv/clamsmtp")
     assert not (root / "srv/clamsmtp").exists() and not link.is_symlink()
+    assert not any(page.exists() for page in man_pages_in(root).values())
 
 
 @pytest.mark.root
@@ -693,8 +772,12 @@ def test_system_install_and_uninstall(tmp_path):
     run_ok(["/usr/bin/python3", root / "usr/local/bin/clamsmtpd", "--check-config",
             "-f", root / "etc/clamsmtpd.conf"], env=env)
     assert not (root / "opt").exists()
+    assert all(page.is_file() for page in man_pages_in(root).values())  # the same place
+    assert sorted(p.name for p in (package_dir / "appliance/data/man").iterdir()) == sorted(
+        MAN_PAGES)
 
     uninstall(root, "--purge")
+    assert not any(page.exists() for page in man_pages_in(root).values())
     assert not (package_dir / "appliance").exists()
     assert not (root / "usr/local/bin/clamsmtpd").exists()
     assert not list(package_dir.glob("clamsmtp-*.dist-info"))
