@@ -12,10 +12,10 @@ from enum import IntEnum
 class ExitCode(IntEnum):
     OK = 0
     FAILED = 1  # a kernel change failed (after a rollback of our own objects)
-    USAGE = 2  # bad option, bad config file, unknown user, nothing to intercept
+    USAGE = 2  # bad option, bad config file, unknown user, unsafe interface name
     NOT_ROOT = 3
     NO_KERNEL_SUPPORT = 4  # nat table, REDIRECT/addrtype/owner or the xtables extensions missing
-    NO_INTERFACE = 5  # --interface names a link that does not exist
+    NO_INTERFACE = 5  # --interface names a link that does not exist, or none to intercept on
     NFTABLES_HOST = 6  # no longer used: the nft backend once refused (it applies rules now)
 
 
