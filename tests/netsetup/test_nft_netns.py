@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 
 import nslab
 import pytest
-from test_netns import FULL, LISTENER, PROXY_PORT, connect, netsetup, ok
+import test_netns
+from test_netns import FULL, PROXY_PORT, connect, netsetup, ok
 from test_netns import ruleset as legacy_ruleset
 
 from netsetup.backends.nft import render_script
@@ -77,24 +77,7 @@ def lab():
         yield lab
 
 
-@pytest.fixture
-def listener(lab):
-    """listener(family) -> the SO_ORIGINAL_DST listener of test_netns, in the gateway."""
-    started = []
-
-    def start(family: int):
-        argv = [sys.executable, "-c", LISTENER, str(PROXY_PORT), str(family)]
-        proc = nslab.popen_in(lab.gateway, argv)
-        started.append(proc)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.communicate(timeout=10)
-
-
+listener = test_netns.listener  # the same fixture; it starts the listener in this module's lab
 
 
 def test_nft_enable_twice_status_and_disable_restores_the_exact_ruleset(router):
