@@ -20,6 +20,8 @@ NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again la
 NEXT_HOP_LOST = "421 4.4.2 Local Error, connection to next hop lost; try again later"
 TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+#: a command line with a CR before its end: never relayed (a next hop could split it)
+BARE_CR = "500 5.5.2 Error: bare CR in command line"
 
 DEFAULT_HEADER = b"X-Virus-Scanned: ClamAV using ClamSMTP"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!"

@@ -33,6 +33,7 @@ import re
 import socket
 import time
 
+import replies as R
 from fuzzkit import BAD_LOG, PASSWORD, STATS, TIMEOUT, USER
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -361,6 +362,10 @@ class SessionRun:
         if length >= MAX_LINE and not continuation:
             assert reply == b"500 Line too long\r\n", reply
             STATS.too_long += 1
+        if not continuation and length < MAX_LINE and b"\r" in line.rstrip(b"\r\n"):
+            # refused before its verb is looked at (STARTTLS\r\x00 is not a STARTTLS)
+            assert reply == R.BARE_CR.encode() + b"\r\n", reply
+            return reply
         verb = line.split(None, 1)[0].upper() if line.strip() else b""
         if not continuation and verb in (b"STARTTLS", b"BDAT") and length < MAX_LINE:
             assert reply == b"502 Command not implemented\r\n", reply
