@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import free_port, next_hop_options, proxy_directives, start_daemon
+from helpers import (
+    free_port,
+    next_hop_options,
+    proxy_directives,
+    start_daemon,
+    wait_accepting,
+)
 
 from appliance.lab import PrivateClamd, RecordingNextHop
 
@@ -156,30 +161,6 @@ class RunningAppliance:
         return self.proc.returncode
 
 
-def _wait_accepting(running: RunningAppliance, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if running.proc.poll() is not None:
-            pytest.fail(
-                f"the daemon exited with status {running.proc.returncode} during start-up; "
-                f"stderr:\n{running.log()}",
-                pytrace=False,
-            )
-        try:
-            with socket.create_connection(running.address, timeout=1.0):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            running.stop()
-            pytest.fail(
-                f"the daemon did not accept on {running.host}:{running.port} within "
-                f"{timeout:.0f} s; stderr:\n{running.log()}",
-                pytrace=False,
-            )
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def daemon_kind() -> str:
     """Which daemon `appliance` runs: "appliance" (this project's, the default) or "reference"
@@ -218,7 +199,11 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     stderr_path = tmp_path / "clamsmtpd.stderr"
     proc = start_daemon(conf, directives, stderr_path, reference=daemon_kind == "reference")
     running = RunningAppliance("127.0.0.1", port, conf, spool, stderr_path, proc, directives)
-    _wait_accepting(running, START_TIMEOUT)
+    try:
+        wait_accepting(proc, running.address, running.log, START_TIMEOUT)
+    except pytest.fail.Exception:
+        running.stop()
+        raise
     try:
         yield running
         # the test is over: the spool must empty itself while the daemon still runs

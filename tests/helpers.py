@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "send_raw",
     "smtp_client",
     "start_daemon",
+    "wait_accepting",
     "wait_until",
     "write_appliance_config",
     "zip_bytes",
@@ -218,6 +219,26 @@ def zip_bytes(name: str, data: bytes) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(name, data)
     return buf.getvalue()
+
+
+def wait_accepting(proc: subprocess.Popen, address: tuple[str, int],
+                   log: Callable[[], str], timeout: float = 15.0) -> None:
+    """Wait until the daemon `proc` accepts on `address`; fail the test with `log()` (its
+    output) if it exits first or does not accept within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the daemon exited with status {proc.returncode} during start-up; "
+                        f"stderr:\n{log()}", pytrace=False)
+        try:
+            with socket.create_connection(address, timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the daemon did not accept on {address[0]}:{address[1]} within "
+                        f"{timeout:.0f} s; stderr:\n{log()}", pytrace=False)
+        time.sleep(0.05)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 from fuzzkit import STATS, TIMEOUT, FuzzRig, SaslRecordingNextHop
-from helpers import free_port, proxy_directives, start_daemon
+from helpers import free_port, proxy_directives, start_daemon, wait_accepting
 
 from appliance.lab import PrivateClamd
 
@@ -25,20 +23,6 @@ from appliance.lab import PrivateClamd
 def pytest_terminal_summary(terminalreporter):
     if STATS.sessions:
         terminalreporter.write_line(STATS.summary())
-
-
-def _wait_accepting(rig: FuzzRig, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if rig.proc.poll() is not None:
-            pytest.fail(f"the daemon exited with {rig.proc.returncode}:\n{rig.log()}")
-        try:
-            with socket.create_connection(rig.address, timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"the daemon does not accept connections:\n{rig.log()}")
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +40,7 @@ def rig(tmp_path_factory, clamd: PrivateClamd):
         running = FuzzRig(("127.0.0.1", port), proc, spool, log_path, hop,
                           ("127.0.0.1", metrics))
         try:
-            _wait_accepting(running)
+            wait_accepting(proc, running.address, running.log)
             running.new_log()
             yield running
         finally:

@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,7 +30,15 @@ from types import SimpleNamespace
 
 import pytest
 import replies as R
-from helpers import EICAR, free_port, make_message, proxy_directives, start_daemon, wait_until
+from helpers import (
+    EICAR,
+    free_port,
+    make_message,
+    proxy_directives,
+    start_daemon,
+    wait_accepting,
+    wait_until,
+)
 
 from appliance.lab import RecordingNextHop
 
@@ -225,16 +232,6 @@ def _start_postfix(base: Path, config_dir: Path) -> int:
     return int(pid_file.read_text().split()[0])
 
 
-def _wait_accepting(port: int, proc: subprocess.Popen, log: Path) -> None:
-    def accepting() -> bool:
-        assert proc.poll() is None, f"clamsmtpd exited {proc.returncode}:\n{log.read_text()}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return True
-        return False
-
-    wait_until(accepting, timeout=15, what=f"clamsmtpd to accept on 127.0.0.1:{port}")
-
-
 @pytest.fixture(scope="module")
 def pipeline(clamd, tmp_path_factory):
     work = tmp_path_factory.mktemp("postfix-roundtrip")
@@ -270,7 +267,7 @@ def pipeline(clamd, tmp_path_factory):
                 proc.wait()
 
         cleanup.callback(stop_daemon)
-        _wait_accepting(filter_port, proc, daemon_log)
+        wait_accepting(proc, ("127.0.0.1", filter_port), daemon_log.read_text)
 
         master_pid: int | None = None
         cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
