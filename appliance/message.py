@@ -20,7 +20,7 @@ from .maillog import summary
 from .scanner import ERROR
 from .spool import Spool, SpoolError
 from .upstream import UpstreamError
-from .verdict import FORWARD, REPLY_LOCAL_ERROR, decide
+from .verdict import FORWARD, REPLY_LOCAL_ERROR, Verdict, decide
 
 DATA_CHUNK = 1 << 18
 REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
@@ -63,14 +63,14 @@ class MessageFlow:
                 return
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
-            if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
-                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, result.log_status))
-            metrics.MESSAGES.labels(result.status.lower()).inc()
             verdict = decide(result, self.config.action)
+            if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
+                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status))
+            metrics.MESSAGES.labels(result.status.lower()).inc()
             if verdict.infected:
                 self._virus_found(spool, envelope, result.virus or "Unknown")
             if verdict.kind == FORWARD:
-                await self._forward(spool, verdict.extra_header)
+                await self._forward(spool, verdict)
             else:
                 await self._abandon(verdict.reply)
         except UpstreamError as e:
@@ -154,7 +154,7 @@ class MessageFlow:
                 return None, REPLY_LOCAL_ERROR
         return spool, refusal
 
-    async def _forward(self, spool: Spool, extra_header: bytes) -> None:
+    async def _forward(self, spool: Spool, verdict: Verdict) -> None:
         session = self.session
         upstream = session.upstream
         reply = await upstream.command(b"DATA")
@@ -164,10 +164,12 @@ class MessageFlow:
             await self._push_reply(reply)
             await self._end_if_next_hop_left(reply)
             return
-        header = expand_header(
-            self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
-        )
-        reply = await upstream.send_message(stuff(spool.chunks(header + extra_header)))
+        header = b""
+        if verdict.scanned:  # the scan header says "scanned": never on mail that was not
+            header = expand_header(
+                self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
+            )
+        reply = await upstream.send_message(stuff(spool.chunks(header + verdict.extra_header)))
         await self._push_reply(reply)
         await self._end_if_next_hop_left(reply)
 

@@ -9,7 +9,9 @@ from appliance.verdict import (
     INFECTED_HEADER,
     REJECT,
     TEMPFAIL,
+    Unscanned,
     decide,
+    unscanned,
 )
 
 EICAR = ScanResult(VIRUS, virus="Eicar-Test-Signature")
@@ -39,3 +41,22 @@ def test_log_status_values():
     assert EICAR.log_status == "VIRUS:Eicar-Test-Signature"
     assert ScanResult(VIRUS).log_status == "VIRUS"
     assert ScanResult(ERROR).log_status == "CLAMAV-ERROR"
+
+
+def test_decide_gives_the_log_status():
+    assert decide(ScanResult(CLEAN), "drop").status == "CLEAN"
+    assert decide(EICAR, "pass").status == "VIRUS:Eicar-Test-Signature"
+    assert decide(ScanResult(ERROR, detail="down"), "drop").status == "CLAMAV-ERROR"
+
+
+@pytest.mark.parametrize("reason", list(Unscanned))
+def test_unscanned_is_one_family_with_its_own_header(reason):
+    verdict = unscanned(reason)
+    assert verdict.kind == FORWARD and not verdict.scanned and not verdict.infected
+    assert verdict.status == f"UNSCANNED:{reason.value}"
+    assert verdict.extra_header == f"X-Virus-Not-Scanned: {reason.value}\r\n".encode()
+    assert reason.value.isalpha() and reason.value.islower()  # `status=UNSCANNED:[a-z]+`
+
+
+def test_the_unscanned_reasons():
+    assert {r.value for r in Unscanned} == {"error", "size", "network", "authenticated", "tls"}
