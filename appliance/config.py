@@ -20,6 +20,10 @@ from appliance.header import template_problems
 DEFAULT_CONFIG_PATH = "/etc/clamsmtpd.conf"
 DEFAULT_HEADER = "X-Virus-Scanned: ClamAV using ClamSMTP"
 ACTIONS = ("drop", "bounce", "pass")
+SCAN_ERROR_ACTIONS = ("defer", "pass")
+#: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
+DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
+MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
 MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
@@ -68,6 +72,8 @@ class Config:
     user: str | None = None
     pid_file: str | None = None
     metrics_listen: Address | None = None  # opt-in Prometheus endpoint
+    scan_error_action: str = "defer"  # what a scan that could not be done gets
+    reject_message: str = DEFAULT_REJECT_MESSAGE  # Action: bounce's reply, %v = the virus name
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -84,6 +90,11 @@ class Config:
             raise ValueError(f"keepalives must be 0 to {MAX_SECONDS} seconds")
         if not self.temp_directory:
             raise ValueError("empty temp_directory")
+        if self.scan_error_action not in SCAN_ERROR_ACTIONS:
+            raise ValueError(f"invalid scan_error_action {self.scan_error_action!r}")
+        problem = reject_message_problem(self.reject_message)
+        if problem:
+            raise ValueError(f"reject_message: {problem}")
 
 
 def replace(config: Config, **changes: Any) -> Config:
@@ -190,6 +201,8 @@ def describe(config: Config) -> str:
         if config.metrics_listen is not None
         else "# MetricsListen: not set (no metrics endpoint)",
         "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
+        f"ScanErrorAction: {config.scan_error_action}",
+        f"RejectMessage: {config.reject_message}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -295,6 +308,41 @@ def _scan_header(value: str, values: dict[str, Any]) -> list[str]:
     return ['please use "Header" option instead of "ScanHeader"', *_header(value, values)]
 
 
+def _choice_handler(field: str, choices: tuple[str, ...]) -> _Handler:
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if value.lower() not in choices:
+            expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
+        values[field] = value.lower()
+        return []
+
+    return handle
+
+
+def reject_message_problem(text: str) -> str | None:
+    """Why ``text`` cannot be RejectMessage's reply (None: it can): a permanent (5xx) code, a
+    space, some text, printable ASCII on one line, room left for the virus name."""
+    expected = "expected a 5xx code, a space and a text, e.g. 550 5.7.1 Virus found: %v"
+    if not text:
+        return f"empty value ({expected})"
+    if len(text) > MAX_REJECT_MESSAGE:
+        return f"too long ({len(text)} characters, at most {MAX_REJECT_MESSAGE})"
+    if not text.isascii() or not text.isprintable():
+        return "only printable ASCII on one line is allowed in an SMTP reply"
+    code, space, rest = text.partition(" ")
+    if not (len(code) == 3 and code.isdigit() and code[0] == "5") or not space or not rest.strip():
+        return f"'{_show(text)}' is not a permanent SMTP reply ({expected})"
+    return None
+
+
+def _reject_message(value: str, values: dict[str, Any]) -> list[str]:
+    problem = reject_message_problem(value)
+    if problem:
+        raise ValueError(problem)
+    values["reject_message"] = value
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -328,6 +376,8 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
             "metrics_listen", _address_handler("metrics_listen", LISTEN_HOST, METRICS_PORT)
         )),
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
+        ("ScanErrorAction", _choice_handler("scan_error_action", SCAN_ERROR_ACTIONS)),
+        ("RejectMessage", _reject_message),
     ]
 }
 _DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})

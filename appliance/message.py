@@ -20,7 +20,7 @@ from .maillog import summary
 from .scanner import ERROR
 from .spool import Spool, SpoolError
 from .upstream import UpstreamError
-from .verdict import FORWARD, REPLY_LOCAL_ERROR, Verdict, decide
+from .verdict import FORWARD, REPLY_LOCAL_ERROR, Policy, Verdict, decide
 
 DATA_CHUNK = 1 << 18
 REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
@@ -63,10 +63,12 @@ class MessageFlow:
                 return
             if result.status == ERROR:
                 log.error("clamav error: %s", result.detail)
-            verdict = decide(result, self.config.action)
+            verdict = decide(result, Policy.of(self.config))
             if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
                 log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status))
             metrics.MESSAGES.labels(result.status.lower()).inc()
+            if verdict.unscanned is not None:
+                metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
             if verdict.infected:
                 self._virus_found(spool, envelope, result.virus or "Unknown")
             if verdict.kind == FORWARD:

@@ -33,6 +33,11 @@ SCAN_SECONDS = Histogram(
     "clamsmtpd_scan_seconds", "Time clamd took per message (INSTREAM)", registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+UNSCANNED = Counter(
+    "clamsmtpd_messages_unscanned",
+    "Messages passed on without a scan, by reason (error, size, network, authenticated, tls)",
+    ["reason"], registry=REGISTRY,
+)
 NEXT_HOP_ERRORS = Counter(
     "clamsmtpd_next_hop_errors",
     "Failures talking to the next hop, by stage (connect, session)", ["stage"],
@@ -41,6 +46,8 @@ NEXT_HOP_ERRORS = Counter(
 
 for _status in ("clean", "virus", "error"):
     MESSAGES.labels(_status)
+for _reason in ("error", "size", "network", "authenticated", "tls"):
+    UNSCANNED.labels(_reason)
 for _stage in ("connect", "session"):
     NEXT_HOP_ERRORS.labels(_stage)
 

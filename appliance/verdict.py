@@ -11,18 +11,21 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .config import DEFAULT_REJECT_MESSAGE, Config
 from .scanner import CLEAN, VIRUS, ScanResult
 
 FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
 
 # The C original's exact reply strings (clamsmtp-behaviour.md 5.10).
 REPLY_DISCARDED = "250 Virus Detected; Discarded Email"
-REPLY_REJECTED = "550 Virus Detected; Content Rejected"
+REPLY_REJECTED = DEFAULT_REJECT_MESSAGE
 REPLY_LOCAL_ERROR = "451 Local Error"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!\r\n"
 #: The header on mail delivered without a scan. Never the configured scan header (Header:),
 #: which says the message was scanned: a filter downstream must be able to tell the two apart.
 NOT_SCANNED_HEADER = "X-Virus-Not-Scanned"
+#: A virus name put in a reply or a header is cut to this many characters.
+MAX_VIRUS_NAME = 100
 
 
 class Unscanned(enum.StrEnum):
@@ -56,24 +59,57 @@ class Verdict:
     extra_header: bytes = b""  # added after the configured Header when forwarding
     infected: bool = False  # quarantine and VirusAction apply
     status: str = CLEAN  # the `status=` of the log line
-    scanned: bool = True  # False: the configured scan header is not added
+    unscanned: Unscanned | None = None  # why it goes on without a scan (then no scan header)
+
+    @property
+    def scanned(self) -> bool:
+        return self.unscanned is None
 
 
-def decide(result: ScanResult, action: str) -> Verdict:
-    """Map a scan result and the configured Action to what happens to the message."""
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The directives `decide` applies, apart from the Config (so the table test needs none)."""
+
+    action: str = "drop"  # Action: drop | bounce | pass
+    scan_error: str = "defer"  # ScanErrorAction: defer | pass
+    reject_message: str = REPLY_REJECTED  # RejectMessage, %v = the virus name
+
+    @classmethod
+    def of(cls, config: Config) -> Policy:
+        return cls(
+            action=config.action,
+            scan_error=config.scan_error_action,
+            reject_message=config.reject_message,
+        )
+
+
+def decide(result: ScanResult, policy: Policy) -> Verdict:
+    """Map a scan result and the configured policy to what happens to the message."""
     status = result.log_status
     if result.status == CLEAN:
         return Verdict(FORWARD, status=status)
     if result.status == VIRUS:
-        if action == "pass":
+        if policy.action == "pass":
             return Verdict(FORWARD, extra_header=INFECTED_HEADER, infected=True, status=status)
-        if action == "bounce":
-            return Verdict(REJECT, REPLY_REJECTED, infected=True, status=status)
+        if policy.action == "bounce":
+            reply = policy.reject_message.replace("%v", safe_virus_name(result.virus))
+            return Verdict(REJECT, reply, infected=True, status=status)
         return Verdict(DISCARD, REPLY_DISCARDED, infected=True, status=status)
-    # clamd down, slow or confused: never lose the mail, never pass it unscanned.
+    # clamd down, slow or confused: never lose the mail; pass it unscanned only when told to.
+    if policy.scan_error == "pass":
+        return unscanned(Unscanned.ERROR)
     return Verdict(TEMPFAIL, REPLY_LOCAL_ERROR, status=status)
+
+
+def safe_virus_name(name: str | None) -> str:
+    """A virus name fit for a reply line or a header: printable ASCII, no CR or LF, bounded.
+
+    The name comes from clamd's database (third-party signatures included), so it is not trusted
+    to be any of those."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in (name or "Unknown")).strip()
+    return (text or "Unknown")[:MAX_VIRUS_NAME]
 
 
 def unscanned(reason: Unscanned) -> Verdict:
     """A message that goes on without a scan: the not-scanned header instead of the scan header."""
-    return Verdict(FORWARD, extra_header=reason.header, status=reason.status, scanned=False)
+    return Verdict(FORWARD, extra_header=reason.header, status=reason.status, unscanned=reason)

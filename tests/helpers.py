@@ -10,6 +10,7 @@ import email.policy
 import io
 import os
 import re
+import signal
 import smtplib
 import socket
 import subprocess
@@ -31,6 +32,7 @@ __all__ = [
     "make_message",
     "raw_session_in_data",
     "read_reply",
+    "reload_with",
     "requires_root",
     "send_raw",
     "smtp_client",
@@ -239,6 +241,19 @@ def wait_accepting(proc: subprocess.Popen, address: tuple[str, int],
             pytest.fail(f"the daemon did not accept on {address[0]}:{address[1]} within "
                         f"{timeout:.0f} s; stderr:\n{log()}", pytrace=False)
         time.sleep(0.05)
+
+
+def reload_with(appliance, **directives) -> None:
+    """Set `directives` in the running daemon's file (replacing lines of the same name), send
+    SIGHUP, and wait until the daemon says it reloaded."""
+    text = appliance.conf_path.read_text()
+    lines = [ln for ln in text.splitlines() if ln.split(":")[0] not in directives]
+    lines += [f"{k}: {v}" for k, v in directives.items()]
+    appliance.conf_path.write_text("\n".join(lines) + "\n")
+    before = appliance.log().count("configuration reloaded")
+    appliance.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: appliance.log().count("configuration reloaded") > before,
+               what="the reload to be logged")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

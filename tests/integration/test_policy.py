@@ -11,7 +11,8 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, raw_session_in_data, smtp_client, wait_until
+from helpers import EICAR, raw_session_in_data, smtp_client
+from helpers import reload_with as _set_and_reload
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -123,17 +124,6 @@ def test_virus_action_as_root_is_refused(tmp_path):
 
 
 # -- SIGHUP, SIGTERM --------------------------------------------------------------------------
-
-
-def _set_and_reload(appliance, **directives) -> None:
-    text = appliance.conf_path.read_text()
-    lines = [ln for ln in text.splitlines() if ln.split(":")[0] not in directives]
-    lines += [f"{k}: {v}" for k, v in directives.items()]
-    appliance.conf_path.write_text("\n".join(lines) + "\n")
-    before = appliance.log().count("configuration reloaded")
-    appliance.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: appliance.log().count("configuration reloaded") > before,
-               what="the reload to be logged")
 
 
 def test_sighup_reloads_the_configuration(appliance, next_hop):

@@ -26,7 +26,7 @@ DEBIAN_CONF = Path(appliance.__file__).parent / "data" / "clamsmtpd.conf"
 DIRECTIVES = [
     "OutAddress", "Listen", "ClamAddress", "Header", "TempDirectory", "Action", "Quarantine",
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
-    "User", "PidFile",
+    "User", "PidFile", "ScanErrorAction", "RejectMessage",
 ]  # fmt: skip
 
 
@@ -147,6 +147,11 @@ def test_default_config_path() -> None:
         ("User: 108", "user", "108"),
         ("PidFile: /run/clamsmtpd.pid", "pid_file", "/run/clamsmtpd.pid"),
         ("PidFile:", "pid_file", None),
+        ("ScanErrorAction: defer", "scan_error_action", "defer"),
+        ("ScanErrorAction: Pass", "scan_error_action", "pass"),
+        ("RejectMessage: 550 5.7.1 Virus found: %v", "reject_message",
+         "550 5.7.1 Virus found: %v"),
+        ("RejectMessage: 554 No", "reject_message", "554 No"),
     ],
 )
 def test_directive(line: str, field: str, value: object) -> None:
@@ -343,6 +348,19 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["OutAddress: garbage!"], 2, "OutAddress", "invalid host name 'garbage!'"),
         (["VirusAction: a\0b"], 2, "VirusAction", "value contains a NUL character"),
         (["# fine", "", "Action: pass", "TimeOut: never"], 5, "TimeOut", "invalid value 'never'"),
+        (["ScanErrorAction: drop"], 2, "ScanErrorAction",
+         "invalid value 'drop' (expected defer or pass)"),
+        (["ScanErrorAction:"], 2, "ScanErrorAction", "invalid value '' (expected defer or pass)"),
+        (["RejectMessage: 451 try later"], 2, "RejectMessage",
+         "'451 try later' is not a permanent SMTP reply (expected a 5xx code, a space and a text"),
+        (["RejectMessage: 250 ok"], 2, "RejectMessage", "'250 ok' is not a permanent SMTP reply"),
+        (["RejectMessage: Virus found"], 2, "RejectMessage",
+         "'Virus found' is not a permanent SMTP reply"),
+        (["RejectMessage: 550"], 2, "RejectMessage", "'550' is not a permanent SMTP reply"),
+        (["RejectMessage:"], 2, "RejectMessage", "empty value (expected a 5xx code, a space"),
+        (["RejectMessage: 550 Virus \u00e9"], 2, "RejectMessage", "only printable ASCII"),
+        (["RejectMessage: 550 a\tb"], 2, "RejectMessage", "only printable ASCII"),
+        (["RejectMessage: 550 " + "x" * 400], 2, "RejectMessage", "too long (404 characters"),
     ],
 )
 def test_errors_are_located(lines: list, line: int, directive: str | None, reason: str) -> None:
@@ -459,6 +477,8 @@ TransparentProxy: off
 User: clamsmtp
 PidFile: /run/clamsmtpd.pid
 DebugFiles: on
+ScanErrorAction: pass
+RejectMessage: 550 5.7.1 Virus found: %v (see https://example.org/av)
 """
 
 
@@ -517,6 +537,8 @@ def test_replace_overrides_and_revalidates() -> None:
         {"timeout": 0},
         {"keepalives": -1},
         {"temp_directory": ""},
+        {"scan_error_action": "drop"},
+        {"reject_message": "451 later"},
     ],
 )
 def test_config_validates_itself(changes: dict) -> None:
@@ -562,6 +584,8 @@ _VALID_LINES = st.one_of(
                                                "Bounce", "DebugFiles"]),
               st.sampled_from(["on", "off", "YES", "f"])),
     st.builds("Action: {}".format, st.sampled_from(["drop", "BOUNCE", "Pass"])),
+    st.builds("ScanErrorAction: {}".format, st.sampled_from(["defer", "PASS"])),
+    st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from appliance.verdict import (
     INFECTED_HEADER,
     REJECT,
     TEMPFAIL,
+    Policy,
     Unscanned,
     decide,
     unscanned,
@@ -31,7 +32,7 @@ EICAR = ScanResult(VIRUS, virus="Eicar-Test-Signature")
     ],
 )
 def test_decide(result, action, kind, reply, extra):
-    verdict = decide(result, action)
+    verdict = decide(result, Policy(action=action))
     assert (verdict.kind, verdict.reply, verdict.extra_header) == (kind, reply, extra)
     assert verdict.infected == (result.status == VIRUS)
 
@@ -44,9 +45,9 @@ def test_log_status_values():
 
 
 def test_decide_gives_the_log_status():
-    assert decide(ScanResult(CLEAN), "drop").status == "CLEAN"
-    assert decide(EICAR, "pass").status == "VIRUS:Eicar-Test-Signature"
-    assert decide(ScanResult(ERROR, detail="down"), "drop").status == "CLAMAV-ERROR"
+    assert decide(ScanResult(CLEAN), Policy()).status == "CLEAN"
+    assert decide(EICAR, Policy(action="pass")).status == "VIRUS:Eicar-Test-Signature"
+    assert decide(ScanResult(ERROR, detail="down"), Policy()).status == "CLAMAV-ERROR"
 
 
 @pytest.mark.parametrize("reason", list(Unscanned))
@@ -60,3 +61,47 @@ def test_unscanned_is_one_family_with_its_own_header(reason):
 
 def test_the_unscanned_reasons():
     assert {r.value for r in Unscanned} == {"error", "size", "network", "authenticated", "tls"}
+
+
+@pytest.mark.parametrize("action", ["drop", "bounce", "pass"])
+def test_scan_error_pass_delivers_unscanned_whatever_the_action(action):
+    verdict = decide(ScanResult(ERROR, detail="down"), Policy(action=action, scan_error="pass"))
+    assert verdict == unscanned(Unscanned.ERROR)
+    assert verdict.status == "UNSCANNED:error" and not verdict.scanned
+
+
+@pytest.mark.parametrize("result", [ScanResult(CLEAN), EICAR])
+def test_scan_error_pass_changes_nothing_for_a_scanned_message(result):
+    for action in ("drop", "bounce", "pass"):
+        assert decide(result, Policy(action, scan_error="pass")) == decide(result, Policy(action))
+
+
+@pytest.mark.parametrize(
+    ("virus", "reply"),
+    [
+        ("Eicar-Test-Signature", "550 5.7.1 Virus found: Eicar-Test-Signature"),
+        (None, "550 5.7.1 Virus found: Unknown"),
+        ("Evil\r\n250 OK", "550 5.7.1 Virus found: Evil??250 OK"),
+        ("N\u00e4me\x00", "550 5.7.1 Virus found: N?me?"),
+        ("X" * 500, "550 5.7.1 Virus found: " + "X" * 100),
+    ],
+)
+def test_reject_message_names_the_virus_safely(virus, reply):
+    policy = Policy(action="bounce", reject_message="550 5.7.1 Virus found: %v")
+    verdict = decide(ScanResult(VIRUS, virus=virus), policy)
+    assert (verdict.kind, verdict.reply) == (REJECT, reply)
+
+
+def test_reject_message_only_for_bounce():
+    policy = Policy(action="drop", reject_message="554 no: %v")
+    assert decide(EICAR, policy).reply == "250 Virus Detected; Discarded Email"
+
+
+def test_every_unscanned_reason_has_its_metric():
+    from prometheus_client import generate_latest
+
+    from appliance import metrics
+
+    text = generate_latest(metrics.REGISTRY).decode()
+    for reason in Unscanned:
+        assert f'clamsmtpd_messages_unscanned_total{{reason="{reason.value}"}} ' in text
