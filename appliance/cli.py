@@ -13,12 +13,25 @@ import signal
 import sys
 
 from . import __version__, process
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, describe, load_config, replace
+from .capabilities import CAP_NET_ADMIN
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    Transparency,
+    describe,
+    load_config,
+    replace,
+)
 from .maillog import log, setup_logging
 from .server import Appliance, BindError, bind
+from .upstream import transparent_problem
 
 #: How long sessions in flight may finish after SIGTERM/SIGINT.
 STOP_GRACE = 10.0
+
+#: What TransparentProxy: full keeps after the privilege drop: IP_TRANSPARENT on each connection.
+KEEP_FOR_FULL = frozenset({CAP_NET_ADMIN})
 
 #: Stop (SIGTERM, SIGINT) and reload (SIGHUP); held from the start of start-up (see HeldSignals).
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -96,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         account = _account_to_become(config)
         process.check_pid_file(config.pid_file)
-        sock = bind(config.listen)
+        full = config.transparent_proxy is Transparency.FULL
+        sock = bind(config.listen, transparent=full)
         metrics_sock = None
         if config.metrics_listen is not None:
             metrics_sock = bind(config.metrics_listen, "MetricsListen")
@@ -111,11 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(None)  # syslog ident carries the daemon's own pid
     try:
         process.write_pid_file(config.pid_file)
+        keep = KEEP_FOR_FULL if full else frozenset()
         if account is not None:
-            process.drop_privileges(account)
+            process.drop_privileges(account, keep)
             log.info("running as user %s (uid %d, gid %d)", account.name, account.uid, account.gid)
         elif os.geteuid() == 0:
             log.warning("running as root is NOT recommended (set User: in %s)", config.path)
+        elif keep:
+            process.keep_only(keep)  # started unprivileged, e.g. by systemd with ambient caps
+        if full:
+            problem = transparent_problem()
+            if problem:
+                raise process.ProcessError(problem)
+            if account is not None or os.geteuid() != 0:
+                log.info("TransparentProxy: full: kept CAP_NET_ADMIN, and no other capability")
     except (OSError, process.ProcessError) as e:
         log.error("%s", e)
         process.remove_pid_file(config.pid_file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,22 @@ LISTEN_HOST, CLAM_HOST = "0.0.0.0", "127.0.0.1"
 _TRUE = frozenset({"1", "yes", "true", "t", "on"})
 _FALSE = frozenset({"0", "no", "false", "f", "off"})
 _ADDRESS_FORMS = "PORT, IPv4[:PORT], [IPv6][:PORT], HOST[:PORT] or /unix/socket/path"
+
+
+class Transparency(enum.Enum):
+    """`TransparentProxy`: off, on (the destination the client dialled, from our address) or
+    full (that destination, from the client's own address: TPROXY and IP_TRANSPARENT).
+
+    False only when off, so `if config.transparent_proxy:` still means "the next hop is the
+    client's original destination" in both transparent modes.
+    """
+
+    OFF = "off"
+    ON = "on"
+    FULL = "full"
+
+    def __bool__(self) -> bool:
+        return self is not Transparency.OFF
 
 
 class ConfigError(Exception):
@@ -68,7 +85,7 @@ class Config:
     timeout: float = 180.0
     keepalives: int = 0
     xclient: bool = False
-    transparent_proxy: bool = False
+    transparent_proxy: Transparency = Transparency.OFF
     user: str | None = None
     pid_file: str | None = None
     metrics_listen: Address | None = None  # opt-in Prometheus endpoint
@@ -78,6 +95,9 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.transparent_proxy, bool):  # Config(transparent_proxy=True) as before
+            mode = Transparency.ON if self.transparent_proxy else Transparency.OFF
+            object.__setattr__(self, "transparent_proxy", mode)
         if self.out_address is None and not self.transparent_proxy:
             raise ValueError("no OutAddress specified (required unless TransparentProxy is on)")
         if self.action not in ACTIONS:
@@ -194,7 +214,7 @@ def describe(config: Config) -> str:
         f"TimeOut: {config.timeout:g}",
         f"KeepAlives: {config.keepalives}",
         f"XClient: {_onoff(config.xclient)}",
-        f"TransparentProxy: {_onoff(config.transparent_proxy)}",
+        f"TransparentProxy: {config.transparent_proxy.value}",
         f"User: {config.user}" if config.user else "# User: not set (no privilege drop)",
         f"PidFile: {config.pid_file or ''}".rstrip(),
         f"MetricsListen: {_format_address(config.metrics_listen)}"
@@ -343,6 +363,19 @@ def _reject_message(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def _transparency(value: str, values: dict[str, Any]) -> list[str]:
+    if value.lower() == "full":
+        values["transparent_proxy"] = Transparency.FULL
+        return []
+    try:
+        on = _parse_bool(value)
+    except ValueError:
+        shown = _show(value)
+        raise ValueError(f"invalid value '{shown}' (expected on, off or full)") from None
+    values["transparent_proxy"] = Transparency.ON if on else Transparency.OFF
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -369,7 +402,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
         ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),
         ("XClient", _bool_handler("xclient")),
-        ("TransparentProxy", _bool_handler("transparent_proxy")),
+        ("TransparentProxy", _transparency),
         ("User", _user),
         ("PidFile", _string_handler("pid_file", None)),
         ("MetricsListen", _optional(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from . import origdst
 from .addresses import Address
-from .config import Config
+from .config import Config, Transparency
 from .relay import REPLY_LOOP, DestinationError
 
 Destination = Callable[[str, object], Address]
@@ -16,6 +16,9 @@ Destination = Callable[[str, object], Address]
 
 def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) -> Destination:
     """Decide once how to find the next hop; per connection only the address is computed."""
+    if config.transparent_proxy is Transparency.FULL:
+        accepted = origdst.accepted_addr
+        return lambda client_ip, transport: _original(transport, listen_ports, accepted)
     if config.transparent_proxy:
         return lambda client_ip, transport: _original(transport, listen_ports)
     out = config.out_address
@@ -27,14 +30,17 @@ def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) 
     return lambda client_ip, transport: out
 
 
-def _original(transport, listen_ports: frozenset[int]) -> Address:
-    if origdst.original_addr is None:
+def _original(
+    transport, listen_ports: frozenset[int], lookup: Callable | None = None
+) -> Address:
+    lookup = lookup or origdst.original_addr
+    if lookup is None:
         raise DestinationError("transparent proxying is not supported on this platform")
     sock = transport.get_extra_info("socket")
     if sock is None:
         raise DestinationError("couldn't get source address for transparent proxying")
     try:
-        host, port = origdst.original_addr(sock)
+        host, port = lookup(sock)
     except origdst.OrigDstError as e:
         raise DestinationError(f"{e} (was the connection redirected?)") from None
     local_host, local_port = sock.getsockname()[:2]

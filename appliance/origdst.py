@@ -1,4 +1,5 @@
-"""Where a REDIRECTed connection was really going (Linux netfilter), as mitmproxy does it.
+"""Where a REDIRECTed connection was really going (Linux netfilter), as mitmproxy does it,
+and where a TPROXY'd one was (its own local address).
 
 `original_addr` is None off Linux: callers test that once and nothing else knows the platform.
 """
@@ -40,6 +41,15 @@ def _linux_original_addr(sock: socket.socket) -> tuple[str, int]:
             host, port = sock.getsockname()[:2]
             return host, port
         raise OrigDstError(f"couldn't get original destination: {e.strerror or e}") from None
+
+
+def accepted_addr(sock: socket.socket) -> tuple[str, int]:
+    """With TPROXY (TransparentProxy: full) nothing is rewritten: the accepted socket's own
+    address is the one the client dialled (an IPv4 one unwrapped from ::ffff:a.b.c.d)."""
+    host, port = sock.getsockname()[:2]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
 
 
 original_addr: Callable[[socket.socket], tuple[str, int]] | None = (

@@ -15,6 +15,8 @@ import pwd
 import signal
 from dataclasses import dataclass
 
+from . import capabilities
+
 
 class ProcessError(Exception):
     """Start-up cannot go on safely; the message says what to change."""
@@ -36,11 +38,22 @@ def lookup_user(user: str) -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def drop_privileges(account: Account) -> None:
-    """Become `account` for good: its own groups only (the original kept root's), then gid, uid."""
+def drop_privileges(account: Account, keep: frozenset[int] = frozenset()) -> None:
+    """Become `account` for good: its own groups only (the original kept root's), then gid, uid.
+
+    `keep`: capabilities that stay effective afterwards (CAP_NET_ADMIN for TransparentProxy:
+    full), and only those: every other one leaves even the bounding set.
+    """
     os.initgroups(account.name, account.gid)
     os.setgid(account.gid)
+    if keep and account.uid != 0:
+        try:
+            capabilities.prepare_keep(keep)
+        except capabilities.CapabilityError as e:
+            raise ProcessError(str(e)) from None
     os.setuid(account.uid)
+    if keep and account.uid != 0:
+        keep_only(keep)
     if account.uid != 0:
         try:
             os.setuid(0)
@@ -50,6 +63,14 @@ def drop_privileges(account: Account) -> None:
             raise ProcessError("unable to completely drop privileges")
         if os.geteuid() == 0 or os.getegid() == 0 and account.gid != 0:
             raise ProcessError("unable to completely drop privileges")
+
+
+def keep_only(caps: frozenset[int]) -> None:
+    """Exactly `caps` effective and permitted from now on (a non-root daemon), none to pass on."""
+    try:
+        capabilities.restrict_to(caps)
+    except capabilities.CapabilityError as e:
+        raise ProcessError(str(e)) from None
 
 
 def current_groups() -> tuple[int, ...]:

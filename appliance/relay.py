@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Session
 from . import metrics, xclient
 from .actions import VirusActions
 from .addresses import Address, plain_ip
-from .config import Config
+from .config import Config, Transparency
 from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
 from .maillog import ConnectionLog, next_connection_id
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
@@ -242,9 +242,11 @@ class RelaySession(MessageFlow, SMTP):
             return
         if self.config.transparent_proxy:
             session.log.info("original destination: %s", destination)
+        # TransparentProxy: full: the next hop sees the client's own address, not ours
+        source = session.client_ip if self.config.transparent_proxy is Transparency.FULL else None
         try:
             session.upstream = await Upstream.connect(
-                destination, self.config.timeout, self.context.outgoing
+                destination, self.config.timeout, self.context.outgoing, source=source
             )
         except UpstreamError as e:
             session.log.error("SERVER: %s", e)

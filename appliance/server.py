@@ -17,14 +17,14 @@ import threading
 from . import metrics
 from .actions import VirusActions
 from .addresses import Address
-from .config import Config
+from .config import Config, Transparency
 from .config import replace as _replace
 from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .scanner import Scanner
 from .spool import MEMORY_LIMIT, check_directory
-from .upstream import OwnConnections
+from .upstream import OwnConnections, set_transparent
 
 REPLY_BUSY = b"421 Server busy, too many connections\r\n"
 #: The original's listen backlog was 5; a burst of clients deserves a real queue.
@@ -42,8 +42,15 @@ class BindError(Exception):
     """The listen address could not be bound; the message says which directive to change."""
 
 
-def bind(address: Address, directive: str = "Listen") -> socket.socket:
-    """Create the listening socket for `Listen` (TCP v4/v6 or a unix path)."""
+def bind(address: Address, directive: str = "Listen", transparent: bool = False) -> socket.socket:
+    """Create the listening socket for `Listen` (TCP v4/v6 or a unix path).
+
+    `transparent` (TransparentProxy: full): IP_TRANSPARENT, so that the firewall's TPROXY rules
+    can hand it connections addressed to other hosts (root or CAP_NET_ADMIN, as at bind time).
+    """
+    if transparent and address.is_unix:
+        raise BindError(f"couldn't listen on {address}: TransparentProxy: full needs a TCP "
+                        f"Listen address (check the {directive} directive)")
     try:
         if address.is_unix:
             path = address.path
@@ -54,13 +61,13 @@ def bind(address: Address, directive: str = "Listen") -> socket.socket:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
         elif address.port_only:
-            sock = _bind_any(address.port)
+            sock = _bind_any(address.port, transparent)
         else:
             infos = socket.getaddrinfo(
                 address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, _, _, _, sockaddr = infos[0]
-            sock = _tcp_socket(family)
+            sock = _tcp_socket(family, transparent)
             sock.bind(sockaddr)
         sock.listen(BACKLOG)
     except OSError as e:
@@ -71,19 +78,27 @@ def bind(address: Address, directive: str = "Listen") -> socket.socket:
     return sock
 
 
-def _tcp_socket(family: int) -> socket.socket:
+def _tcp_socket(family: int, transparent: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if transparent:
+        try:
+            set_transparent(sock)
+        except OSError as e:
+            sock.close()
+            raise BindError(f"TransparentProxy: full needs CAP_NET_ADMIN for IP_TRANSPARENT: "
+                            f"{e.strerror or e} (start clamsmtpd as root, or give it "
+                            "AmbientCapabilities=CAP_NET_ADMIN)") from None
     if family == socket.AF_INET6:
         # "[::]:port" takes IPv4 clients too (as ::ffff:a.b.c.d), as users of one Listen expect
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     return sock
 
 
-def _bind_any(port: int) -> socket.socket:
+def _bind_any(port: int, transparent: bool = False) -> socket.socket:
     """A bare port means every address: both families where the host has IPv6, else IPv4."""
     if socket.has_ipv6:
-        sock = _tcp_socket(socket.AF_INET6)
+        sock = _tcp_socket(socket.AF_INET6, transparent)
         try:
             sock.bind(("::", port))
             return sock
@@ -91,7 +106,7 @@ def _bind_any(port: int) -> socket.socket:
             sock.close()
             if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
-    sock = _tcp_socket(socket.AF_INET)
+    sock = _tcp_socket(socket.AF_INET, transparent)
     sock.bind(("0.0.0.0", port))
     return sock
 
@@ -162,6 +177,14 @@ class Appliance:
         pending = [name for field, name in RESTART_ONLY.items()
                    if getattr(config, field) != getattr(old.config, field)]
         keep = {field: getattr(old.config, field) for field in RESTART_ONLY}
+        full = Transparency.FULL
+        if (config.transparent_proxy is full) != (old.config.transparent_proxy is full):
+            # to or from full: the listener's IP_TRANSPARENT and the kept CAP_NET_ADMIN are
+            # set at start-up; off <-> on takes effect at once
+            pending.append("TransparentProxy")
+            keep["transparent_proxy"] = old.config.transparent_proxy
+            if config.out_address is None:  # off -> full: the old OutAddress stays in use
+                keep["out_address"] = old.config.out_address
         config = _replace(config, **keep)
         self.context = self._context(config, old)
         self.check_temp_directory()

@@ -69,10 +69,15 @@ class Upstream:
 
     @classmethod
     async def connect(
-        cls, address: Address, timeout: float, own: OwnConnections | None = None
+        cls, address: Address, timeout: float, own: OwnConnections | None = None,
+        source: str | None = None,
     ) -> Upstream:
         """Connect to the next hop; with `own`, the local port is registered before the
-        connection is made, so that it is known if it comes straight back to us."""
+        connection is made, so that it is known if it comes straight back to us.
+
+        `source` (TransparentProxy: full): connect from this address, the client's own, which
+        is not one of ours (IP_TRANSPARENT, CAP_NET_ADMIN); the firewall's TPROXY rules bring
+        the next hop's replies back to this socket."""
         port = 0
         try:
             async with asyncio.timeout(timeout):
@@ -82,7 +87,7 @@ class Upstream:
                     )
                     peer = address.path or ""
                 else:
-                    sock, port = await _tcp_connect(address, own)
+                    sock, port = await _tcp_connect(address, own, source)
                     reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_LINE)
                     # (None when the next hop reset the connection in the meantime)
                     peername = writer.get_extra_info("peername")
@@ -306,7 +311,44 @@ def _forget(own: OwnConnections | None, port: int) -> None:
         own.closed(port)
 
 
-async def _tcp_connect(address: Address, own: OwnConnections | None) -> tuple[socket.socket, int]:
+# linux/in.h, linux/in6.h (Python 3.11 lacks IPV6_TRANSPARENT)
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Let `sock` use an address that is not ours: bind to it, or accept for it (TPROXY)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def transparent_problem() -> str | None:
+    """Why this process cannot connect from a client's address, or None if it can (tried on a
+    socket at start-up, so a missing CAP_NET_ADMIN is reported then, not at the first mail)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            set_transparent(sock)
+    except OSError as e:
+        return (f"TransparentProxy: full needs CAP_NET_ADMIN for IP_TRANSPARENT: "
+                f"{e.strerror or e}")
+    return None
+
+
+def _source_for(family: int, source: str) -> tuple:
+    ip = ipaddress.ip_address(plain_ip(source))
+    if (ip.version == 6) != (family == socket.AF_INET6):
+        # a client on IPv4 that dialled an IPv6 server (or the reverse) cannot happen with
+        # TPROXY; a resolved name could, and cannot be spoofed across families
+        other = 4 if ip.version == 6 else 6
+        raise OSError(f"cannot connect from the client's address {ip} to an IPv{other} address")
+    return (str(ip), 0, 0, 0) if ip.version == 6 else (str(ip), 0)
+
+
+async def _tcp_connect(
+    address: Address, own: OwnConnections | None, source: str | None = None
+) -> tuple[socket.socket, int]:
     """A connected, non-blocking TCP socket to `address` (each resolved address in turn)."""
     loop = asyncio.get_running_loop()
     infos = _literal(address) or await loop.getaddrinfo(
@@ -319,7 +361,13 @@ async def _tcp_connect(address: Address, own: OwnConnections | None) -> tuple[so
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if own is not None:
+            if source is not None:
+                set_transparent(sock)
+                sock.bind(_source_for(family, source))
+                port = sock.getsockname()[1]
+                if own is not None:
+                    own.bound(port)
+            elif own is not None:
                 sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
                 port = sock.getsockname()[1]
                 own.bound(port)

@@ -133,3 +133,93 @@ def test_stale_pid_file_is_replaced_and_live_one_refuses(tmp_path, next_hop):
         first.wait(15)
     time.sleep(0.1)
     assert not pid_file.exists()
+
+
+# -- TransparentProxy: full keeps CAP_NET_ADMIN, and nothing else -----------------------------
+
+NET_ADMIN = 1 << 12  # CAP_NET_ADMIN's bit in /proc/PID/status
+
+
+def _caps(pid: int) -> dict[str, int]:
+    status = _status(pid)
+    return {key: int(status[key], 16) for key in ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                  "CapAmb")}
+
+
+def _full(tmp_path, port: int, user: str | None) -> str:
+    return (f"TransparentProxy: full\nListen: 127.0.0.1:{port}\nClamAddress: 127.0.0.1:1\n"
+            + (f"User: {user}\n" if user else ""))
+
+
+@pytest.fixture
+def readable_conf():
+    """A config file another user can read (pytest's tmp_path lies under a 0700 directory)."""
+    shared = Path(tempfile.mkdtemp(prefix="clamsmtpd-privileges-"))
+    os.chmod(shared, 0o755)
+    yield shared / "clamsmtpd.conf"
+    shutil.rmtree(shared)
+
+
+def _wait_listening(proc: subprocess.Popen, tmp_path, port: int) -> None:
+    wait_until(lambda: proc.poll() is not None or _accepts(port), timeout=15,
+               what=f"the daemon on port {port}; log: {_stderr(tmp_path)}")
+    assert proc.poll() is None, _stderr(tmp_path)
+
+
+def test_full_transparency_keeps_only_cap_net_admin_after_the_drop(tmp_path, nobody):
+    port = free_port()
+    proc = _start(tmp_path, _full(tmp_path, port, "nobody"))
+    try:
+        _wait_listening(proc, tmp_path, port)
+        status = _status(proc.pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
+        caps = _caps(proc.pid)
+        # effective and permitted: CAP_NET_ADMIN alone; nothing a child could inherit
+        assert caps == {"CapInh": 0, "CapPrm": NET_ADMIN, "CapEff": NET_ADMIN,
+                        "CapBnd": NET_ADMIN, "CapAmb": 0}
+        assert "kept CAP_NET_ADMIN, and no other capability" in _stderr(tmp_path)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_full_transparency_started_with_ambient_cap_net_admin_keeps_it_but_passes_none_on(
+        tmp_path, nobody, readable_conf):
+    """As systemd starts it: User=, AmbientCapabilities=CAP_NET_ADMIN."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) not found")
+    port = free_port()
+    conf = readable_conf
+    conf.write_text(_full(tmp_path, port, None))
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+             "--inh-caps=+net_admin", "--ambient-caps=+net_admin",
+             *DAEMON, "-d", "4", "-f", str(conf)],
+            stdout=err, stderr=err, stdin=subprocess.DEVNULL, cwd=os.getcwd(),
+        )
+    try:
+        _wait_listening(proc, tmp_path, port)
+        caps = _caps(proc.pid)
+        assert (caps["CapEff"], caps["CapPrm"], caps["CapInh"], caps["CapAmb"]) == (
+            NET_ADMIN, NET_ADMIN, 0, 0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_full_transparency_without_cap_net_admin_refuses_to_start(tmp_path, nobody,
+                                                                   readable_conf):
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) not found")
+    conf = readable_conf
+    conf.write_text(_full(tmp_path, free_port(), None))
+    result = subprocess.run(
+        [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+         *DAEMON, "-d", "1", "-f", str(conf)],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "needs CAP_NET_ADMIN" in result.stderr, result.stderr

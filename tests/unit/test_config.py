@@ -14,6 +14,7 @@ from appliance.config import (
     DEFAULT_HEADER,
     Config,
     ConfigError,
+    Transparency,
     describe,
     load_config,
     parse_config,
@@ -88,7 +89,7 @@ def test_defaults() -> None:
     assert config.timeout == 180
     assert config.keepalives == 0
     assert config.xclient is False
-    assert config.transparent_proxy is False
+    assert config.transparent_proxy is Transparency.OFF
     assert config.user is None
     assert config.pid_file is None
     assert config.debug_files is False
@@ -176,9 +177,24 @@ def test_false_spellings(word: str) -> None:
 
 def test_transparent_proxy_needs_no_out_address() -> None:
     config = parse("TransparentProxy: on", out=False)
-    assert config.transparent_proxy is True
+    assert config.transparent_proxy is Transparency.ON
     assert config.out_address is None
     assert config.warnings == ()
+
+
+@pytest.mark.parametrize("word", ["full", "Full", "FULL"])
+def test_transparent_proxy_full(word: str) -> None:
+    config = parse(f"TransparentProxy: {word}", out=False)
+    assert config.transparent_proxy is Transparency.FULL
+    assert config.transparent_proxy  # a transparent mode: the destination is the original one
+    assert "TransparentProxy: full\n" in describe(config)
+    assert parse_config(describe(config), FILE) == replace(config, path=FILE)
+
+
+def test_transparent_proxy_off_is_false() -> None:
+    assert not parse().transparent_proxy
+    assert Config(path=FILE, out_address=None, transparent_proxy=True).transparent_proxy \
+        is Transparency.ON
 
 
 def test_out_address_ignored_with_transparent_proxy() -> None:
@@ -296,6 +312,8 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["Quarantine: maybe"], 2, "Quarantine", "invalid value 'maybe' (expected on or off"),
         (["XClient: 2"], 2, "XClient", "invalid value '2' (expected on or off"),
         (["TransparentProxy: y"], 2, "TransparentProxy", "invalid value 'y'"),
+        (["TransparentProxy: fully"], 2, "TransparentProxy",
+         "invalid value 'fully' (expected on, off or full)"),
         (["Bounce: sometimes"], 2, "Bounce", "invalid value 'sometimes'"),
         (["DebugFiles: ?"], 2, "DebugFiles", "invalid value '?'"),
         (
@@ -583,6 +601,7 @@ _VALID_LINES = st.one_of(
     st.builds("{}: {}".format, st.sampled_from(["Quarantine", "XClient", "TransparentProxy",
                                                "Bounce", "DebugFiles"]),
               st.sampled_from(["on", "off", "YES", "f"])),
+    st.builds("TransparentProxy: {}".format, st.sampled_from(["full", "on", "off"])),
     st.builds("Action: {}".format, st.sampled_from(["drop", "BOUNCE", "Pass"])),
     st.builds("ScanErrorAction: {}".format, st.sampled_from(["defer", "PASS"])),
     st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
