@@ -345,7 +345,8 @@ RUN_HERE: dict[str, str] = {
     r"\.venv/bin/pytest tests/(faults|fuzz|netsetup|integration)\S*( tests/\S+)*( -k \S+| -rxX)*":
         "test_the_reliability_test_commands_collect_them",
     r"postconf -[nM] .+": "test_documented_postconf_commands",
-    r"postmap -q .+": "test_mime_header_checks_example",
+    r"postmap -q .+|install -m 644 appliance/data/mime_header_checks /etc/postfix/\S+":
+        "test_mime_header_checks_example",
     r"printf %s \S+ > /tmp/eicar\.com|swaks --server 127\.0\.0\.1:10026 .+":
         "test_swaks_commands_against_clamsmtpd",
     r"grep -E \S+ /var/log/mail\.log \| tail": "test_mail_log_grep_matches_the_sample_lines",
