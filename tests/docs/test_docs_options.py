@@ -154,12 +154,20 @@ def test_the_option_check_is_not_blind(help_texts):
         "clamsmtpd --check-confg -f FILE", "clamsmtp-netsetup enable --proxy-prot 25",
         "systemctl enable --now clamsmtpdd", "scripts/bench --scenario 1k")]
     helps = dict(help_texts)
+    missing = []
     for command in fake:
+        program = command.words[0]
+        if program == "systemctl" and not shutil.which(program):
+            missing.append(program)  # a minimal container: no systemd package at all
+            continue
         for segment in _segments(command.words):
             for argv in help_argvs(segment)[0]:
                 if tuple(argv) not in helps:
                     helps[tuple(argv)] = (0, run(argv).stdout)
         assert option_problems(command, helps), command
+    if missing:
+        pytest.skip(f"the others were caught; {', '.join(missing)} is not installed here (Debian "
+                    "package systemd), so its options cannot be checked")
 
 
 def test_cannot_run_here_units_exist():
