@@ -677,6 +677,31 @@ def test_uninstall_keeps_a_man_page_that_is_not_ours(tmp_path):
 
 
 @pytest.mark.root
+def test_uninstall_refuses_while_a_process_runs_from_the_venv(tmp_path):
+    """Removing the venv under a running daemon left it serving from deleted files, and the
+    uninstall said "done": it refuses now, removing nothing, unless --force."""
+    root = make_fake_root(tmp_path / "root")
+    venv = root / VENV.lstrip("/")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    python = venv / "bin" / "python"
+    python.symlink_to(sys.executable)
+    daemon = subprocess.Popen([python, "-c", "import time; time.sleep(60)"])
+    try:
+        refused = run([UNINSTALL, "--root", root])
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"still running from {VENV}: pid {daemon.pid}" in refused.stderr
+        assert "--force" in refused.stderr
+        assert python.is_symlink()  # nothing removed
+        forced = run_ok([UNINSTALL, "--root", root, "--force"])
+        assert f"pid {daemon.pid}; removing anyway (--force)" in forced.stdout
+        assert not venv.exists()
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+@pytest.mark.root
 def test_uninstall_keeps_config_spool_and_user(uninstalled):
     root = uninstalled.root
     before = uninstalled.notes["before_uninstall"]
@@ -702,6 +727,7 @@ def test_purge_removes_spool_user_and_only_an_unchanged_config(uninstalled):
     status = write_dpkg_status(root, "clamsmtp")
     result = uninstall(root, "--purge")
     assert "Debian's clamsmtp package is installed" in result.stdout
+    assert "/run/clamsmtp" in result.stdout  # kept too, as docs/install.md says: said so
     assert conf.exists() and spool.is_dir() and account_line(root, "passwd") is not None
     status.unlink()
 
