@@ -49,6 +49,7 @@ REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 MAX_RECIPIENTS = 1000
 REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"
 
 
 class DestinationError(Exception):
@@ -86,7 +87,8 @@ class RelaySessionState(Session):
         self.local_ip = ""
         self.upstream: Upstream | None = None
         self.xforward: dict[str, str] = {}  # ADDR / HELO the next hop accepted via XFORWARD
-        self.xclient_sent = False
+        #: XClient: on and the next hop took XCLIENT for this client (then never sent again)
+        self.introduced = False
         self.in_data = False  # between DATA and its final reply: shutdown lets it finish
         self.size_limit: int | None = None  # the next hop's EHLO SIZE, if it has one
 
@@ -208,6 +210,10 @@ class RelaySession(MessageFlow, SMTP):
             await self._serve()
         except ClientGone:
             pass
+        except xclient.XclientError as e:
+            log.error("%s", e)  # the client must not reach the next hop as the proxy itself
+            metrics.NEXT_HOP_ERRORS.labels("session").inc()
+            await self._say_and_close(REPLY_XCLIENT_FAILED)
         except UpstreamError as e:
             log.error("%s", e)
             metrics.NEXT_HOP_ERRORS.labels("session").inc()
@@ -352,6 +358,7 @@ class RelaySession(MessageFlow, SMTP):
     # -- commands ---------------------------------------------------------------------------
 
     async def _relay(self, line: bytes, verb: bytes) -> None:
+        await self._introduce_before(verb)
         upstream = self.session.upstream
         reply = await upstream.command(line)
         if reply.positive:
@@ -402,9 +409,9 @@ class RelaySession(MessageFlow, SMTP):
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
             self.session.extended_smtp = verb == b"EHLO"
             self.session.size_limit = ehlo_size(reply.lines)
-            if self.config.xclient and not self.session.xclient_sent:
-                self.session.xclient_sent = True
-                reply = await xclient.introduce(self.session, line, verb, reply)
+            if self.config.xclient and not self.session.introduced:
+                reply = await self._introduce_after_greeting(line, verb, reply)
+        if reply.positive:
             self._debug_lines("SERVER > ", reply.lines)
             reply = Reply(reply.code, filter_ehlo(reply.lines))
             await self._send(reply.wire())
@@ -412,8 +419,35 @@ class RelaySession(MessageFlow, SMTP):
             await self._push_reply(reply)
         await self._end_if_next_hop_left(reply)
 
+    async def _introduce_before(self, verb: bytes) -> None:
+        """XClient: on: before the first command the next hop's access rules judge (MAIL, RCPT,
+        AUTH, VRFY, ...), XCLIENT must have been accepted. It is sent now if the client's
+        HELO/EHLO did not bring it (no greeting, or the next hop refused it)."""
+        session = self.session
+        if not self.config.xclient or session.introduced or verb in xclient.BEFORE_XCLIENT:
+            return
+        await xclient.introduce(session.upstream, None, client_ip=session.client_ip, helo=None,
+                                proto="", log=session.log)
+        session.introduced = True
+
+    async def _introduce_after_greeting(self, line: bytes, verb: bytes, reply: Reply) -> Reply:
+        """After the client's accepted HELO/EHLO: XCLIENT, then that HELO/EHLO again (the 220
+        to XCLIENT reset the next hop's session). Returns the reply to relay to the client."""
+        session = self.session
+        await xclient.introduce(
+            session.upstream, reply if verb == b"EHLO" else None,  # HELO hides the extensions
+            client_ip=session.client_ip, helo=session.host_name,
+            proto="ESMTP" if verb == b"EHLO" else "SMTP", log=session.log,
+        )
+        session.introduced = True
+        again = await session.upstream.command(line)
+        if not again.positive:
+            session.log.warning("server refused %s after XCLIENT: %s", verb.decode(), again.text)
+        return again
+
     async def smtp_AUTH(self, line: bytes, verb: bytes) -> None:
         """SASL passes through: relay the challenges and the client's answers as they come."""
+        await self._introduce_before(verb)
         upstream = self.session.upstream
         reply = await upstream.command(line)
         while reply.code == 334:

@@ -3,15 +3,22 @@
 The original sent only `XCLIENT ADDR=<ip>` and then carried on without a new EHLO, though Postfix
 answers XCLIENT with a fresh 220 greeting and forgets the HELO. The relay here sends the
 attributes the next hop advertises, then repeats the client's own HELO/EHLO.
+
+The original also sent it only after an accepted HELO/EHLO and went on without it when it was
+refused or not offered: a client that skipped HELO reached the next hop as the proxy itself
+(an open relay behind a Postfix whose mynetworks holds the proxy). The rule here: with
+`XClient: on`, no command outside BEFORE_XCLIENT reaches the next hop before it accepted XCLIENT
+for this client, and if it does not, the session ends (the relay answers 421).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 
-from .upstream import Reply
+from .upstream import Reply, Upstream
 
 #: How long the reverse lookup for NAME= may take before NAME=[TEMPUNAVAIL] is sent.
 NAME_LOOKUP_TIMEOUT = 5.0
@@ -76,28 +83,40 @@ async def verified_name(addr: str) -> str:
     return "[UNAVAILABLE]"
 
 
-async def introduce(session, line: bytes, verb: bytes, reply: Reply) -> Reply:
-    """After the client's accepted HELO/EHLO: send XCLIENT, then that HELO/EHLO again.
+class XclientError(Exception):
+    """XCLIENT is on but the next hop did not take it: the session must not go on, or the next
+    hop's access rules would judge the proxy (often in its mynetworks) instead of the client."""
 
-    Returns the reply to relay to the client: the new one, or the first one if the next hop
-    does not offer XCLIENT or refuses it (logged).
+
+#: Commands that may reach the next hop before XCLIENT: they carry nothing its access rules judge.
+BEFORE_XCLIENT = frozenset({b"HELO", b"EHLO", b"NOOP", b"RSET", b"HELP", b"QUIT"})
+
+
+def own_name() -> str:
+    """The name in the proxy's own EHLO, sent only to learn what XCLIENT attributes the next hop
+    takes (XCLIENT then replaces the whole client identity, HELO included)."""
+    return socket.gethostname() or "localhost"
+
+
+async def introduce(upstream: Upstream, ehlo: Reply | None, *, client_ip: str,
+                    helo: str | None, proto: str, log: logging.LoggerAdapter) -> None:
+    """Send XCLIENT for this client; raise XclientError unless the next hop answered 220.
+
+    `ehlo` is the next hop's reply to an EHLO in this session, if there was one; without it
+    (the client said HELO, or nothing, or its greeting was refused) the proxy sends its own EHLO
+    to learn the attributes. Afterwards the next hop is back at its greeting stage: the caller
+    repeats the client's HELO/EHLO, if the client had one.
     """
-    attributes = advertised_attributes(reply.lines)
-    if attributes is None:
-        if verb == b"EHLO":
-            return reply  # the next hop does not offer it
-        attributes = frozenset({"ADDR"})  # HELO hides capabilities: try ADDR, as the original
-    name = await verified_name(session.client_ip) if "NAME" in attributes else ""
-    line_out = command(
-        attributes, addr=session.client_ip, name=name, helo=session.host_name,
-        proto="ESMTP" if verb == b"EHLO" else "SMTP",
-    )
-    session.log.debug("XCLIENT > %s", line_out.decode("ascii", "replace"))
-    answer = await session.upstream.command(line_out)
+    if ehlo is None:
+        ehlo = await upstream.command(f"EHLO {own_name()}".encode())
+        if ehlo.code != 250:
+            raise XclientError(f"XCLIENT not possible, server refused our EHLO: {ehlo.text}")
+    attributes = advertised_attributes(ehlo.lines)
+    if not attributes or "ADDR" not in attributes:
+        raise XclientError("XCLIENT not possible, the server does not offer XCLIENT ADDR")
+    name = await verified_name(client_ip) if "NAME" in attributes else ""
+    line_out = command(attributes, addr=client_ip, name=name, helo=helo, proto=proto)
+    log.debug("XCLIENT > %s", line_out.decode("ascii", "replace"))
+    answer = await upstream.command(line_out)
     if answer.code != 220:
-        session.log.warning("server didn't accept XCLIENT: %s", answer.text)
-        return reply
-    again = await session.upstream.command(line)  # the 220 reset the session at the next hop
-    if not again.positive:
-        session.log.warning("server refused %s after XCLIENT: %s", verb.decode(), again.text)
-    return again
+        raise XclientError(f"server didn't accept XCLIENT: {answer.text}")

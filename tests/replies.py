@@ -25,3 +25,5 @@ BARE_CR = "500 5.5.2 Error: bare CR in command line"
 
 DEFAULT_HEADER = b"X-Virus-Scanned: ClamAV using ClamSMTP"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!"
+#: XClient: on and the next hop did not take XCLIENT (refused, or not offered): nothing relayed
+XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"

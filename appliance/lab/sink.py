@@ -9,8 +9,8 @@ aiosmtpd's own test helpers, plus three knobs a proxy test needs:
     ehlo_extensions=["8BITMIME", "PIPELINING", "STARTTLS", "CHUNKING"]  # what EHLO advertises
     greeting="554 go away"                                # instead of "220 nexthop.test ..."
 
-Keys are a command (EHLO, HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT), or a command and an address
-for MAIL and RCPT; case does not matter. `replies` may be changed while the server runs.
+Keys are a command (EHLO, HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, XCLIENT), or a command and
+an address for MAIL and RCPT; case does not matter. `replies` may be changed while the server runs.
 Accepted messages land in `.messages`, refused ones (scripted DATA reply) in `.rejected`.
 """
 
@@ -41,6 +41,8 @@ class Received:
     helo: str | None
     reply: str  # what the next hop answered after the final dot
     time: float = field(default_factory=time.time)
+    #: the ADDR= of the XCLIENT this session took (whom its access rules judged), else None
+    xclient_addr: str | None = None
 
     @property
     def size(self) -> int:
@@ -117,6 +119,7 @@ class _Handler:
             peer=session.peer,
             helo=session.host_name,
             reply=reply,
+            xclient_addr=getattr(session, "xclient_addr", None),
         )
         self.hop._record(received, accepted=reply.startswith("2"))
         return reply
@@ -172,7 +175,13 @@ class _NextHopSMTP(SMTP):
             await self.push('500 Error: command "XCLIENT" not recognized')
             return
         hop._event(f"XCLIENT {arg}")
+        scripted = hop.replies.get("XCLIENT")
+        if scripted is not None and not scripted.startswith("220"):
+            await self.push(scripted)
+            return
         self._set_rset_state()
+        self.session.xclient_addr = next(
+            (word[5:] for word in arg.split() if word.upper().startswith("ADDR=")), None)
         self.session.host_name = None
         await self.push(f"220 {self.hostname} ESMTP lab next hop")
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, raw_session_in_data, smtp_client
+from helpers import EICAR, raw_session_in_data, send_raw, smtp_client
 from helpers import reload_with as _set_and_reload
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
@@ -194,13 +194,35 @@ def test_xclient_then_ehlo_again(appliance, next_hop):
         "XCLIENT ADDR=127.0.0.1 NAME=localhost HELO=client.test PROTO=ESMTP",
         "EHLO client.test",
     ]
-    assert next_hop.wait_for(1)[0].helo == "client.test"
+    [received] = next_hop.wait_for(1)
+    assert received.helo == "client.test" and received.xclient_addr == "127.0.0.1"
 
 
 @pytest.mark.appliance_config(XClient="on")
-def test_xclient_not_offered_is_not_sent(appliance, next_hop):
-    with smtp_client(appliance) as client:
-        client.sendmail("a@example.com", ["b@example.com"], CLEAN)
+@pytest.mark.next_hop_replies(ehlo_extensions=XCLIENT_HOP)
+def test_xclient_for_a_client_that_never_greets(appliance, next_hop):
+    """No HELO/EHLO: the proxy's own EHLO, then XCLIENT, before MAIL (issue 12). The next
+    hop then judges the client as if it had connected itself: aiosmtpd requires HELO."""
+    replies = send_raw(appliance.host, appliance.port, ["MAIL FROM:<a@example.com>", "QUIT"])
+    assert replies[1] == "503 Error: send HELO first", replies
+    assert next_hop.event_names()[:2] == [
+        f"EHLO {socket.gethostname()}", "XCLIENT ADDR=127.0.0.1 NAME=localhost"]
+
+
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.next_hop_replies(ehlo_extensions=XCLIENT_HOP, XCLIENT="550 5.7.0 not authorized")
+def test_xclient_refused_ends_the_session(appliance, next_hop):
+    replies = send_raw(appliance.host, appliance.port, ["HELO client.test", "MAIL FROM:<a@b>"])
+    assert replies[1:] == [R.XCLIENT_FAILED], replies
+    appliance.wait_log("server didn't accept XCLIENT: 550 5.7.0 not authorized")
+    assert next_hop.messages == next_hop.rejected == []
+
+
+@pytest.mark.appliance_config(XClient="on")
+def test_xclient_not_offered_ends_the_session(appliance, next_hop):
+    replies = send_raw(appliance.host, appliance.port, ["EHLO client.test", "MAIL FROM:<a@b>"])
+    assert replies[1:] == [R.XCLIENT_FAILED], replies
+    appliance.wait_log("XCLIENT not possible, the server does not offer XCLIENT ADDR")
     assert not any(e.startswith("XCLIENT") for e in next_hop.event_names())
 
 

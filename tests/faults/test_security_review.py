@@ -1,0 +1,85 @@
+"""Defects found by an outside security review (issue 12), each as a plain reproduction.
+
+Each test states the behaviour we want and failed on the code before its fix.
+docs/security.md describes the rules they hold.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import replies as R
+from faultkit import clean_message
+from helpers import send_raw
+
+ENVELOPE = ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>"]
+XCLIENT_EHLO = ["250-fake.test", "250-XCLIENT ADDR", "250 8BITMIME"]
+OWN_EHLO = f"EHLO {socket.gethostname()}".encode()
+MESSAGE = (clean_message("xclient") + b".\r\n", 1)
+
+
+# -- 1. XClient: on, but commands reach the next hop before XCLIENT -----------------------------
+
+
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.fake_next_hop(ehlo=XCLIENT_EHLO)
+def test_xclient_before_mail_when_the_client_never_greets(appliance, next_hop):
+    """No HELO/EHLO (Postfix does not require one): the proxy introduces the client itself
+    before MAIL. Before the fix MAIL, RCPT and DATA reached the next hop as from the proxy."""
+    next_hop.arm({"*": "220 fake.test ESMTP"})  # (XCLIENT is "*" to the fake)
+    replies = send_raw(appliance.host, appliance.port,
+                       [*ENVELOPE[1:], "DATA", MESSAGE, "QUIT"])
+    assert replies[1:3] == ["250 2.1.0 OK", "250 2.1.5 OK"], replies
+    assert replies[4].startswith("250 2.0.0 Ok: queued"), replies
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert session.commands[:4] == [OWN_EHLO, b"XCLIENT ADDR=127.0.0.1",
+                                    b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.com>"]
+
+
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.fake_next_hop(ehlo=XCLIENT_EHLO)
+def test_xclient_before_mail_after_a_refused_ehlo(appliance, next_hop):
+    """The next hop refuses the client's EHLO name: the client is still introduced before MAIL
+    (before the fix it went on as the proxy: a HELO name the next hop rejects was the key)."""
+    next_hop.arm({"EHLO": "550 5.7.1 bad HELO name", "*": "220 fake.test ESMTP"})
+    replies = send_raw(appliance.host, appliance.port, [*ENVELOPE, "DATA", MESSAGE, "QUIT"])
+    assert replies[1] == "550 5.7.1 bad HELO name"
+    assert replies[5].startswith("250 2.0.0 Ok: queued"), replies
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert session.commands[:4] == [b"EHLO client.test", OWN_EHLO, b"XCLIENT ADDR=127.0.0.1",
+                                    b"MAIL FROM:<alice@example.com>"]
+
+
+@pytest.mark.parametrize("start", [["EHLO client.test"], ["HELO client.test"],
+                                   ["MAIL FROM:<alice@example.com>"]],
+                         ids=["EHLO", "HELO", "no-greeting"])
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.fake_next_hop(ehlo=XCLIENT_EHLO)
+def test_refused_xclient_ends_the_session(start, appliance, next_hop):
+    """The next hop refuses XCLIENT (the proxy is not in its smtpd_authorized_xclient_hosts):
+    421, an error in the log, and no transaction command reaches it. Before the fix only a
+    warning was logged and the session went on as from the proxy."""
+    next_hop.arm({"*": "550 5.7.0 Error: insufficient authorization"})
+    replies = send_raw(appliance.host, appliance.port, [*start, "MAIL FROM:<a@example.com>"])
+    assert replies[1:] == [R.XCLIENT_FAILED], replies  # and closed
+    appliance.wait_log("server didn't accept XCLIENT: 550 5.7.0 Error: insufficient")
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert not [c for c in session.commands if c.startswith((b"MAIL", b"RCPT", b"DATA"))]
+    assert next_hop.transactions(complete_only=False) == []
+
+
+@pytest.mark.parametrize("start", [["EHLO client.test"], ["HELO client.test"],
+                                   ["MAIL FROM:<alice@example.com>"]],
+                         ids=["EHLO", "HELO", "no-greeting"])
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.fake_next_hop()  # its EHLO offers no XCLIENT
+def test_xclient_not_offered_ends_the_session(start, appliance, next_hop):
+    """`XClient: on` with a next hop that does not offer XCLIENT: 421 and an error that says
+    so. Before the fix the session went on without it, and without a log line."""
+    next_hop.arm({"*": "500 5.5.2 Error: command not recognized"})
+    replies = send_raw(appliance.host, appliance.port, [*start, "MAIL FROM:<a@example.com>"])
+    assert replies[1:] == [R.XCLIENT_FAILED], replies
+    appliance.wait_log("XCLIENT not possible, the server does not offer XCLIENT ADDR")
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert not [c for c in session.commands if c.startswith((b"MAIL", b"XCLIENT"))]
