@@ -199,6 +199,7 @@ def describe(config: Config) -> str:
     out = config.out_address
     lines = [
         f"# effective configuration of {_show(config.path)}",
+        *_out_address_meaning(out),
         f"OutAddress: {_format_address(out)}"
         if out is not None
         else "# OutAddress: not used (TransparentProxy is on)",
@@ -464,6 +465,19 @@ def _escape(template: str) -> str:
         .replace("\n", "\\n")
         .replace("\t", "\\t")
     )
+
+
+def _out_address_meaning(out: Address | None) -> list[str]:
+    """A comment line for the two OutAddress forms that are easy to mistake for each other."""
+    if out is None or out.is_unix:
+        return []
+    if out.port_only:
+        return [f"# OutAddress: a bare port: the loopback feature, each connection's mail goes "
+                f"back to its client's own address, port {out.port}"]
+    if out.host in ("0.0.0.0", "::"):
+        return [f"# OutAddress: {out.host} is this host (an ordinary address, not the loopback "
+                f"feature, which is a bare port)"]
+    return []
 
 
 def _format_address(address: Address) -> str:

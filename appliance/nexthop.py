@@ -23,9 +23,10 @@ def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) 
         return lambda client_ip, transport: _original(transport, listen_ports)
     out = config.out_address
     assert out is not None, "config guarantees OutAddress without TransparentProxy"
-    if out.port_only or out.host == "0.0.0.0":
-        # (0.0.0.0:port is how the C original spelled it internally, and it worked there too)
-        # The loopback feature: hand the mail back to the machine it came from.
+    if out.port_only:
+        # The loopback feature: hand the mail back to the machine it came from. Only a bare
+        # port means it: 0.0.0.0:PORT is an ordinary address (the local host, as the docs say);
+        # read as loopback it sent mail to port PORT of whoever connected (issue 12).
         return lambda client_ip, transport: Address(host=client_ip, port=out.port)
     return lambda client_ip, transport: out
 

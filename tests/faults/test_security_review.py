@@ -6,12 +6,17 @@ docs/security.md describes the rules they hold.
 
 from __future__ import annotations
 
+import smtplib
 import socket
+import subprocess
+import sys
 
 import pytest
 import replies as R
 from faultkit import clean_message
 from helpers import send_raw
+
+from appliance.lab import RecordingNextHop
 
 ENVELOPE = ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>"]
 XCLIENT_EHLO = ["250-fake.test", "250-XCLIENT ADDR", "250 8BITMIME"]
@@ -83,3 +88,45 @@ def test_xclient_not_offered_ends_the_session(start, appliance, next_hop):
     appliance.wait_log("XCLIENT not possible, the server does not offer XCLIENT ADDR")
     session = next_hop.wait_ended(next_hop.armed_session().index)
     assert not [c for c in session.commands if c.startswith((b"MAIL", b"XCLIENT"))]
+
+
+# -- 2. OutAddress: 0.0.0.0:PORT sent the mail back to the client's own address -----------------
+
+
+def _send_from(appliance, source: str, token: str) -> None:
+    with smtplib.SMTP(appliance.host, appliance.port, local_hostname="client.test",
+                      source_address=(source, 0), timeout=30) as client:
+        client.sendmail("alice@example.com", ["bob@example.com"], clean_message(token))
+
+
+@pytest.mark.appliance_config(OutAddress=lambda hop: f"0.0.0.0:{hop.port}")
+def test_outaddress_0_0_0_0_is_this_host_not_the_client(appliance, next_hop):
+    """A client at 127.0.0.2: the mail goes to this host's port (the next hop on 127.0.0.1).
+    Before the fix it went to 127.0.0.2:PORT ("couldn't connect to: 127.0.0.2:PORT"), and on a
+    Listen other hosts reach, to port PORT of whoever connected."""
+    _send_from(appliance, "127.0.0.2", "zero-address")
+    [received] = next_hop.wait_for(1)
+    assert received.peer[0] == "127.0.0.1"
+    assert "couldn't connect" not in appliance.log()
+
+
+@pytest.mark.appliance_config(OutAddress=lambda hop: str(hop.port))
+def test_bare_port_outaddress_is_the_clients_own_address(appliance, next_hop):
+    """The loopback feature is a bare port: a client at 127.0.0.2 gets its mail back there."""
+    with RecordingNextHop("127.0.0.2", next_hop.port) as own:
+        _send_from(appliance, "127.0.0.2", "loopback-feature")
+        assert len(own.wait_for(1)) == 1
+    assert next_hop.messages == []
+
+
+def test_check_config_says_what_an_outaddress_means(tmp_path):
+    config = tmp_path / "c.conf"
+    said = {}
+    for value in ("0.0.0.0:10025", "10025"):
+        config.write_text(f"OutAddress: {value}\n")
+        said[value] = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", "-f", str(config), "--check-config"],
+            capture_output=True, text=True, check=True).stdout
+    assert "# OutAddress: 0.0.0.0 is this host (an ordinary address" in said["0.0.0.0:10025"]
+    assert "the loopback feature, each connection's mail goes back to its client's own " \
+        "address, port 10025" in said["10025"]
