@@ -19,7 +19,7 @@ from .header import expand_header
 from .maillog import summary
 from .scanner import ERROR
 from .spool import Spool, SpoolError
-from .upstream import UpstreamError
+from .upstream import Reply, UpstreamError
 from .verdict import FORWARD, REPLY_LOCAL_ERROR, Policy, Verdict, decide
 
 DATA_CHUNK = 1 << 18
@@ -163,6 +163,10 @@ class MessageFlow:
         if reply.code != 354:
             session.log.warning("server refused data transfer: %s", reply.text)
             await self._abandon_quietly()
+            if reply.code < 400:
+                # Not 354 is not taken, whatever it says: a 2xx relayed here would tell the
+                # client its message was accepted, after its body, when nothing was sent.
+                reply = Reply.make(REPLY_LOCAL_ERROR)
             await self._push_reply(reply)
             await self._end_if_next_hop_left(reply)
             return

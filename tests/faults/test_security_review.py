@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import replies as R
-from faultkit import clean_message
+from faultkit import assert_no_spool_files, assert_still_serving, clean_message
 from helpers import send_raw
 
 from appliance.lab import RecordingNextHop
@@ -130,3 +130,22 @@ def test_check_config_says_what_an_outaddress_means(tmp_path):
     assert "# OutAddress: 0.0.0.0 is this host (an ordinary address" in said["0.0.0.0:10025"]
     assert "the loopback feature, each connection's mail goes back to its client's own " \
         "address, port 10025" in said["10025"]
+
+
+# -- 3. a 2xx answer to the proxy's own DATA was relayed as the end-of-data answer --------------
+
+
+@pytest.mark.parametrize("reply", ["250 2.0.0 Ok", "334 VXNlcm5hbWU6"], ids=["2xx", "3xx"])
+@pytest.mark.fake_next_hop()
+def test_data_answered_with_anything_but_354_is_not_a_delivery(reply, appliance, next_hop):
+    """Before the fix the client got the next hop's 250 after its body (nothing was sent)."""
+    next_hop.arm({"DATA": reply})
+    replies = send_raw(appliance.host, appliance.port,
+                       [*ENVELOPE, "DATA", (clean_message("data-250") + b".\r\n", 1), "NOOP"])
+    assert replies[4] == R.START_DATA, replies
+    assert replies[5] == R.LOCAL_ERROR, replies
+    assert replies[6].startswith("250"), replies  # the session goes on, in step
+    appliance.wait_log(f"server refused data transfer: {reply}")
+    assert next_hop.delivered() == []
+    assert_no_spool_files(appliance)
+    assert_still_serving(appliance, next_hop)
