@@ -22,6 +22,10 @@ DEFAULT_CONFIG_PATH = "/etc/clamsmtpd.conf"
 DEFAULT_HEADER = "X-Virus-Scanned: ClamAV using ClamSMTP"
 ACTIONS = ("drop", "bounce", "pass")
 SCAN_ERROR_ACTIONS = ("defer", "pass")
+OVERSIZE_ACTIONS = ("pass", "defer", "reject")
+#: MaxScanSize's bounds and units (K, M, G are powers of 1024, as clamd.conf's StreamMaxLength)
+MAX_SCAN_SIZE = 4 << 30
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
 DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
 MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
@@ -71,6 +75,14 @@ class ConfigError(Exception):
 class Config:
     """The effective configuration; constructing one validates it."""
 
+    @property
+    def effective_oversize_action(self) -> str | None:
+        """OversizeAction as it applies: pass by default once MaxScanSize is set; None (a
+        message too big for clamd is a scan error, as in 1.10) when neither is set."""
+        if self.oversize_action is not None:
+            return self.oversize_action
+        return "pass" if self.max_scan_size is not None else None
+
     path: str
     out_address: Address | None
     listen: Address = Address(host=LISTEN_HOST, port=LISTEN_PORT, port_only=True)
@@ -91,6 +103,8 @@ class Config:
     metrics_listen: Address | None = None  # opt-in Prometheus endpoint
     scan_error_action: str = "defer"  # what a scan that could not be done gets
     reject_message: str = DEFAULT_REJECT_MESSAGE  # Action: bounce's reply, %v = the virus name
+    max_scan_size: int | None = None  # bytes; a bigger message is not scanned (OversizeAction)
+    oversize_action: str | None = None  # None: pass with MaxScanSize, else a scan error (1.10)
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -112,6 +126,10 @@ class Config:
             raise ValueError("empty temp_directory")
         if self.scan_error_action not in SCAN_ERROR_ACTIONS:
             raise ValueError(f"invalid scan_error_action {self.scan_error_action!r}")
+        if self.max_scan_size is not None and not 1 <= self.max_scan_size <= MAX_SCAN_SIZE:
+            raise ValueError(f"max_scan_size must be 1 to {MAX_SCAN_SIZE} bytes")
+        if self.oversize_action is not None and self.oversize_action not in OVERSIZE_ACTIONS:
+            raise ValueError(f"invalid oversize_action {self.oversize_action!r}")
         problem = reject_message_problem(self.reject_message)
         if problem:
             raise ValueError(f"reject_message: {problem}")
@@ -224,6 +242,13 @@ def describe(config: Config) -> str:
         "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
         f"ScanErrorAction: {config.scan_error_action}",
         f"RejectMessage: {config.reject_message}",
+        f"MaxScanSize: {format_size(config.max_scan_size)}"
+        if config.max_scan_size is not None
+        else "# MaxScanSize: not set (no limit but clamd's StreamMaxLength)",
+        f"OversizeAction: {config.oversize_action}"
+        if config.oversize_action is not None
+        else "# OversizeAction: not set (pass with MaxScanSize; else too big for clamd is a scan "
+        "error, as in 1.10)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -377,6 +402,33 @@ def _transparency(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def parse_size(value: str) -> int:
+    """``25M`` -> 26214400: a whole number with an optional K, M or G (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G") else (text, "")
+    number = number.strip()
+    if not number.isascii() or not number.isdigit() or len(number) > 12:
+        raise ValueError(f"invalid size '{_show(value)}' (expected a number of bytes, "
+                         "optionally with K, M or G, e.g. 25M)")
+    size = int(number) * SIZE_UNITS[unit]
+    if not 1 <= size <= MAX_SCAN_SIZE:
+        raise ValueError(f"size '{_show(value)}' out of range (expected 1 to 4G)")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The inverse of ``parse_size``: the largest unit that divides ``size`` exactly."""
+    for unit in ("G", "M", "K"):
+        if size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def _max_scan_size(value: str, values: dict[str, Any]) -> list[str]:
+    values["max_scan_size"] = parse_size(value) if value else None
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -412,6 +464,8 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
         ("ScanErrorAction", _choice_handler("scan_error_action", SCAN_ERROR_ACTIONS)),
         ("RejectMessage", _reject_message),
+        ("MaxScanSize", _max_scan_size),
+        ("OversizeAction", _choice_handler("oversize_action", OVERSIZE_ACTIONS)),
     ]
 }
 _DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})

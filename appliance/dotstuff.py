@@ -10,7 +10,8 @@ Inbound (client -> spool), `DataDecoder`:
 - bare CR and bare LF are then normalised to CRLF, so the next hop can never read a line ending
   (or an end of data) that we did not see. A dot line made that way is re-stuffed on the way out.
 
-Outbound (spool -> next hop), `stuff()`: a dot is added to every line that starts with one.
+Outbound (spool -> next hop), `Stuffer` and `stuff()`: a dot is added to every line that starts
+with one.
 """
 
 from __future__ import annotations
@@ -89,23 +90,37 @@ class DataDecoder:
         return normalise_line_endings(b"".join(out))
 
 
-def stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Dot-stuff a CRLF-normalised body for the wire (the end-of-data line is not added).
+class Stuffer:
+    """Dot-stuff a CRLF-normalised body for the wire, chunk by chunk (the end-of-data line is
+    not added): the body read back from the spool, or one streamed through as it arrives.
 
     Chunks may split a line ending anywhere (file reads do), so the state between two chunks is
     "at a line start" or "just after a CR".
     """
-    bol = True
-    after_cr = False
-    for chunk in chunks:
+
+    __slots__ = ("_bol", "_after_cr")
+
+    def __init__(self) -> None:
+        self._bol = True
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
         if not chunk:
-            continue
-        if bol and chunk[0] == 0x2E:
+            return b""
+        if self._bol and chunk[0] == 0x2E:
             chunk = b"." + chunk
-        elif after_cr and chunk.startswith(b"\n."):
+        elif self._after_cr and chunk.startswith(b"\n."):
             chunk = b"\n.." + chunk[2:]
         if b"\r\n." in chunk:
             chunk = chunk.replace(b"\r\n.", b"\r\n..")
-        bol = chunk.endswith(b"\r\n") or (after_cr and chunk == b"\n")
-        after_cr = chunk.endswith(b"\r")
-        yield chunk
+        self._bol = chunk.endswith(b"\r\n") or (self._after_cr and chunk == b"\n")
+        self._after_cr = chunk.endswith(b"\r")
+        return chunk
+
+
+def stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`Stuffer` over an iterable of chunks."""
+    stuffer = Stuffer()
+    for chunk in chunks:
+        if chunk:
+            yield stuffer.feed(chunk)

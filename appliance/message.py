@@ -14,10 +14,10 @@ import time
 
 from . import metrics
 from .actions import VirusEvent, quarantine
-from .dotstuff import DataDecoder, stuff
+from .dotstuff import DataDecoder, Stuffer, stuff
 from .header import expand_header
 from .maillog import summary
-from .scanner import ERROR
+from .scanner import ERROR, OVERSIZE, ScanResult
 from .spool import Spool, SpoolError
 from .upstream import Reply, UpstreamError
 from .verdict import FORWARD, REPLY_LOCAL_ERROR, Policy, Verdict, decide
@@ -50,20 +50,28 @@ class MessageFlow:
         self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
         self.session.in_data = True
         await self.push(REPLY_START_DATA)
+        policy = Policy.of(self.config)
+        scan_limit = self.config.max_scan_size
         spool: Spool | None = Spool(self.config.temp_directory)
+        decoder = DataDecoder()
         try:
             async with self.session.upstream.keepalive(self.config.keepalives, log):
-                spool, refusal = await self._receive_body(spool)
-                if spool is not None:
+                spool, refusal, oversize = await self._receive_body(
+                    spool, decoder, scan_limit, stream=policy.oversize == "pass"
+                )
+                if spool is not None and not oversize:
                     started = time.monotonic()
                     result = await self.context.scanner.scan(spool)
                     metrics.SCAN_SECONDS.observe(time.monotonic() - started)
-            if spool is None:
+            if oversize:
+                log.info("message over MaxScanSize (%d bytes): not scanned", scan_limit)
+                result = ScanResult(OVERSIZE, detail="over MaxScanSize")
+            elif spool is None:
                 await self._abandon(refusal)
                 return
-            if result.status == ERROR:
+            elif result.status in (ERROR, OVERSIZE):
                 log.error("clamav error: %s", result.detail)
-            verdict = decide(result, Policy.of(self.config))
+            verdict = decide(result, policy)
             if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
                 log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status))
             metrics.MESSAGES.labels(result.status.lower()).inc()
@@ -71,9 +79,12 @@ class MessageFlow:
                 metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
             if verdict.infected:
                 self._virus_found(spool, envelope, result.virus or "Unknown")
-            if verdict.kind == FORWARD:
+            if verdict.kind == FORWARD and not decoder.done:
+                await self._stream_through(spool, decoder, verdict)
+            elif verdict.kind == FORWARD:
                 await self._forward(spool, verdict)
             else:
+                await self._discard_rest(decoder)
                 await self._abandon(verdict.reply)
         except UpstreamError as e:
             raise NextHopLostInMessage(str(e)) from None
@@ -102,33 +113,24 @@ class MessageFlow:
             prefix=session.log.prefix,
         )
 
-    async def _receive_body(self, spool: Spool) -> tuple[Spool | None, str]:
+    async def _receive_body(
+        self, spool: Spool, decoder: DataDecoder, scan_limit: int | None, *, stream: bool
+    ) -> tuple[Spool | None, str, bool]:
         """Read the body to its end-of-data line. Returns the spool, or None and the reply that
         says why the message was not kept (the spool could not be written, or the message is
-        over the next hop's SIZE: it is refused now instead of after a useless scan).
+        over the next hop's SIZE: it is refused now instead of after a useless scan); and
+        whether it is over MaxScanSize (`scan_limit`).
 
-        The whole body is always read, even when it cannot be kept, so client and proxy stay in
-        step and the client gets a reply it can act on.
+        The whole body is read, even when it cannot be kept, so client and proxy stay in step
+        and the client gets a reply it can act on. The one exception is a body over MaxScanSize
+        that is to be passed on (`stream`): it returns as soon as it is known to be over, with
+        what was received so far in the spool and the rest still to be read from `decoder`.
         """
         refusal = ""
+        oversize = False
         limit = self.session.size_limit
-        decoder = DataDecoder()
-        reader = self._reader
-        timeout = self.config.timeout
         while not decoder.done:
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await reader.read(DATA_CHUNK)
-            except TimeoutError:
-                self.session.log.warning("network read operation timed out (client, in DATA)")
-                await self._say_and_close(REPLY_TIMEOUT)
-                raise ClientGone from None
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.session.log.error("unexpected end of data from client")
-                raise ClientGone
-            data = decoder.feed(chunk)
+            data = decoder.feed(await self._read_body_chunk())
             if spool is not None and data:
                 try:
                     spool.write(data)
@@ -143,18 +145,87 @@ class MessageFlow:
                     )
                     spool.remove()
                     spool, refusal = None, REPLY_TOO_BIG
-        if decoder.rest:
-            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
-            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
-            reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
+                elif scan_limit and spool.size > scan_limit:
+                    if not stream:  # not held for scanning: only read to its end
+                        spool.remove()
+                        spool, oversize = None, True
+                        continue
+                    try:
+                        spool.finish()
+                    except SpoolError as e:
+                        self.session.log.error("%s", e)
+                        spool.remove()
+                        spool, refusal = None, REPLY_LOCAL_ERROR
+                        continue
+                    return spool, "", True
+        self._unread(decoder)
         if spool is not None:
             try:
                 spool.finish()
             except SpoolError as e:
                 self.session.log.error("%s", e)
                 spool.remove()
-                return None, REPLY_LOCAL_ERROR
-        return spool, refusal
+                return None, REPLY_LOCAL_ERROR, False
+        return spool, refusal, oversize
+
+    async def _read_body_chunk(self) -> bytes:
+        """The next piece of the body as the client sent it; ClientGone at its end or TimeOut."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                chunk = await self._reader.read(DATA_CHUNK)
+        except TimeoutError:
+            self.session.log.warning("network read operation timed out (client, in DATA)")
+            await self._say_and_close(REPLY_TIMEOUT)
+            raise ClientGone from None
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.session.log.error("unexpected end of data from client")
+            raise ClientGone
+        return chunk
+
+    async def _discard_rest(self, decoder: DataDecoder) -> None:
+        """Read what is left of a body that is not kept, so the reply comes after its end."""
+        while not decoder.done:
+            decoder.feed(await self._read_body_chunk())
+        self._unread(decoder)
+
+    def _unread(self, decoder: DataDecoder) -> None:
+        if decoder.rest:
+            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
+            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
+            self._reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
+            decoder.rest = b""
+
+    async def _stream_through(self, spool: Spool, decoder: DataDecoder, verdict: Verdict) -> None:
+        """Pass on a message over MaxScanSize as it arrives: what the spool holds so far, then
+        the rest of the body chunk by chunk, never held whole. The end-of-data line is sent only
+        once the client's has arrived: a client gone half-way leaves the next hop an unfinished
+        transaction (discarded when the connection closes), never a cut message."""
+        session = self.session
+        upstream = session.upstream
+        reply = await upstream.command(b"DATA")
+        if reply.code != 354:
+            session.log.warning("server refused data transfer: %s", reply.text)
+            spool.remove()
+            await self._discard_rest(decoder)
+            await self._abandon_quietly()
+            await self._push_reply(reply)
+            await self._end_if_next_hop_left(reply)
+            return
+        stuffer = Stuffer()
+        for chunk in spool.chunks(verdict.extra_header):
+            await upstream.send(stuffer.feed(chunk))
+        spool.remove()  # from here on, nothing of the body is kept
+        while not decoder.done:
+            data = decoder.feed(await self._read_body_chunk())
+            if data:
+                await upstream.send(stuffer.feed(data))
+        self._unread(decoder)
+        await upstream.send(b".\r\n")
+        reply = await upstream.read_reply()
+        await self._push_reply(reply)
+        await self._end_if_next_hop_left(reply)
 
     async def _forward(self, spool: Spool, verdict: Verdict) -> None:
         session = self.session

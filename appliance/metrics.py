@@ -26,7 +26,8 @@ CONNECTIONS_BUSY = Counter(
 )
 ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=REGISTRY)
 MESSAGES = Counter(
-    "clamsmtpd_messages", "Messages scanned, by status (clean, virus, error)", ["status"],
+    "clamsmtpd_messages",
+    "Messages by scan result (clean, virus, error, oversize: too big to scan)", ["status"],
     registry=REGISTRY,
 )
 SCAN_SECONDS = Histogram(
@@ -44,7 +45,7 @@ NEXT_HOP_ERRORS = Counter(
     registry=REGISTRY,
 )
 
-for _status in ("clean", "virus", "error"):
+for _status in ("clean", "virus", "error", "oversize"):
     MESSAGES.labels(_status)
 for _reason in ("error", "size", "network", "authenticated", "tls"):
     UNSCANNED.labels(_reason)

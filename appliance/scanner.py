@@ -25,13 +25,15 @@ from .addresses import Address
 from .spool import Spool
 
 CLEAN, VIRUS, ERROR = "CLEAN", "VIRUS", "ERROR"
+#: Too big to scan: clamd refused it (over its StreamMaxLength), or it is over MaxScanSize.
+OVERSIZE = "OVERSIZE"
 #: clamd accepts INSTREAM chunks up to StreamMaxLength; 256 KiB keeps syscalls few and memory low.
 CHUNK = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    status: str  # CLEAN | VIRUS | ERROR
+    status: str  # CLEAN | VIRUS | ERROR | OVERSIZE (ERROR: the scan could not be done)
     virus: str | None = None  # the signature name, for VIRUS
     detail: str = ""  # what clamd (or the connection) said, for ERROR
 
@@ -40,7 +42,7 @@ class ScanResult:
         """The `status=` value of the original's log line."""
         if self.status == VIRUS:
             return f"VIRUS:{self.virus}" if self.virus else "VIRUS"
-        return "CLAMAV-ERROR" if self.status == ERROR else CLEAN
+        return CLEAN if self.status == CLEAN else "CLAMAV-ERROR"
 
 
 class _SendallSocket(socket.socket):
@@ -144,7 +146,8 @@ class Scanner:
             client.replies = []
             found = client.scan_stream(body, chunk_size=CHUNK)
         except pyclamd.BufferTooLongError as e:
-            return ScanResult(ERROR, detail=f"{e} (raise StreamMaxLength in clamd.conf)")
+            detail = f"{e} (raise StreamMaxLength in clamd.conf, or set MaxScanSize below it)"
+            return ScanResult(OVERSIZE, detail=detail)
         except pyclamd.ConnectionError as e:
             return ScanResult(ERROR, detail=str(e))
         except TimeoutError:

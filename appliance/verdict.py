@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from .config import DEFAULT_REJECT_MESSAGE, Config
-from .scanner import CLEAN, VIRUS, ScanResult
+from .scanner import CLEAN, OVERSIZE, VIRUS, ScanResult
 
 FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
 
@@ -20,6 +20,10 @@ FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
 REPLY_DISCARDED = "250 Virus Detected; Discarded Email"
 REPLY_REJECTED = DEFAULT_REJECT_MESSAGE
 REPLY_LOCAL_ERROR = "451 Local Error"
+REPLY_OVERSIZE_REJECTED = "552 5.3.4 Message too big to be scanned"
+REPLY_OVERSIZE_DEFERRED = "451 4.3.4 Message too big to be scanned; try again later"
+#: The log status of a message refused or deferred because it is too big to scan.
+STATUS_OVERSIZE = "OVERSIZE"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!\r\n"
 #: The header on mail delivered without a scan. Never the configured scan header (Header:),
 #: which says the message was scanned: a filter downstream must be able to tell the two apart.
@@ -73,6 +77,7 @@ class Policy:
     action: str = "drop"  # Action: drop | bounce | pass
     scan_error: str = "defer"  # ScanErrorAction: defer | pass
     reject_message: str = REPLY_REJECTED  # RejectMessage, %v = the virus name
+    oversize: str | None = None  # OversizeAction as it applies (None: a scan error, as 1.10)
 
     @classmethod
     def of(cls, config: Config) -> Policy:
@@ -80,6 +85,7 @@ class Policy:
             action=config.action,
             scan_error=config.scan_error_action,
             reject_message=config.reject_message,
+            oversize=config.effective_oversize_action,
         )
 
 
@@ -95,6 +101,12 @@ def decide(result: ScanResult, policy: Policy) -> Verdict:
             reply = policy.reject_message.replace("%v", safe_virus_name(result.virus))
             return Verdict(REJECT, reply, infected=True, status=status)
         return Verdict(DISCARD, REPLY_DISCARDED, infected=True, status=status)
+    if result.status == OVERSIZE and policy.oversize is not None:
+        if policy.oversize == "pass":
+            return unscanned(Unscanned.SIZE)
+        if policy.oversize == "reject":
+            return Verdict(REJECT, REPLY_OVERSIZE_REJECTED, status=STATUS_OVERSIZE)
+        return Verdict(TEMPFAIL, REPLY_OVERSIZE_DEFERRED, status=STATUS_OVERSIZE)
     # clamd down, slow or confused: never lose the mail; pass it unscanned only when told to.
     if policy.scan_error == "pass":
         return unscanned(Unscanned.ERROR)

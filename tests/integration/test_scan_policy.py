@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 import replies as R
-from helpers import EICAR, reload_with, smtp_client
+from helpers import EICAR, raw_session_in_data, reload_with, smtp_client, wait_until
+
+from appliance.dotstuff import stuff
+from appliance.lab import PrivateClamd
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -80,3 +83,135 @@ def test_reject_message_default_is_the_originals(appliance, next_hop):
 @pytest.mark.appliance_config(RejectMessage="550 5.7.1 Virus found: %v")
 def test_reject_message_is_not_used_with_drop(appliance, next_hop):
     assert send(appliance, INFECTED) == R.DISCARDED
+
+
+# -- MaxScanSize, OversizeAction -----------------------------------------------------------------
+
+
+def big_message(size: int, *, subject: str = "big", tail: bytes = b"") -> bytes:
+    """A message of about `size` bytes of 78-byte lines, some starting with a dot (dot-stuffing
+    must survive the streaming), then `tail`."""
+    lines = [(b"." if i % 7 == 0 else b"x") + b"%075d\r\n" % i for i in range(size // 78)]
+    return b"Subject: " + subject.encode() + b"\r\n\r\n" + b"".join(lines) + tail
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K")
+def test_over_max_scan_size_is_passed_on_unscanned(appliance, next_hop):
+    message = big_message(1_000_000, tail=EICAR + b"\r\n")  # past the limit: never scanned
+    assert send(appliance, message).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.header(NOT_SCANNED) == "size"
+    assert received.header("X-Virus-Scanned") is None
+    assert received.original_content.replace(b"X-Virus-Not-Scanned: size\r\n", b"") == message
+    log = appliance.wait_log("status=UNSCANNED:size")
+    assert "message over MaxScanSize (102400 bytes): not scanned" in log
+    assert "clamav error" not in log
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K")
+def test_under_max_scan_size_is_scanned_as_before(appliance, next_hop):
+    assert send(appliance, big_message(90_000, tail=EICAR + b"\r\n")) == R.DISCARDED
+    assert send(appliance, big_message(90_000)).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.header(NOT_SCANNED) is None and received.header("X-Virus-Scanned")
+
+
+@pytest.mark.appliance_config(MaxScanSize="1M")
+def test_over_max_scan_size_streams_without_holding_the_body(appliance, next_hop):
+    """The first MaxScanSize bytes are held (on disk, past 256 KiB of memory); once over, the
+    spool is gone while the client is still sending, and the rest goes through as it comes."""
+    head = big_message(1_200_000)
+    with raw_session_in_data(appliance, timeout=30) as (sock, reader):
+        sock.sendall(b"".join(stuff([head])))  # (a raw client stuffs its dots itself)
+        appliance.wait_log("message over MaxScanSize (1048576 bytes): not scanned")
+        wait_until(lambda: appliance.spool_files() == [], what="the spool to be let go")
+        more = (b"y" * 76 + b"\r\n") * 1282
+        for _ in range(40):  # 4 MB more, none of it kept
+            sock.sendall(more)
+            assert appliance.spool_files() == []
+        assert next_hop.messages == []  # the end is not there yet
+        sock.sendall(b".\r\n")
+        assert reader.readline().startswith(b"250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.size == len(head) + 40 * len(more) + len(b"X-Virus-Not-Scanned: size\r\n")
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K")
+@pytest.mark.next_hop_replies(DATA="554 5.7.1 not wanted here")
+def test_streamed_message_gets_the_next_hops_refusal(appliance, next_hop):
+    assert send(appliance, big_message(500_000)) == "554 5.7.1 not wanted here"
+    assert next_hop.messages == [] and len(next_hop.rejected) == 1
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K")
+def test_client_gone_mid_stream_delivers_nothing(appliance, next_hop):
+    with raw_session_in_data(appliance, timeout=30) as (sock, _):
+        sock.sendall(big_message(500_000))
+        appliance.wait_log("not scanned")
+    appliance.wait_log("unexpected end of data from client")
+    assert send(appliance, CLEAN).startswith("250 ")  # the daemon goes on
+    [received] = next_hop.wait_for(1)
+    assert b"hello" in received.original_content and next_hop.rejected == []
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K", OversizeAction="reject")
+def test_oversize_reject(appliance, next_hop):
+    assert send(appliance, big_message(500_000)) == "552 5.3.4 Message too big to be scanned"
+    assert send(appliance, CLEAN).startswith("250 ")  # the session and the next hop go on
+    assert len(next_hop.wait_for(1)) == 1
+    assert "status=OVERSIZE" in appliance.log()
+
+
+@pytest.mark.appliance_config(MaxScanSize="100K", OversizeAction="defer")
+def test_oversize_defer(appliance, next_hop):
+    reply = send(appliance, big_message(500_000))
+    assert reply == "451 4.3.4 Message too big to be scanned; try again later"
+    assert next_hop.messages == []
+    reload_with(appliance, OversizeAction="pass")
+    assert send(appliance, big_message(500_000)).startswith("250 ")
+    reload_with(appliance, MaxScanSize="")
+    assert send(appliance, big_message(500_000, tail=EICAR + b"\r\n")) == R.DISCARDED
+    assert len(next_hop.messages) == 1
+
+
+@pytest.fixture
+def small_clamd(tmp_path_factory):
+    with PrivateClamd(tmp_path_factory.mktemp("small-clamd"),
+                      settings={"StreamMaxLength": "100K"}) as clamd:
+        yield clamd
+
+
+@pytest.fixture
+def appliance_clamd(request):
+    """The clamd `appliance` uses in this module: the small one where a test asks for it."""
+    name = "small_clamd" if "small_clamd" in request.fixturenames else "clamd"
+    return request.getfixturevalue(name)
+
+
+@pytest.mark.appliance_config(OversizeAction="pass")
+def test_too_big_for_clamd_is_passed_with_oversize_pass(
+    small_clamd, appliance_clamd, appliance, next_hop
+):
+    assert send(appliance, big_message(300_000)).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.header(NOT_SCANNED) == "size"
+    log = appliance.wait_log("status=UNSCANNED:size")
+    assert "INSTREAM size limit exceeded" in log
+
+
+@pytest.mark.appliance_config(OversizeAction="reject")
+def test_too_big_for_clamd_is_rejected_with_oversize_reject(
+    small_clamd, appliance_clamd, appliance, next_hop
+):
+    assert send(appliance, big_message(300_000)) == "552 5.3.4 Message too big to be scanned"
+    assert next_hop.messages == []
+
+
+def test_too_big_for_clamd_without_the_directives_is_a_scan_error_as_before(
+    small_clamd, appliance_clamd, appliance, next_hop
+):
+    assert send(appliance, big_message(300_000)) == R.LOCAL_ERROR
+    assert "status=CLAMAV-ERROR" in appliance.wait_log("status=")
+    reload_with(appliance, ScanErrorAction="pass")
+    assert send(appliance, big_message(300_000)).startswith("250 ")
+    assert next_hop.wait_for(1)[0].header(NOT_SCANNED) == "error"

@@ -27,7 +27,7 @@ DEBIAN_CONF = Path(appliance.__file__).parent / "data" / "clamsmtpd.conf"
 DIRECTIVES = [
     "OutAddress", "Listen", "ClamAddress", "Header", "TempDirectory", "Action", "Quarantine",
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
-    "User", "PidFile", "ScanErrorAction", "RejectMessage",
+    "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
 ]  # fmt: skip
 
 
@@ -153,6 +153,15 @@ def test_default_config_path() -> None:
         ("RejectMessage: 550 5.7.1 Virus found: %v", "reject_message",
          "550 5.7.1 Virus found: %v"),
         ("RejectMessage: 554 No", "reject_message", "554 No"),
+        ("MaxScanSize: 25M", "max_scan_size", 25 << 20),
+        ("MaxScanSize: 25 MB", "max_scan_size", 25 << 20),
+        ("MaxScanSize: 512k", "max_scan_size", 512 << 10),
+        ("MaxScanSize: 1000", "max_scan_size", 1000),
+        ("MaxScanSize: 4G", "max_scan_size", 4 << 30),
+        ("MaxScanSize:", "max_scan_size", None),
+        ("OversizeAction: pass", "oversize_action", "pass"),
+        ("OversizeAction: Reject", "oversize_action", "reject"),
+        ("OversizeAction: defer", "oversize_action", "defer"),
     ],
 )
 def test_directive(line: str, field: str, value: object) -> None:
@@ -379,6 +388,14 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["RejectMessage: 550 Virus \u00e9"], 2, "RejectMessage", "only printable ASCII"),
         (["RejectMessage: 550 a\tb"], 2, "RejectMessage", "only printable ASCII"),
         (["RejectMessage: 550 " + "x" * 400], 2, "RejectMessage", "too long (404 characters"),
+        (["MaxScanSize: 25 megs"], 2, "MaxScanSize",
+         "invalid size '25 megs' (expected a number of bytes, optionally with K, M or G"),
+        (["MaxScanSize: 1.5M"], 2, "MaxScanSize", "invalid size '1.5M'"),
+        (["MaxScanSize: -1"], 2, "MaxScanSize", "invalid size '-1'"),
+        (["MaxScanSize: 0"], 2, "MaxScanSize", "size '0' out of range (expected 1 to 4G)"),
+        (["MaxScanSize: 5G"], 2, "MaxScanSize", "size '5G' out of range"),
+        (["OversizeAction: drop"], 2, "OversizeAction",
+         "invalid value 'drop' (expected pass, defer or reject)"),
     ],
 )
 def test_errors_are_located(lines: list, line: int, directive: str | None, reason: str) -> None:
@@ -497,6 +514,8 @@ PidFile: /run/clamsmtpd.pid
 DebugFiles: on
 ScanErrorAction: pass
 RejectMessage: 550 5.7.1 Virus found: %v (see https://example.org/av)
+MaxScanSize: 1536K
+OversizeAction: reject
 """
 
 
@@ -557,6 +576,8 @@ def test_replace_overrides_and_revalidates() -> None:
         {"temp_directory": ""},
         {"scan_error_action": "drop"},
         {"reject_message": "451 later"},
+        {"max_scan_size": 0},
+        {"oversize_action": "drop"},
     ],
 )
 def test_config_validates_itself(changes: dict) -> None:
@@ -604,6 +625,9 @@ _VALID_LINES = st.one_of(
     st.builds("TransparentProxy: {}".format, st.sampled_from(["full", "on", "off"])),
     st.builds("Action: {}".format, st.sampled_from(["drop", "BOUNCE", "Pass"])),
     st.builds("ScanErrorAction: {}".format, st.sampled_from(["defer", "PASS"])),
+    st.builds("MaxScanSize: {}".format, st.one_of(
+        st.integers(1, 4 << 30), st.sampled_from(["", "1K", "3m", "4G", "1025"]))),
+    st.builds("OversizeAction: {}".format, st.sampled_from(["pass", "defer", "REJECT"])),
     st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
 )  # fmt: skip
 
@@ -650,3 +674,22 @@ def test_load_config_survives_any_bytes(
         str(err).encode("utf-8")
         return
     describe(config)
+
+
+@pytest.mark.parametrize(
+    ("lines", "effective"),
+    [
+        ([], None),  # as 1.10: too big for clamd is a scan error
+        (["MaxScanSize: 10M"], "pass"),
+        (["MaxScanSize: 10M", "OversizeAction: defer"], "defer"),
+        (["OversizeAction: reject"], "reject"),  # clamd's StreamMaxLength only
+    ],
+)
+def test_effective_oversize_action(lines: list, effective: str | None) -> None:
+    assert parse(*lines).effective_oversize_action == effective
+
+
+def test_describe_writes_sizes_in_the_largest_exact_unit() -> None:
+    assert "\nMaxScanSize: 25M\n" in describe(parse("MaxScanSize: 26214400"))
+    assert "\nMaxScanSize: 1025\n" in describe(parse("MaxScanSize: 1025"))
+    assert "\n# MaxScanSize: not set" in describe(parse())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from appliance.scanner import CLEAN, ERROR, VIRUS, ScanResult
+from appliance.scanner import CLEAN, ERROR, OVERSIZE, VIRUS, ScanResult
 from appliance.verdict import (
     DISCARD,
     FORWARD,
@@ -105,3 +105,31 @@ def test_every_unscanned_reason_has_its_metric():
     text = generate_latest(metrics.REGISTRY).decode()
     for reason in Unscanned:
         assert f'clamsmtpd_messages_unscanned_total{{reason="{reason.value}"}} ' in text
+
+
+TOO_BIG = ScanResult(OVERSIZE, detail="INSTREAM size limit exceeded")
+
+
+@pytest.mark.parametrize(
+    ("oversize", "kind", "reply", "status"),
+    [
+        ("pass", FORWARD, None, "UNSCANNED:size"),
+        ("reject", REJECT, "552 5.3.4 Message too big to be scanned", "OVERSIZE"),
+        ("defer", TEMPFAIL, "451 4.3.4 Message too big to be scanned; try again later",
+         "OVERSIZE"),
+        (None, TEMPFAIL, "451 Local Error", "CLAMAV-ERROR"),  # neither directive: as 1.10
+    ],
+)
+def test_oversize(oversize, kind, reply, status):
+    verdict = decide(TOO_BIG, Policy(oversize=oversize))
+    assert (verdict.kind, verdict.reply, verdict.status) == (kind, reply, status)
+    assert verdict.scanned == (oversize != "pass") and not verdict.infected
+
+
+def test_oversize_without_the_directives_follows_scan_error_action():
+    assert decide(TOO_BIG, Policy(scan_error="pass")) == unscanned(Unscanned.ERROR)
+    assert decide(TOO_BIG, Policy(scan_error="pass", oversize="defer")).status == "OVERSIZE"
+
+
+def test_oversize_log_status_is_a_clamav_error():
+    assert TOO_BIG.log_status == "CLAMAV-ERROR"
