@@ -206,12 +206,9 @@ class MessageFlow:
         upstream = session.upstream
         reply = await upstream.command(b"DATA")
         if reply.code != 354:
-            session.log.warning("server refused data transfer: %s", reply.text)
             spool.remove()
             await self._discard_rest(decoder)
-            await self._abandon_quietly()
-            await self._push_reply(reply)
-            await self._end_if_next_hop_left(reply)
+            await self._data_refused(reply)
             return
         stuffer = Stuffer()
         for chunk in spool.chunks(verdict.extra_header):
@@ -232,14 +229,7 @@ class MessageFlow:
         upstream = session.upstream
         reply = await upstream.command(b"DATA")
         if reply.code != 354:
-            session.log.warning("server refused data transfer: %s", reply.text)
-            await self._abandon_quietly()
-            if reply.code < 400:
-                # Not 354 is not taken, whatever it says: a 2xx relayed here would tell the
-                # client its message was accepted, after its body, when nothing was sent.
-                reply = Reply.make(REPLY_LOCAL_ERROR)
-            await self._push_reply(reply)
-            await self._end_if_next_hop_left(reply)
+            await self._data_refused(reply)
             return
         header = b""
         if verdict.scanned:  # the scan header says "scanned": never on mail that was not
@@ -247,6 +237,18 @@ class MessageFlow:
                 self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
             )
         reply = await upstream.send_message(stuff(spool.chunks(header + verdict.extra_header)))
+        await self._push_reply(reply)
+        await self._end_if_next_hop_left(reply)
+
+    async def _data_refused(self, reply: Reply) -> None:
+        """The next hop answered our DATA with something else than 354: the client gets its
+        4xx/5xx as it is, anything else as 451 (the message was not taken)."""
+        self.session.log.warning("server refused data transfer: %s", reply.text)
+        await self._abandon_quietly()
+        if reply.code < 400:
+            # Not 354 is not taken, whatever it says: a 2xx relayed here would tell the
+            # client its message was accepted, after its body, when nothing was sent.
+            reply = Reply.make(REPLY_LOCAL_ERROR)
         await self._push_reply(reply)
         await self._end_if_next_hop_left(reply)
 
