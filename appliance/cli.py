@@ -25,6 +25,8 @@ from .config import (
 )
 from .maillog import log, setup_logging
 from .server import Appliance, BindError, bind
+from .tls import TLSContexts, TLSError
+from .tls import load as load_tls
 from .upstream import transparent_problem
 
 #: How long sessions in flight may finish after SIGTERM/SIGINT.
@@ -97,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clamsmtpd: {e}", file=sys.stderr)
         return 2
     if args.check_config:
-        for warning in config.warnings:
+        try:
+            tls = load_tls(config)  # (a certificate that cannot be used fails the check)
+        except ConfigError as e:
+            print(f"clamsmtpd: {e}", file=sys.stderr)
+            return 2
+        for warning in (*config.warnings, *tls.warnings):
             print(f"clamsmtpd: warning: {warning}", file=sys.stderr)
         print(describe(config))
         return 0
@@ -114,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics_sock = None
         if config.metrics_listen is not None:
             metrics_sock = bind(config.metrics_listen, "MetricsListen")
-    except (BindError, process.ProcessError) as e:
+        tls = load_tls(config)  # as root: the key may be readable by root alone
+        for warning in tls.warnings:
+            log.warning("%s", warning)
+    except (BindError, process.ProcessError, TLSError) as e:
         log.error("%s", e)
         if args.debug is None:
             print(f"clamsmtpd: {e}", file=sys.stderr)
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held))
+        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls))
     finally:
         process.remove_pid_file(config.pid_file)
     return 0
@@ -185,9 +195,9 @@ def _account_to_become(config: Config) -> process.Account | None:
 
 async def _serve(
     args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None,
-    held: process.HeldSignals,
+    held: process.HeldSignals, tls: TLSContexts,
 ) -> None:
-    appliance = Appliance(config, sock, metrics_sock)
+    appliance = Appliance(config, sock, metrics_sock, tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
@@ -208,12 +218,13 @@ def _reload(args: argparse.Namespace, appliance: Appliance) -> None:
     """SIGHUP: read the configuration again; keep the old one if the new one is wrong."""
     try:
         config = _load(args)
-    except ConfigError as e:
+        tls = load_tls(config)  # a renewed certificate and key, read as User
+    except ConfigError as e:  # (TLSError too: a key we can no longer read keeps the old one)
         log.error("SIGHUP: configuration not reloaded: %s", e)
         return
-    for warning in config.warnings:
+    for warning in (*config.warnings, *tls.warnings):
         log.warning("%s", warning)
-    for name in appliance.reload(config):
+    for name in appliance.reload(config, tls):
         log.warning("SIGHUP: %s changed: restart clamsmtpd to apply it", name)
     log.info("SIGHUP: configuration reloaded from %s", config.path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
 DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
 MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
+OUT_TLS_MODES = ("none", "may", "encrypt", "verify")
+CLIENT_TLS_MODES = ("off", "on", "passthrough")
 MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
@@ -105,6 +108,12 @@ class Config:
     reject_message: str = DEFAULT_REJECT_MESSAGE  # Action: bounce's reply, %v = the virus name
     max_scan_size: int | None = None  # bytes; a bigger message is not scanned (OversizeAction)
     oversize_action: str | None = None  # None: pass with MaxScanSize, else a scan error (1.10)
+    out_tls: str = "may"                   # STARTTLS towards the next hop (OUT_TLS_MODES)
+    out_tls_name: str | None = None        # name the next hop's certificate must carry (verify)
+    tls_ca_file: str | None = None         # CAs for verify; None: the system store
+    client_tls: str = "off"                # STARTTLS towards clients (CLIENT_TLS_MODES)
+    tls_certificate: str | None = None     # PEM certificate (chain) shown to clients
+    tls_key: str | None = None             # PEM private key; None: in the certificate file
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -133,6 +142,45 @@ class Config:
         problem = reject_message_problem(self.reject_message)
         if problem:
             raise ValueError(f"reject_message: {problem}")
+        if self.out_tls not in OUT_TLS_MODES or self.client_tls not in CLIENT_TLS_MODES:
+            raise ValueError(f"invalid TLS mode {self.out_tls!r}/{self.client_tls!r}")
+        problem = tls_problem(
+            self.out_tls, self.client_tls, hostname=self.out_tls_hostname,
+            transparent=bool(self.transparent_proxy), certificate=self.tls_certificate,
+        )
+        if problem:
+            raise ValueError(problem[1])
+
+    @property
+    def out_tls_hostname(self) -> str | None:
+        """The name to verify and send as SNI: OutTLSName, else OutAddress's host if a name."""
+        return out_tls_hostname(self.out_tls_name, self.out_address)
+
+
+def out_tls_hostname(name: str | None, out: Address | None) -> str | None:
+    if name:
+        return name
+    if out is None or out.is_unix or out.port_only or not out.host or _is_ip(out.host):
+        return None
+    return out.host
+
+
+def tls_problem(out_tls: str, client_tls: str, *, hostname: str | None, transparent: bool,
+                certificate: str | None) -> tuple[str, str] | None:
+    """(directive, reason) when the TLS directives do not fit together, else None."""
+    if out_tls == "verify" and hostname is None:
+        if transparent:
+            return ("OutTLS", "verify needs OutTLSName: in transparent mode the proxy knows "
+                    "only the next hop's IP address, not the name its certificate must carry")
+        return ("OutTLS", "verify needs OutTLSName: OutAddress is not a host name, so there "
+                "is no name to check the next hop's certificate against")
+    if client_tls == "on" and not certificate:
+        return ("ClientTLS", "on needs TLSCertificate: (and TLSKey:), the certificate shown "
+                "to clients")
+    if client_tls == "passthrough" and out_tls in ("encrypt", "verify"):
+        return ("ClientTLS", f"passthrough cannot be combined with OutTLS: {out_tls} "
+                "(the next hop's TLS is then the client's own; use OutTLS: may or none)")
+    return None
 
 
 def replace(config: Config, **changes: Any) -> Config:
@@ -163,7 +211,7 @@ def parse_config(text: str, path: str) -> Config:
     """Parse the text of a clamsmtpd.conf; ``path`` is only used in messages."""
     values: dict[str, Any] = {}
     warnings: list[str] = []
-    out_line = 0
+    lines: dict[str, int] = {}  # directive -> the line it was last set on
     for number, raw in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -191,16 +239,24 @@ def parse_config(text: str, path: str) -> Config:
         except ValueError as error:
             raise ConfigError(path, number, directive, str(error)) from None
         warnings.extend(_located(path, number, directive, note) for note in notes)
-        if directive == "OutAddress":
-            out_line = number
+        lines[directive] = number
 
     if values.get("transparent_proxy") and values.get("out_address") is not None:
         note = "ignored because TransparentProxy is on"
-        warnings.append(_located(path, out_line, "OutAddress", note))
+        warnings.append(_located(path, lines["OutAddress"], "OutAddress", note))
         values["out_address"] = None
     elif not values.get("transparent_proxy") and values.get("out_address") is None:
         reason = "no OutAddress specified (required unless TransparentProxy is on)"
         raise ConfigError(path, 0, "OutAddress", reason)
+    problem = tls_problem(
+        values.get("out_tls", "may"), values.get("client_tls", "off"),
+        hostname=out_tls_hostname(values.get("out_tls_name"), values.get("out_address")),
+        transparent=bool(values.get("transparent_proxy")),
+        certificate=values.get("tls_certificate"),
+    )
+    if problem:
+        directive, reason = problem
+        raise ConfigError(path, lines.get(directive, 0), directive, reason)
     try:
         return Config(
             path=path,
@@ -239,6 +295,14 @@ def describe(config: Config) -> str:
         f"MetricsListen: {_format_address(config.metrics_listen)}"
         if config.metrics_listen is not None
         else "# MetricsListen: not set (no metrics endpoint)",
+        f"OutTLS: {config.out_tls}",
+        f"OutTLSName: {config.out_tls_name}" if config.out_tls_name
+        else f"# OutTLSName: not set (next hop's name: {config.out_tls_hostname or 'unknown'})",
+        f"TLSCAFile: {config.tls_ca_file}" if config.tls_ca_file
+        else "# TLSCAFile: not set (the system's CA store)",
+        f"ClientTLS: {config.client_tls}",
+        f"TLSCertificate: {config.tls_certificate or ''}".rstrip(),
+        f"TLSKey: {config.tls_key or ''}".rstrip(),
         "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
         f"ScanErrorAction: {config.scan_error_action}",
         f"RejectMessage: {config.reject_message}",
@@ -329,6 +393,25 @@ def _action(value: str, values: dict[str, Any]) -> list[str]:
     if value.lower() not in ACTIONS:
         raise ValueError(f"invalid value '{_show(value)}' (expected drop, bounce or pass)")
     values["action"] = value.lower()
+    return []
+
+
+def _choice(field: str, choices: tuple[str, ...]) -> _Handler:
+    def handle(value: str, values: dict[str, Any]) -> list[str]:
+        if value.lower() not in choices:
+            expected = ", ".join(choices[:-1]) + " or " + choices[-1]
+            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
+        values[field] = value.lower()
+        return []
+
+    return handle
+
+
+def _tls_name(value: str, values: dict[str, Any]) -> list[str]:
+    if value and (any(c.isspace() or c in "/:[]" for c in value) or _is_ip(value)):
+        raise ValueError(f"invalid value '{_show(value)}' (expected the host name the next "
+                         "hop's certificate carries, e.g. mail.example.org)")
+    values["out_tls_name"] = value or None
     return []
 
 
@@ -461,6 +544,12 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("MetricsListen", _optional(
             "metrics_listen", _address_handler("metrics_listen", LISTEN_HOST, METRICS_PORT)
         )),
+        ("OutTLS", _choice("out_tls", OUT_TLS_MODES)),
+        ("OutTLSName", _tls_name),
+        ("TLSCAFile", _string_handler("tls_ca_file", None)),
+        ("ClientTLS", _choice("client_tls", CLIENT_TLS_MODES)),
+        ("TLSCertificate", _string_handler("tls_certificate", None)),
+        ("TLSKey", _string_handler("tls_key", None)),
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
         ("ScanErrorAction", _choice_handler("scan_error_action", SCAN_ERROR_ACTIONS)),
         ("RejectMessage", _reject_message),
@@ -532,6 +621,12 @@ def _out_address_meaning(out: Address | None) -> list[str]:
         return [f"# OutAddress: {out.host} is this host (an ordinary address, not the loopback "
                 f"feature, which is a bare port)"]
     return []
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _format_address(address: Address) -> str:

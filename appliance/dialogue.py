@@ -11,12 +11,13 @@ FILTERED_EXTENSIONS = frozenset(
 )
 
 
-def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
+def filter_ehlo(lines: tuple[bytes, ...], add: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
     """Rewrite the greeting line and drop extensions we cannot pass on (the original's rules).
 
     The first line becomes `250 smtp.passthru` (a mail loop check on the other side must not see
     its own name). A removed extension in the last line becomes `250 XFILTERED`, so the reply
-    still ends with a final line.
+    still ends with a final line. `add`: keywords of our own (STARTTLS with ClientTLS: on),
+    listed before the next hop's last line.
     """
     last = len(lines) - 1
     first = lines[0]
@@ -30,6 +31,13 @@ def filter_ehlo(lines: tuple[bytes, ...]) -> tuple[bytes, ...]:
                 out.append(line[:3] + b" XFILTERED")
             continue
         out.append(line)
+    if add:
+        code = out[0][:3]
+        if len(out) == 1:  # "250 smtp.passthru" becomes the first line of a list
+            out[0] = code + b"-" + out[0][4:]
+            out += [code + b"-" + keyword for keyword in add[:-1]] + [code + b" " + add[-1]]
+        else:
+            out[-1:-1] = [code + b"-" + keyword for keyword in add]
     return tuple(out)
 
 

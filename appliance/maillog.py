@@ -42,14 +42,19 @@ class ConnectionLog(logging.LoggerAdapter):
         return self.prefix + str(msg), kwargs
 
 
-def summary(sender: str | None, recipients: Iterable[str], status: str) -> str:
-    """`from=a, to=b, to=c, status=X` (addresses without brackets, null sender as `<>`)."""
+def summary(sender: str | None, recipients: Iterable[str], status: str,
+            tls: str | None = None) -> str:
+    """`from=a, to=b, to=c, status=X` (addresses without brackets, null sender as `<>`).
+
+    With `tls` (`TLSv1.3/none`: the client's leg, then the next hop's), `tls=...` goes just
+    before `status=`, which stays last as in the original; a session in clear on both legs
+    logs exactly the original's line."""
     parts = []
     if sender is not None:
         parts.append(f"from={sender or '<>'}")
     parts.extend(f"to={r}" for r in recipients)
     head = ", ".join(parts)
-    tail = f"status={status}"
+    tail = f"status={status}" if tls is None else f"tls={tls}, status={status}"
     room = MAX_SUMMARY - len(tail) - 2
     if len(head) > room:
         head = head[: max(room - 3, 0)] + "..."

@@ -73,7 +73,8 @@ class MessageFlow:
                 log.error("clamav error: %s", result.detail)
             verdict = decide(result, policy)
             if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
-                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status))
+                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status,
+                                       self.session.tls_summary))
             metrics.MESSAGES.labels(result.status.lower()).inc()
             if verdict.unscanned is not None:
                 metrics.UNSCANNED.labels(verdict.unscanned.value).inc()

@@ -41,16 +41,30 @@ UNSCANNED = Counter(
 )
 NEXT_HOP_ERRORS = Counter(
     "clamsmtpd_next_hop_errors",
-    "Failures talking to the next hop, by stage (connect, session)", ["stage"],
+    "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],
     registry=REGISTRY,
+)
+
+TLS_SESSIONS = Counter(
+    "clamsmtpd_tls_sessions",
+    "Sessions by leg (client, next_hop) and how that leg ran (tls, clear, passthrough)",
+    ["leg", "mode"], registry=REGISTRY,
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "clamsmtpd_tls_handshake_failures", "TLS handshakes that failed, by leg (client, next_hop)",
+    ["leg"], registry=REGISTRY,
 )
 
 for _status in ("clean", "virus", "error", "oversize"):
     MESSAGES.labels(_status)
 for _reason in ("error", "size", "network", "authenticated", "tls"):
     UNSCANNED.labels(_reason)
-for _stage in ("connect", "session"):
+for _stage in ("connect", "session", "tls"):
     NEXT_HOP_ERRORS.labels(_stage)
+for _leg in ("client", "next_hop"):
+    TLS_HANDSHAKE_FAILURES.labels(_leg)
+    for _mode in ("tls", "clear", "passthrough"):
+        TLS_SESSIONS.labels(_leg, _mode)
 
 MAX_REQUEST = 8192
 

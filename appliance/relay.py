@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,6 +22,7 @@ from typing import TypeVar
 from aiosmtpd.smtp import SMTP, Session
 
 from . import metrics, xclient
+from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
 from .config import Config, Transparency
@@ -28,7 +30,8 @@ from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attribu
 from .maillog import ConnectionLog, next_connection_id
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
 from .scanner import Scanner
-from .upstream import OwnConnections, Reply, Upstream, UpstreamError
+from .tls import TLSContexts
+from .upstream import HandshakeError, OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import REPLY_LOCAL_ERROR
 
 T = TypeVar("T")
@@ -50,6 +53,17 @@ MAX_RECIPIENTS = 1000
 REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"
+REPLY_NEXT_HOP_INSECURE = (
+    "421 4.7.0 Local Error, cannot encrypt the connection to next hop; try again later"
+)
+REPLY_SEND_EHLO_FIRST = "503 5.5.1 Error: send HELO/EHLO first"
+REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
+REPLY_TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
+REPLY_TLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+REPLY_TLS_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+REPLY_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"
+#: Before the next hop's leg is encrypted (OutTLS: encrypt, verify) only these are relayed.
+_BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"QUIT", b"NOOP", b"RSET"})
 
 
 class DestinationError(Exception):
@@ -69,6 +83,8 @@ class RelayContext:
     #: (client ip, accepted socket) -> the next hop for this connection
     destination: Callable[[str, object], Address]
     actions: VirusActions
+    #: TLSCertificate/TLSKey and the next hop's context, loaded with this configuration
+    tls: TLSContexts = field(default_factory=lambda: TLSContexts(None, None, None))
     sessions: set = field(default_factory=set)
     #: our own connections to next hops: one that comes back in is a loop
     outgoing: OwnConnections = field(default_factory=OwnConnections)
@@ -91,6 +107,20 @@ class RelaySessionState(Session):
         self.introduced = False
         self.in_data = False  # between DATA and its final reply: shutdown lets it finish
         self.size_limit: int | None = None  # the next hop's EHLO SIZE, if it has one
+        self.destination: Address | None = None
+        self.client_tls: ssl.SSLObject | None = None  # set once the client's leg is TLS
+        #: STARTTLS towards the next hop still to be tried (at the client's first HELO/EHLO)
+        self.next_hop_tls_pending = False
+
+    @property
+    def tls_summary(self) -> str | None:
+        """`TLSv1.3/none` (client's leg / next hop's), or None when both legs are clear."""
+        upstream = self.upstream
+        next_hop = upstream.ssl_object if upstream is not None else None
+        if self.client_tls is None and next_hop is None:
+            return None
+        return (f"{tls_contexts.describe_session(self.client_tls)}/"
+                f"{tls_contexts.describe_session(next_hop)}")
 
 
 class RelaySession(MessageFlow, SMTP):
@@ -154,12 +184,20 @@ class RelaySession(MessageFlow, SMTP):
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session here. We let our reads see the end of the stream instead,
         # so a client gone mid-DATA is logged and cleaned up in order, like any other end.
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        keep_open = asyncio.StreamReaderProtocol.eof_received(self)
+        self._reader.feed_eof()  # (a reader set up by STARTTLS: its own end of stream)
+        return keep_open
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.context.sessions.discard(self)
-        metrics.ACTIVE.dec()
+        self._release()
         super().connection_lost(error)
+        self._reader.feed_eof()  # (a reader set up by STARTTLS: its own end of stream)
+
+    def _release(self) -> None:
+        """The session no longer counts against MaxConnections (once)."""
+        if self in self.context.sessions:
+            self.context.sessions.discard(self)
+            metrics.ACTIVE.dec()
 
     async def push(self, status: str | bytes) -> None:
         data = status.encode() if isinstance(status, str) else status
@@ -231,6 +269,15 @@ class RelaySession(MessageFlow, SMTP):
             if upstream is not None:
                 upstream.close()
             self.close()
+            self._count_tls()
+
+    def _count_tls(self) -> None:
+        session = self.session
+        metrics.TLS_SESSIONS.labels("client", "tls" if session.client_tls else "clear").inc()
+        upstream = session.upstream
+        if upstream is not None:
+            mode = "tls" if upstream.ssl_object is not None else "clear"
+            metrics.TLS_SESSIONS.labels("next_hop", mode).inc()
 
     async def _say_and_close(self, reply: str) -> None:
         with contextlib.suppress(ClientGone):
@@ -250,6 +297,8 @@ class RelaySession(MessageFlow, SMTP):
             session.log.info("original destination: %s", destination)
         # TransparentProxy: full: the next hop sees the client's own address, not ours
         source = session.client_ip if self.config.transparent_proxy is Transparency.FULL else None
+        session.destination = destination
+        session.next_hop_tls_pending = self.context.tls.client is not None
         try:
             session.upstream = await Upstream.connect(
                 destination, self.config.timeout, self.context.outgoing, source=source
@@ -279,6 +328,10 @@ class RelaySession(MessageFlow, SMTP):
             if line is None:
                 continue
             verb = line.split(None, 1)[0].upper() if line.strip() else b""
+            if (session.next_hop_tls_pending and verb not in _BEFORE_TLS
+                    and self.config.out_tls in ("encrypt", "verify")):
+                await self.push(REPLY_SEND_EHLO_FIRST)  # nothing goes to the next hop in clear
+                continue
             handler = _VERBS.get(verb, RelaySession._relay)
             await handler(self, line, verb)
 
@@ -345,7 +398,9 @@ class RelaySession(MessageFlow, SMTP):
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
-        super().data_received(data)
+        # Into the relay's own reader, not StreamReaderProtocol's: STARTTLS gives the session
+        # a new reader, and what came in clear behind it stays in the old one.
+        self._reader.feed_data(data)
 
     async def _discard_long_line(self) -> None:
         while True:
@@ -402,8 +457,13 @@ class RelaySession(MessageFlow, SMTP):
         await self._greet(line, verb)
 
     async def _greet(self, line: bytes, verb: bytes) -> None:
-        upstream = self.session.upstream
-        reply = await upstream.command(line)
+        if self.session.next_hop_tls_pending:
+            self.session.next_hop_tls_pending = False
+            reply = await self._secure_next_hop(line, verb)
+            if reply is None:
+                return
+        else:
+            reply = await self.session.upstream.command(line)
         if reply.positive:
             self.envelope = self._create_envelope()
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
@@ -413,7 +473,8 @@ class RelaySession(MessageFlow, SMTP):
                 reply = await self._introduce_after_greeting(line, verb, reply)
         if reply.positive:
             self._debug_lines("SERVER > ", reply.lines)
-            reply = Reply(reply.code, filter_ehlo(reply.lines))
+            offer = (b"STARTTLS",) if verb == b"EHLO" and self._offers_starttls() else ()
+            reply = Reply(reply.code, filter_ehlo(reply.lines, add=offer))
             await self._send(reply.wire())
         else:
             await self._push_reply(reply)
@@ -445,8 +506,73 @@ class RelaySession(MessageFlow, SMTP):
             session.log.warning("server refused %s after XCLIENT: %s", verb.decode(), again.text)
         return again
 
+    def _offers_starttls(self) -> bool:
+        return self.context.tls.server is not None and self.session.client_tls is None
+
+    async def _secure_next_hop(self, line: bytes, verb: bytes) -> Reply | None:
+        """STARTTLS towards the next hop, at the client's first HELO/EHLO: EHLO (the client's,
+        or one in its name for HELO), STARTTLS, handshake; returns the next hop's reply to the
+        client's line, sent inside TLS when that worked. None: the session is over (OutTLS:
+        encrypt or verify, and the leg could not be encrypted; the client was told)."""
+        session = self.session
+        upstream = session.upstream
+        mode = self.config.out_tls
+        probe = line if verb == b"EHLO" else b"EHLO " + line[5:].strip()
+        reply = await upstream.command(probe)
+        if reply.code != 250 or not _advertises(reply.lines, b"STARTTLS"):
+            why = "no STARTTLS offered" if reply.code == 250 else f"EHLO refused: {reply.text}"
+            if mode in ("encrypt", "verify"):
+                return await self._insecure(why)
+            session.log.info("SERVER: %s: the next hop's leg is in clear", why)
+            return reply if verb == b"EHLO" and reply.code == 250 else await upstream.command(line)
+        answer = await upstream.command(b"STARTTLS")
+        if answer.code != 220:
+            why = f"STARTTLS refused: {answer.text}"
+            if mode in ("encrypt", "verify"):
+                return await self._insecure(why)
+            session.log.warning("SERVER: %s: the next hop's leg is in clear", why)
+            return await upstream.command(line)
+        try:
+            await upstream.start_tls(self.context.tls.client, self.context.tls.server_hostname)
+        except HandshakeError as e:
+            metrics.TLS_HANDSHAKE_FAILURES.labels("next_hop").inc()
+            if mode in ("encrypt", "verify"):
+                return await self._insecure(str(e))
+            # OutTLS: may must never make undeliverable what clear text delivers (as Postfix)
+            session.log.warning("SERVER: %s: connecting again, in clear", e)
+            return await self._reconnect_in_clear(line)
+        session.log.info("SERVER: TLS: %s, %s", upstream.ssl_object.version(),
+                         upstream.ssl_object.cipher()[0])
+        return await upstream.command(line)
+
+    async def _insecure(self, why: str) -> None:
+        self.session.log.error("SERVER: cannot encrypt the connection (OutTLS: %s): %s",
+                               self.config.out_tls, why)
+        metrics.NEXT_HOP_ERRORS.labels("tls").inc()
+        await self.session.upstream.quit()
+        await self._say_and_close(REPLY_NEXT_HOP_INSECURE)
+
+    async def _reconnect_in_clear(self, line: bytes) -> Reply:
+        session = self.session
+        session.upstream.close()
+        full = self.config.transparent_proxy is Transparency.FULL
+        session.upstream = await Upstream.connect(
+            session.destination, self.config.timeout, self.context.outgoing,
+            source=session.client_ip if full else None,
+        )
+        greeting = await session.upstream.read_reply()
+        if greeting.code != 220:
+            raise UpstreamError(f"server greeting on the second connection: {greeting.text}")
+        return await session.upstream.command(line)
+
     async def smtp_AUTH(self, line: bytes, verb: bytes) -> None:
         """SASL passes through: relay the challenges and the client's answers as they come."""
+        session = self.session
+        if session.client_tls is not None and session.upstream.ssl_object is None:
+            # The client encrypted its password for a reason: it does not cross in clear.
+            session.log.warning("AUTH refused: the connection to the next hop is not encrypted")
+            await self.push(REPLY_AUTH_NEEDS_TLS)
+            return
         await self._introduce_before(verb)
         upstream = self.session.upstream
         reply = await upstream.command(line)
@@ -478,13 +604,58 @@ class RelaySession(MessageFlow, SMTP):
             self.close()  # (after a refused QUIT, e.g. 501 to "QUIT now", the session goes on)
 
     async def smtp_STARTTLS(self, line: bytes, verb: bytes) -> None:
-        await self.push(REPLY_NOT_IMPLEMENTED)
+        """ClientTLS: on: TLS with the proxy's certificate; the session goes on inside it."""
+        session = self.session
+        context = self.context.tls.server
+        if context is None:
+            await self.push(REPLY_NOT_IMPLEMENTED)
+            return
+        if session.client_tls is not None:
+            await self.push(REPLY_TLS_ACTIVE)
+            return
+        if line.strip().upper() != b"STARTTLS":
+            await self.push(REPLY_TLS_SYNTAX)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push(REPLY_TLS_IN_TRANSACTION)
+            return
+        await self.push(REPLY_TLS_READY)
+        # A new reader before the handshake: bytes the client sent behind STARTTLS in clear
+        # stay in the old one, never answered (RFC 3207 section 6, CVE-2011-0411).
+        self._reader = asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop)
+        try:
+            await self._writer.start_tls(context, ssl_handshake_timeout=self.config.timeout)
+        except (OSError, EOFError, TimeoutError) as e:
+            metrics.TLS_HANDSHAKE_FAILURES.labels("client").inc()
+            if isinstance(e, (TimeoutError, ConnectionAbortedError)):
+                reason = "not completed within TimeOut"
+            else:
+                reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+            session.log.warning("TLS handshake with client failed: %s", reason)
+            # asyncio calls no connection_lost() for a TLS session that never started
+            self.transport.abort()
+            self._release()
+            raise ClientGone from None
+        self.transport = self._writer.transport
+        self._reader.set_transport(self.transport)
+        session.client_tls = self.transport.get_extra_info("ssl_object")
+        session.log.info("client TLS: %s, %s", session.client_tls.version(),
+                         session.client_tls.cipher()[0])
+        # RFC 3207 4.2: everything learnt before is forgotten; the client says EHLO again
+        self.envelope = self._create_envelope()
+        session.host_name = None
+        session.extended_smtp = False
 
-    smtp_BDAT = smtp_STARTTLS
+    async def smtp_BDAT(self, line: bytes, verb: bytes) -> None:
+        await self.push(REPLY_NOT_IMPLEMENTED)
 
     async def smtp_XCLIENT(self, line: bytes, verb: bytes) -> None:
         self.session.log.warning("client attempted use of privileged XCLIENT feature")
         await self.push(REPLY_XCLIENT)
+
+
+def _advertises(lines: tuple[bytes, ...], keyword: bytes) -> bool:
+    return any(line[4:].split(None, 1)[:1] == [keyword] for line in lines[1:])
 
 
 # Our verbs only: aiosmtpd's own smtp_* methods take other arguments and are not used.

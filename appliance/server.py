@@ -24,6 +24,8 @@ from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .scanner import Scanner
 from .spool import MEMORY_LIMIT, check_directory
+from .tls import TLSContexts
+from .tls import load as load_tls
 from .upstream import OwnConnections, set_transparent
 
 REPLY_BUSY = b"421 Server busy, too many connections\r\n"
@@ -133,15 +135,18 @@ class Appliance:
     """The running proxy: one listener, the shared scanner, the live sessions."""
 
     def __init__(
-        self, config: Config, sock: socket.socket, metrics_sock: socket.socket | None = None
+        self, config: Config, sock: socket.socket, metrics_sock: socket.socket | None = None,
+        tls: TLSContexts | None = None,
     ) -> None:
+        """`tls`: the contexts loaded from `config` (by the CLI, before the privilege drop);
+        None loads them here."""
         self.sock = sock
         self.metrics_sock = metrics_sock
         self._metrics_server: asyncio.AbstractServer | None = None
         self.sessions: set[RelaySession] = set()
         self.outgoing = OwnConnections()  # shared by every configuration
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
-        self.context = self._context(config)
+        self.context = self._context(config, tls=tls if tls is not None else load_tls(config))
         self._server: asyncio.AbstractServer | None = None
         self._clamd_check: asyncio.Task | None = None
 
@@ -149,7 +154,9 @@ class Appliance:
     def config(self) -> Config:
         return self.context.config
 
-    def _context(self, config: Config, previous: RelayContext | None = None) -> RelayContext:
+    def _context(
+        self, config: Config, previous: RelayContext | None = None, *, tls: TLSContexts
+    ) -> RelayContext:
         concurrency = min(config.max_connections, MAX_CONCURRENT_SCANS)
         old = previous.scanner if previous is not None else None
         if old is not None and (old.address, old.timeout, old.concurrency) == (
@@ -164,12 +171,13 @@ class Appliance:
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action
         return RelayContext(
-            config, scanner, destination_for(config, ports), self.actions,
+            config, scanner, destination_for(config, ports), self.actions, tls=tls,
             sessions=self.sessions, outgoing=self.outgoing,
         )
 
-    def reload(self, config: Config) -> list[str]:
+    def reload(self, config: Config, tls: TLSContexts | None = None) -> list[str]:
         """Take over a new configuration for new connections; sessions in flight keep theirs.
+        `tls`: its TLS contexts (certificate and key read again), None loads them here.
 
         Returns the directives that changed but need a restart (they keep their old value).
         """
@@ -186,7 +194,9 @@ class Appliance:
             if config.out_address is None:  # off -> full: the old OutAddress stays in use
                 keep["out_address"] = old.config.out_address
         config = _replace(config, **keep)
-        self.context = self._context(config, old)
+        self.context = self._context(
+            config, old, tls=tls if tls is not None else load_tls(config)
+        )
         self.check_temp_directory()
         if self.context.scanner is not old.scanner and self._server is not None:
             self.check_clamd()

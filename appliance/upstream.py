@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ WRITE_BATCH = 1 << 18
 
 class UpstreamError(Exception):
     """The next hop could not be reached, timed out, closed, or spoke something that is not SMTP."""
+
+
+class HandshakeError(UpstreamError):
+    """The TLS handshake with the next hop failed (the connection is closed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ class Upstream:
         self.closed = False
         self.own: OwnConnections | None = None
         self.port = 0
+        self.ssl_object: ssl.SSLObject | None = None  # set once the connection is TLS
+        self._clear_writer: asyncio.StreamWriter | None = None
 
     @classmethod
     async def connect(
@@ -159,6 +166,46 @@ class Upstream:
             raise UpstreamError(f"server connection failed: {e.strerror or e}") from None
         return line.rstrip(b"\r\n")
 
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """After the next hop's 220 to our STARTTLS: the handshake, then SMTP inside TLS.
+
+        The connection gets a new reader: whatever the next hop sent behind its 220 in clear
+        stays in the old one and is never read as a reply (RFC 3207 section 6, the
+        CVE-2011-0411 class of injection). HandshakeError if it fails; the connection is
+        then closed.
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_REPLY_LINE, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            async with asyncio.timeout(self.timeout):
+                transport = await loop.start_tls(
+                    self._writer.transport, protocol, context,
+                    server_hostname=server_hostname, ssl_handshake_timeout=self.timeout,
+                )
+        except TimeoutError:
+            self.abort()
+            raise HandshakeError("TLS handshake with server timed out") from None
+        except ssl.SSLCertVerificationError as e:
+            self.abort()
+            raise HandshakeError(
+                f"TLS handshake with server failed: certificate verification failed: "
+                f"{e.verify_message or e.reason}"
+            ) from None
+        except (OSError, EOFError) as e:
+            self.abort()
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+            raise HandshakeError(
+                f"TLS handshake with server failed: {reason or type(e).__name__}"
+            ) from None
+        protocol.connection_made(transport)  # (loop.start_tls leaves this to its caller)
+        # The clear-text writer is kept: when it is garbage collected it would close the
+        # socket under the TLS connection (asyncio's StreamWriter.__del__).
+        self._clear_writer = self._writer
+        self._reader = reader
+        self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self.ssl_object = transport.get_extra_info("ssl_object")
+
     async def send(self, data: bytes) -> None:
         if self.closed:
             raise UpstreamError("server connection is closed")
@@ -249,7 +296,9 @@ class Upstream:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._writer.close()
+            self._writer.close()  # (with TLS: its close_notify is written now)
+            if self._clear_writer is not None:
+                self._clear_writer.close()
             _forget(self.own, self.port)
 
 

@@ -33,6 +33,7 @@ from helpers import (
     start_daemon,
     wait_accepting,
 )
+from tlskit import Certs, make_certs, server_context
 
 from appliance.lab import PrivateClamd, RecordingNextHop
 
@@ -70,10 +71,28 @@ def own_clamd(tmp_path_factory):
 # -- next hop -------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory) -> Certs:
+    """Throwaway certificates (a lab CA, the next hop's, the proxy's): see tests/tlskit.py."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
 @pytest.fixture
 def next_hop(request):
-    """A RecordingNextHop on a free 127.0.0.1 port, scripted by @next_hop_replies(...)."""
-    with RecordingNextHop("127.0.0.1", 0, **next_hop_options(request)) as hop:
+    """A RecordingNextHop on a free 127.0.0.1 port, scripted by @next_hop_replies(...).
+
+    @next_hop_tls makes it offer STARTTLS with nexthop.test's certificate (or with the context
+    its `context=` returns, a function of the certificates; None: no STARTTLS); `.certs` then
+    holds the certificates, for the appliance's directives (tlskit.CLIENT_TLS)."""
+    options = next_hop_options(request)
+    certs = None
+    marker = request.node.get_closest_marker("next_hop_tls")
+    if marker is not None:
+        certs = request.getfixturevalue("tls_certs")
+        make = marker.kwargs.get("context", lambda c: server_context(c.hop))
+        options["tls_context"] = make(certs) if make is not None else None
+    with RecordingNextHop("127.0.0.1", 0, **options) as hop:
+        hop.certs = certs
         yield hop
 
 

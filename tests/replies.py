@@ -27,3 +27,11 @@ DEFAULT_HEADER = b"X-Virus-Scanned: ClamAV using ClamSMTP"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!"
 #: XClient: on and the next hop did not take XCLIENT (refused, or not offered): nothing relayed
 XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"
+# TLS (docs/dev/tls.md)
+NEXT_HOP_INSECURE = (
+    "421 4.7.0 Local Error, cannot encrypt the connection to next hop; try again later")
+SEND_EHLO_FIRST = "503 5.5.1 Error: send HELO/EHLO first"
+TLS_READY = "220 2.0.0 Ready to start TLS"
+TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
+TLS_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"

@@ -8,6 +8,7 @@ aiosmtpd's own test helpers, plus three knobs a proxy test needs:
              "DATA": "554 5.7.1 no"}                      # the reply after the final dot
     ehlo_extensions=["8BITMIME", "PIPELINING", "STARTTLS", "CHUNKING"]  # what EHLO advertises
     greeting="554 go away"                                # instead of "220 nexthop.test ..."
+    tls_context=ssl_server_context                        # offer STARTTLS (aiosmtpd's own)
 
 Keys are a command (EHLO, HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, XCLIENT), or a command and
 an address for MAIL and RCPT; case does not matter. `replies` may be changed while the server runs.
@@ -17,6 +18,7 @@ Accepted messages land in `.messages`, refused ones (scripted DATA reply) in `.r
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +42,7 @@ class Received:
     peer: tuple
     helo: str | None
     reply: str  # what the next hop answered after the final dot
+    tls: str | None = None  # the TLS version the message came in over, None in clear
     time: float = field(default_factory=time.time)
     #: the ADDR= of the XCLIENT this session took (whom its access rules judged), else None
     xclient_addr: str | None = None
@@ -120,6 +123,7 @@ class _Handler:
             helo=session.host_name,
             reply=reply,
             xclient_addr=getattr(session, "xclient_addr", None),
+            tls=session.ssl["ssl_object"].version() if session.ssl else None,
         )
         self.hop._record(received, accepted=reply.startswith("2"))
         return reply
@@ -162,6 +166,9 @@ class _NextHopSMTP(SMTP):
         super().connection_lost(error)
 
     async def push(self, status):
+        inject = self.event_handler.hop.inject_after_starttls
+        if inject and status.startswith("220 Ready to start TLS"):
+            status += "\r\n" + inject  # a hostile next hop: clear text behind its 220
         if self._replace_next_push:  # the first push of a session is the greeting
             self._replace_next_push = False
             status = self._greeting
@@ -252,6 +259,7 @@ class RecordingNextHop:
         greeting: str | None = None,
         hostname: str = HOSTNAME,
         on_message: Callable[[Received], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -262,6 +270,10 @@ class RecordingNextHop:
         self.greeting = greeting
         self.hostname = hostname
         self.on_message = on_message
+        self.tls_context = tls_context
+        #: lines sent in clear right behind the 220 to STARTTLS, in the same packet (a test of
+        #: the CVE-2011-0411 class: they must never be read as replies)
+        self.inject_after_starttls: str | None = None
         self.messages: list[Received] = []
         self.rejected: list[Received] = []
         #: (time, "NOOP" | "RSET" | "EHLO name" | "HELO name" | "XCLIENT args"), in order
@@ -291,6 +303,7 @@ class RecordingNextHop:
             greeting=self.greeting,
             data_size_limit=None,
             ident="ESMTP lab next hop",
+            tls_context=self.tls_context,
         )
         controller.start()
         self._controller = controller

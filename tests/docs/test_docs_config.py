@@ -18,13 +18,22 @@ EXPECTED_WARNINGS: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")
-def checked_snippets(tmp_path_factory) -> dict[Block, subprocess.CompletedProcess]:
-    """`python -m appliance.cli --check-config -f SNIPPET` for every snippet, in parallel."""
+def checked_snippets(tmp_path_factory, tls_certs) -> dict[Block, subprocess.CompletedProcess]:
+    """`python -m appliance.cli --check-config -f SNIPPET` for every snippet, in parallel.
+
+    --check-config reads the certificate and key a snippet names: those paths (under
+    /etc/clamsmtp/tls/) become the test's throwaway ones."""
     directory = tmp_path_factory.mktemp("conf")
+    paths = {"/etc/clamsmtp/tls/cert.pem": str(tls_certs.proxy.cert),
+             "/etc/clamsmtp/tls/key.pem": str(tls_certs.proxy.key),
+             "/etc/clamsmtp/tls/ca.pem": str(tls_certs.ca.cert)}
 
     def check(numbered: tuple[int, Block]) -> subprocess.CompletedProcess:
         conf = directory / f"{numbered[0]}.conf"
-        conf.write_text(numbered[1].text)
+        text = numbered[1].text
+        for documented_path, real in paths.items():
+            text = text.replace(documented_path, real)
+        conf.write_text(text)
         return run([sys.executable, "-m", "appliance.cli", "--check-config", "-f", conf])
 
     snippets = blocks_of("clamsmtpd.conf")

@@ -42,3 +42,18 @@ def test_xforward_attributes():
     line = b"XFORWARD ADDR=192.0.2.7 NAME=[UNAVAILABLE] HELO=[mx.example.net] PROTO=ESMTP"
     assert xforward_attributes(line) == {"ADDR": "192.0.2.7", "HELO": "mx.example.net"}
     assert xforward_attributes(b"XFORWARD addr=[UNAVAILABLE]") == {}
+
+
+def test_ehlo_offers_our_starttls_before_the_last_line():
+    lines = (b"250-mx", b"250-STARTTLS", b"250 8BITMIME")
+    assert filter_ehlo(lines, add=(b"STARTTLS",)) == (
+        b"250-smtp.passthru", b"250-STARTTLS", b"250 8BITMIME")
+    assert filter_ehlo((b"250 mx",), add=(b"STARTTLS",)) == (
+        b"250-smtp.passthru", b"250 STARTTLS")
+
+
+def test_summary_names_each_legs_tls_just_before_the_status():
+    assert summary("a@b", ["c@d"], "CLEAN", "TLSv1.3/none") == (
+        "from=a@b, to=c@d, tls=TLSv1.3/none, status=CLEAN")
+    long = summary("a@b", [f"user{i}@example.com" for i in range(200)], "CLEAN", "none/TLSv1.2")
+    assert len(long) <= MAX_SUMMARY and long.endswith(", tls=none/TLSv1.2, status=CLEAN")
