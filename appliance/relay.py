@@ -46,6 +46,7 @@ REPLY_XCLIENT = "554 Insufficient authorization"
 REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
 REPLY_NEXT_HOP_LOST = "421 4.4.2 Local Error, connection to next hop lost; try again later"
 REPLY_BARE_CR = "500 5.5.2 Error: bare CR in command line"
+REPLY_NUL = "500 5.5.2 Error: NUL character in command line"
 REPLY_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 #: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
@@ -371,6 +372,12 @@ class RelaySession(MessageFlow, SMTP):
             self.session.log.warning("command with a bare CR refused")
             await self.push(REPLY_BARE_CR)
             return None
+        if b"\0" in line:
+            # `DATA\0x` is no DATA to us, but a C server reading the line as a string sees
+            # DATA and takes the client's next lines as a message we never scan.
+            self.session.log.warning("command with a NUL character refused")
+            await self.push(REPLY_NUL)
+            return None
         if line[:5].upper() == b"AUTH ":
             # the initial response (AUTH PLAIN <base64>) is a password: log the mechanism only
             self._debug_lines("CLIENT < ", (b" ".join(line.split()[:2]) + b" [...]",))
@@ -590,8 +597,8 @@ class RelaySession(MessageFlow, SMTP):
                 raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")
             answer = answer.rstrip(b"\r\n")
-            if b"\r" in answer or b"\n" in answer:
-                answer = b"*"  # a bare CR or LF could end the line early at the next hop
+            if b"\r" in answer or b"\n" in answer or b"\0" in answer:
+                answer = b"*"  # a bare CR or LF (or a NUL) could end the line early there
             reply = await upstream.command(answer)
         await self._push_reply(reply)
         await self._end_if_next_hop_left(reply)

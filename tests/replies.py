@@ -35,3 +35,5 @@ TLS_READY = "220 2.0.0 Ready to start TLS"
 TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 TLS_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"
+#: a command line with a NUL: never relayed (a C next hop would read `DATA\0x` as DATA)
+NUL = "500 5.5.2 Error: NUL character in command line"

@@ -6,15 +6,24 @@ docs/security.md describes the rules they hold.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import replies as R
 from faultkit import assert_no_spool_files, assert_still_serving, clean_message
-from helpers import send_raw
+from helpers import (
+    free_port,
+    proxy_directives,
+    send_raw,
+    start_daemon,
+    wait_accepting,
+    wait_until,
+)
 
 from appliance.lab import RecordingNextHop
 
@@ -149,3 +158,65 @@ def test_data_answered_with_anything_but_354_is_not_a_delivery(reply, appliance,
     assert next_hop.delivered() == []
     assert_no_spool_files(appliance)
     assert_still_serving(appliance, next_hop)
+
+
+# -- 4. a NUL byte in a command line ------------------------------------------------------------
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+@pytest.fixture
+def smtp_sink():
+    """Postfix's smtp-sink on a free port: a C server that reads a command line as a string."""
+    if not os.access(SMTP_SINK, os.X_OK):
+        pytest.skip(f"{SMTP_SINK} is missing (Debian package postfix)")
+    port = free_port()
+    proc = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "16"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _connects(port), what="smtp-sink to listen")
+        yield SimpleNamespace(host="127.0.0.1", port=port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_nul_in_a_command_never_reaches_a_c_next_hop(smtp_sink, clamd, tmp_path):
+    """`DATA\\0x` is no DATA to the proxy, but smtp-sink reads DATA and takes the client's next
+    lines as an unscanned message. Before the fix the client got smtp-sink's 354 here."""
+    port = free_port()
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    log = tmp_path / "clamsmtpd.stderr"
+    proc = start_daemon(tmp_path / "c.conf",
+                        proxy_directives(port, smtp_sink, clamd, spool, TimeOut=5), log)
+    try:
+        wait_accepting(proc, ("127.0.0.1", port), log.read_text)
+        replies = send_raw("127.0.0.1", port, [*ENVELOPE, b"DATA\0x\r\n", "NOOP", "QUIT"])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert replies[4] == R.NUL, replies
+    assert replies[5].startswith("250"), replies  # smtp-sink is still reading commands
+    assert "command with a NUL character refused" in log.read_text()
+
+
+@pytest.mark.fake_next_hop()
+def test_nul_in_a_command_is_refused_and_not_relayed(appliance, next_hop):
+    next_hop.arm({"*": "334 "})  # AUTH -> "334 "
+    replies = send_raw(appliance.host, appliance.port, [
+        "EHLO client.test", b"NOOP\0DATA\r\n", "AUTH PLAIN", b"AGFsaWNl\0DATA\r\n", "QUIT"])
+    assert replies[2] == R.NUL, replies
+    assert replies[3] == "334 ", replies
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert all(b"\0" not in command for command in session.commands), session.commands
+    assert b"*" in session.commands  # the SASL answer with a NUL cancelled the exchange

@@ -366,6 +366,9 @@ class SessionRun:
             # refused before its verb is looked at (STARTTLS\r\x00 is not a STARTTLS)
             assert reply == R.BARE_CR.encode() + b"\r\n", reply
             return reply
+        if not continuation and length < MAX_LINE and b"\0" in line:
+            assert reply == R.NUL.encode() + b"\r\n", reply  # (DATA\0x: DATA to a C server)
+            return reply
         verb = line.split(None, 1)[0].upper() if line.strip() else b""
         if not continuation and verb in (b"STARTTLS", b"BDAT") and length < MAX_LINE:
             assert reply == b"502 Command not implemented\r\n", reply
