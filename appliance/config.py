@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ LISTEN_HOST, CLAM_HOST = "0.0.0.0", "127.0.0.1"
 
 _TRUE = frozenset({"1", "yes", "true", "t", "on"})
 _FALSE = frozenset({"0", "no", "false", "f", "off"})
+_LIST_SEPARATORS = re.compile(r"[\s,]+")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ADDRESS_FORMS = "PORT, IPv4[:PORT], [IPv6][:PORT], HOST[:PORT] or /unix/socket/path"
 
 
@@ -114,6 +117,8 @@ class Config:
     client_tls: str = "off"                # STARTTLS towards clients (CLIENT_TLS_MODES)
     tls_certificate: str | None = None     # PEM certificate (chain) shown to clients
     tls_key: str | None = None             # PEM private key; None: in the certificate file
+    skip_networks: tuple[IPNetwork, ...] = ()  # clients whose mail is relayed unscanned
+    skip_authenticated: bool = False  # a session whose AUTH the next hop accepted: unscanned
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -313,6 +318,8 @@ def describe(config: Config) -> str:
         if config.oversize_action is not None
         else "# OversizeAction: not set (pass with MaxScanSize; else too big for clamd is a scan "
         "error, as in 1.10)",
+        f"SkipNetworks: {' '.join(map(str, config.skip_networks))}".rstrip(),
+        f"SkipAuthenticated: {_onoff(config.skip_authenticated)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -437,17 +444,6 @@ def _scan_header(value: str, values: dict[str, Any]) -> list[str]:
     return ['please use "Header" option instead of "ScanHeader"', *_header(value, values)]
 
 
-def _choice_handler(field: str, choices: tuple[str, ...]) -> _Handler:
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if value.lower() not in choices:
-            expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
-            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
-        values[field] = value.lower()
-        return []
-
-    return handle
-
-
 def reject_message_problem(text: str) -> str | None:
     """Why ``text`` cannot be RejectMessage's reply (None: it can): a permanent (5xx) code, a
     space, some text, printable ASCII on one line, room left for the virus name."""
@@ -512,6 +508,29 @@ def _max_scan_size(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def _skip_networks(value: str, values: dict[str, Any]) -> list[str]:
+    networks: list[IPNetwork] = []
+    for word in _LIST_SEPARATORS.split(value.strip()):
+        if not word:
+            continue
+        try:
+            network = ipaddress.ip_network(word)
+        except ValueError:
+            try:
+                fixed = ipaddress.ip_network(word, strict=False)
+            except ValueError:
+                raise ValueError(f"invalid network '{_show(word)}' (expected addresses or CIDR "
+                                 "networks such as 192.0.2.0/24 or 2001:db8::/32)") from None
+            raise ValueError(f"'{_show(word)}' has host bits set (did you mean {fixed}?)") from None
+        mapped = getattr(network.network_address, "ipv4_mapped", None)
+        if mapped is not None and network.prefixlen >= 96:  # clients are seen as plain IPv4
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        if network not in networks:
+            networks.append(network)
+    values["skip_networks"] = tuple(networks)
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -551,10 +570,12 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("TLSCertificate", _string_handler("tls_certificate", None)),
         ("TLSKey", _string_handler("tls_key", None)),
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
-        ("ScanErrorAction", _choice_handler("scan_error_action", SCAN_ERROR_ACTIONS)),
+        ("ScanErrorAction", _choice("scan_error_action", SCAN_ERROR_ACTIONS)),
         ("RejectMessage", _reject_message),
         ("MaxScanSize", _max_scan_size),
-        ("OversizeAction", _choice_handler("oversize_action", OVERSIZE_ACTIONS)),
+        ("OversizeAction", _choice("oversize_action", OVERSIZE_ACTIONS)),
+        ("SkipNetworks", _skip_networks),
+        ("SkipAuthenticated", _bool_handler("skip_authenticated")),
     ]
 }
 _DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})

@@ -20,7 +20,15 @@ from .maillog import summary
 from .scanner import ERROR, OVERSIZE, ScanResult
 from .spool import Spool, SpoolError
 from .upstream import Reply, UpstreamError
-from .verdict import FORWARD, REPLY_LOCAL_ERROR, Policy, Verdict, decide
+from .verdict import (
+    FORWARD,
+    REPLY_LOCAL_ERROR,
+    Policy,
+    Verdict,
+    decide,
+    skip_reason,
+    unscanned,
+)
 
 DATA_CHUNK = 1 << 18
 REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
@@ -54,7 +62,13 @@ class MessageFlow:
         scan_limit = self.config.max_scan_size
         spool: Spool | None = Spool(self.config.temp_directory)
         decoder = DataDecoder()
+        skip = skip_reason(policy, self.session.client_ip, self.session.authenticated)
         try:
+            if skip is not None:  # relayed as it arrives: nothing to hold, nothing to scan
+                verdict = unscanned(skip)
+                self._log_outcome(envelope, verdict)
+                await self._stream_through(spool, decoder, verdict)
+                return
             async with self.session.upstream.keepalive(self.config.keepalives, log):
                 spool, refusal, oversize = await self._receive_body(
                     spool, decoder, scan_limit, stream=policy.oversize == "pass"
@@ -72,12 +86,8 @@ class MessageFlow:
             elif result.status in (ERROR, OVERSIZE):
                 log.error("clamav error: %s", result.detail)
             verdict = decide(result, policy)
-            if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
-                log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status,
-                                       self.session.tls_summary))
             metrics.MESSAGES.labels(result.status.lower()).inc()
-            if verdict.unscanned is not None:
-                metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
+            self._log_outcome(envelope, verdict)
             if verdict.infected:
                 self._virus_found(spool, envelope, result.virus or "Unknown")
             if verdict.kind == FORWARD and not decoder.done:
@@ -93,6 +103,15 @@ class MessageFlow:
             self.session.in_data = False
             if spool is not None:
                 spool.remove()
+
+    def _log_outcome(self, envelope, verdict: Verdict) -> None:
+        """The original's summary line, and the count of mail that was not scanned."""
+        log = self.session.log
+        if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
+            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status,
+                                   self.session.tls_summary))
+        if verdict.unscanned is not None:
+            metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
 
     def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
         """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
@@ -212,6 +231,7 @@ class MessageFlow:
             await self._data_refused(reply)
             return
         stuffer = Stuffer()
+        spool.finish()
         for chunk in spool.chunks(verdict.extra_header):
             await upstream.send(stuffer.feed(chunk))
         spool.remove()  # from here on, nothing of the body is kept

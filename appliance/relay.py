@@ -112,6 +112,7 @@ class RelaySessionState(Session):
         self.client_tls: ssl.SSLObject | None = None  # set once the client's leg is TLS
         #: STARTTLS towards the next hop still to be tried (at the client's first HELO/EHLO)
         self.next_hop_tls_pending = False
+        self.authenticated = False  # the next hop accepted the client's AUTH (235)
 
     @property
     def tls_summary(self) -> str | None:
@@ -600,6 +601,9 @@ class RelaySession(MessageFlow, SMTP):
             if b"\r" in answer or b"\n" in answer or b"\0" in answer:
                 answer = b"*"  # a bare CR or LF (or a NUL) could end the line early there
             reply = await upstream.command(answer)
+        if reply.code == 235:
+            self.session.authenticated = True  # (SkipAuthenticated)
+            self.session.log.info("client authenticated at the next hop")
         await self._push_reply(reply)
         await self._end_if_next_hop_left(reply)
 

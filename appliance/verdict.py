@@ -9,9 +9,10 @@ is in one place.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 
-from .config import DEFAULT_REJECT_MESSAGE, Config
+from .config import DEFAULT_REJECT_MESSAGE, Config, IPNetwork
 from .scanner import CLEAN, OVERSIZE, VIRUS, ScanResult
 
 FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
@@ -78,6 +79,8 @@ class Policy:
     scan_error: str = "defer"  # ScanErrorAction: defer | pass
     reject_message: str = REPLY_REJECTED  # RejectMessage, %v = the virus name
     oversize: str | None = None  # OversizeAction as it applies (None: a scan error, as 1.10)
+    skip_networks: tuple[IPNetwork, ...] = ()  # SkipNetworks
+    skip_authenticated: bool = False  # SkipAuthenticated
 
     @classmethod
     def of(cls, config: Config) -> Policy:
@@ -86,6 +89,8 @@ class Policy:
             scan_error=config.scan_error_action,
             reject_message=config.reject_message,
             oversize=config.effective_oversize_action,
+            skip_networks=config.skip_networks,
+            skip_authenticated=config.skip_authenticated,
         )
 
 
@@ -111,6 +116,21 @@ def decide(result: ScanResult, policy: Policy) -> Verdict:
     if policy.scan_error == "pass":
         return unscanned(Unscanned.ERROR)
     return Verdict(TEMPFAIL, REPLY_LOCAL_ERROR, status=status)
+
+
+def skip_reason(policy: Policy, client_ip: str, authenticated: bool) -> Unscanned | None:
+    """Why this session's mail is not scanned at all (None: it is): the client is in
+    SkipNetworks, or the next hop accepted its AUTH and SkipAuthenticated is on."""
+    if policy.skip_networks:
+        try:
+            ip = ipaddress.ip_address(client_ip.partition("%")[0])
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in network for network in policy.skip_networks):
+            return Unscanned.NETWORK
+    if policy.skip_authenticated and authenticated:
+        return Unscanned.AUTHENTICATED
+    return None
 
 
 def safe_virus_name(name: str | None) -> str:

@@ -277,7 +277,7 @@ def next_hop_options(request) -> dict:
     for mapping in marker.args:  # a dict may be given positionally
         options["replies"].update(mapping)
     for key, value in marker.kwargs.items():
-        if key in ("ehlo_extensions", "greeting", "tls_context"):
+        if key in ("ehlo_extensions", "greeting", "tls_context", "auth_users"):
             options[key] = value
         else:
             options["replies"][key] = value

@@ -9,6 +9,7 @@ aiosmtpd's own test helpers, plus three knobs a proxy test needs:
     ehlo_extensions=["8BITMIME", "PIPELINING", "STARTTLS", "CHUNKING"]  # what EHLO advertises
     greeting="554 go away"                                # instead of "220 nexthop.test ..."
     tls_context=ssl_server_context                        # offer STARTTLS (aiosmtpd's own)
+    auth_users={"alice": "secret"}                       # offer AUTH PLAIN/LOGIN, without TLS
 
 Keys are a command (EHLO, HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, XCLIENT), or a command and
 an address for MAIL and RCPT; case does not matter. `replies` may be changed while the server runs.
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 HOSTNAME = "nexthop.test"
 
@@ -260,6 +261,7 @@ class RecordingNextHop:
         hostname: str = HOSTNAME,
         on_message: Callable[[Received], None] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        auth_users: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -274,6 +276,7 @@ class RecordingNextHop:
         #: lines sent in clear right behind the 220 to STARTTLS, in the same packet (a test of
         #: the CVE-2011-0411 class: they must never be read as replies)
         self.inject_after_starttls: str | None = None
+        self.auth_users = dict(auth_users) if auth_users is not None else None
         self.messages: list[Received] = []
         self.rejected: list[Received] = []
         #: (time, "NOOP" | "RSET" | "EHLO name" | "HELO name" | "XCLIENT args"), in order
@@ -304,11 +307,27 @@ class RecordingNextHop:
             data_size_limit=None,
             ident="ESMTP lab next hop",
             tls_context=self.tls_context,
+            **self._auth_options(),
         )
         controller.start()
         self._controller = controller
         self.port = controller.port
         return self
+
+    def _auth_options(self) -> dict:
+        """aiosmtpd's own AUTH, over plain TCP (a lab: no TLS), against `auth_users`."""
+        if self.auth_users is None:
+            return {}
+        users = self.auth_users
+
+        def authenticate(server, session, envelope, mechanism, data) -> AuthResult:
+            ok = (isinstance(data, LoginPassword)
+                  and users.get(data.login.decode("utf-8", "replace")) == data.password.decode(
+                      "utf-8", "replace"))
+            self._event(f"AUTH {mechanism} {'ok' if ok else 'failed'}")
+            return AuthResult(success=ok, handled=False)
+
+        return {"authenticator": authenticate, "auth_require_tls": False}
 
     def stop(self) -> None:
         if self._controller is not None:

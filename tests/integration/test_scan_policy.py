@@ -4,6 +4,9 @@ SIGHUP, as an admin changes it on a running daemon."""
 
 from __future__ import annotations
 
+import contextlib
+import smtplib
+
 import pytest
 import replies as R
 from helpers import EICAR, raw_session_in_data, reload_with, smtp_client, wait_until
@@ -215,3 +218,63 @@ def test_too_big_for_clamd_without_the_directives_is_a_scan_error_as_before(
     reload_with(appliance, ScanErrorAction="pass")
     assert send(appliance, big_message(300_000)).startswith("250 ")
     assert next_hop.wait_for(1)[0].header(NOT_SCANNED) == "error"
+
+
+# -- SkipNetworks, SkipAuthenticated -----------------------------------------------------------
+
+
+@pytest.mark.appliance_config(SkipNetworks="192.0.2.0/24, 127.0.0.0/8")
+def test_skip_networks_relays_unscanned(appliance, next_hop):
+    assert send(appliance, INFECTED).startswith("250 ")  # not scanned: EICAR goes through
+    [received] = next_hop.wait_for(1)
+    assert received.original_content == b"X-Virus-Not-Scanned: network\r\n" + INFECTED
+    assert received.header("X-Virus-Scanned") is None
+    log = appliance.wait_log("status=UNSCANNED:network")
+    assert "clamav" not in log
+    reload_with(appliance, SkipNetworks="192.0.2.0/24 2001:db8::/32")  # not this client
+    assert send(appliance, INFECTED) == R.DISCARDED
+    assert len(next_hop.messages) == 1
+
+
+@pytest.mark.appliance_config(SkipNetworks="127.0.0.1")
+def test_skip_networks_streams_a_big_message_through(appliance, next_hop):
+    message = big_message(3_000_000)
+    assert send(appliance, message).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.original_content == b"X-Virus-Not-Scanned: network\r\n" + message
+
+
+def authenticated_send(appliance, message, password="secret"):
+    with smtp_client(appliance) as client:
+        client.ehlo()
+        with contextlib.suppress(smtplib.SMTPAuthenticationError):
+            client.login("alice", password)
+        client.mail("alice@example.com")
+        client.rcpt("bob@example.com")
+        code, text = client.data(message)
+        return f"{code} {text.decode()}"
+
+
+@pytest.mark.appliance_config(SkipAuthenticated="on")
+@pytest.mark.next_hop_replies(auth_users={"alice": "secret"})
+def test_skip_authenticated_after_the_next_hop_accepted_auth(appliance, next_hop):
+    assert authenticated_send(appliance, INFECTED).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.header(NOT_SCANNED) == "authenticated"
+    assert "status=UNSCANNED:authenticated" in appliance.wait_log("status=")
+    assert "AUTH PLAIN ok" in next_hop.event_names()
+
+
+@pytest.mark.appliance_config(SkipAuthenticated="on")
+@pytest.mark.next_hop_replies(auth_users={"alice": "secret"})
+def test_skip_authenticated_not_after_a_failed_auth(appliance, next_hop):
+    assert authenticated_send(appliance, INFECTED, password="wrong") == R.DISCARDED
+    assert send(appliance, INFECTED) == R.DISCARDED  # and not without AUTH
+    assert next_hop.messages == []
+
+
+@pytest.mark.next_hop_replies(auth_users={"alice": "secret"})
+def test_authenticated_mail_is_scanned_by_default(appliance, next_hop):
+    assert authenticated_send(appliance, INFECTED) == R.DISCARDED
+    reload_with(appliance, SkipAuthenticated="on")
+    assert authenticated_send(appliance, INFECTED).startswith("250 ")

@@ -1,6 +1,7 @@
 """clamsmtpd.conf parsing: the original's syntax and directives, validated with located errors."""
 
 import os
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ DIRECTIVES = [
     "OutAddress", "Listen", "ClamAddress", "Header", "TempDirectory", "Action", "Quarantine",
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
     "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
+    "SkipNetworks", "SkipAuthenticated",
 ]  # fmt: skip
 
 
@@ -162,6 +164,12 @@ def test_default_config_path() -> None:
         ("OversizeAction: pass", "oversize_action", "pass"),
         ("OversizeAction: Reject", "oversize_action", "reject"),
         ("OversizeAction: defer", "oversize_action", "defer"),
+        ("SkipNetworks: 192.0.2.0/24, 2001:db8::/32 198.51.100.7", "skip_networks",
+         (ip_network("192.0.2.0/24"), ip_network("2001:db8::/32"), ip_network("198.51.100.7/32"))),
+        ("SkipNetworks: ::ffff:203.0.113.0/120", "skip_networks", (ip_network("203.0.113.0/24"),)),
+        ("SkipNetworks: 192.0.2.1 192.0.2.1/32", "skip_networks", (ip_network("192.0.2.1/32"),)),
+        ("SkipNetworks:", "skip_networks", ()),
+        ("SkipAuthenticated: on", "skip_authenticated", True),
     ],
 )
 def test_directive(line: str, field: str, value: object) -> None:
@@ -394,6 +402,12 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["MaxScanSize: -1"], 2, "MaxScanSize", "invalid size '-1'"),
         (["MaxScanSize: 0"], 2, "MaxScanSize", "size '0' out of range (expected 1 to 4G)"),
         (["MaxScanSize: 5G"], 2, "MaxScanSize", "size '5G' out of range"),
+        (["SkipNetworks: 192.0.2.1/24"], 2, "SkipNetworks",
+         "'192.0.2.1/24' has host bits set (did you mean 192.0.2.0/24?)"),
+        (["SkipNetworks: 192.0.2.0/24 mynet"], 2, "SkipNetworks",
+         "invalid network 'mynet' (expected addresses or CIDR networks"),
+        (["SkipNetworks: 192.0.2.0/33"], 2, "SkipNetworks", "invalid network '192.0.2.0/33'"),
+        (["SkipAuthenticated: sometimes"], 2, "SkipAuthenticated", "invalid value 'sometimes'"),
         (["OversizeAction: drop"], 2, "OversizeAction",
          "invalid value 'drop' (expected pass, defer or reject)"),
     ],
@@ -516,6 +530,8 @@ ScanErrorAction: pass
 RejectMessage: 550 5.7.1 Virus found: %v (see https://example.org/av)
 MaxScanSize: 1536K
 OversizeAction: reject
+SkipNetworks: 192.0.2.0/24 2001:db8::/32
+SkipAuthenticated: on
 """
 
 
@@ -628,6 +644,10 @@ _VALID_LINES = st.one_of(
     st.builds("MaxScanSize: {}".format, st.one_of(
         st.integers(1, 4 << 30), st.sampled_from(["", "1K", "3m", "4G", "1025"]))),
     st.builds("OversizeAction: {}".format, st.sampled_from(["pass", "defer", "REJECT"])),
+    st.builds("SkipNetworks: {}".format, st.lists(st.sampled_from(
+        ["10.0.0.0/8", "192.0.2.7", "::1", "2001:db8::/32", "::ffff:192.0.2.0/120"]), max_size=4)
+        .map(", ".join)),
+    st.builds("SkipAuthenticated: {}".format, st.sampled_from(["on", "off"])),
     st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
 )  # fmt: skip
 

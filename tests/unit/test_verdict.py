@@ -1,5 +1,7 @@
 """Drop, bounce and pass as one table: the policy a mail admin configures with `Action`."""
 
+from ipaddress import ip_network
+
 import pytest
 
 from appliance.scanner import CLEAN, ERROR, OVERSIZE, VIRUS, ScanResult
@@ -12,6 +14,7 @@ from appliance.verdict import (
     Policy,
     Unscanned,
     decide,
+    skip_reason,
     unscanned,
 )
 
@@ -133,3 +136,23 @@ def test_oversize_without_the_directives_follows_scan_error_action():
 
 def test_oversize_log_status_is_a_clamav_error():
     assert TOO_BIG.log_status == "CLAMAV-ERROR"
+
+
+NETS = Policy(skip_networks=(ip_network("192.0.2.0/24"), ip_network("2001:db8::/32")))
+
+
+@pytest.mark.parametrize(
+    ("policy", "client", "authenticated", "reason"),
+    [
+        (NETS, "192.0.2.9", False, Unscanned.NETWORK),
+        (NETS, "2001:db8::25", True, Unscanned.NETWORK),
+        (NETS, "198.51.100.1", False, None),
+        (NETS, "fe80::1%eth0", False, None),
+        (NETS, "", False, None),  # (no address: never skipped)
+        (Policy(skip_authenticated=True), "198.51.100.1", True, Unscanned.AUTHENTICATED),
+        (Policy(skip_authenticated=True), "198.51.100.1", False, None),
+        (Policy(), "192.0.2.9", True, None),  # by default everything is scanned
+    ],
+)
+def test_skip_reason(policy, client, authenticated, reason):
+    assert skip_reason(policy, client, authenticated) is reason
