@@ -145,7 +145,8 @@ class FakeSMTPServer(_Listening):
     to end, then applies to the next `faulty_sessions` sessions.
 
     `script` keys: "greeting", "EHLO", "HELO", "MAIL", "RCPT", "DATA" (the DATA command),
-    "DOT" (the reply after the end of data), "NOOP", "RSET", "QUIT", "*" (other verbs). A value
+    "DOT" (the reply after the end of data), "NOOP", "RSET", "QUIT", "*" (other verbs), or
+    "EHLO name" / "HELO name" (that greeting only, before the plain "EHLO" entry). A value
     is a reply (a string, or a list of lines) or HANG / CLOSE / RESET. Each entry is used once
     (the first time it applies) unless `repeat`.
     `close_in_body_after=n`: drop the connection (RST if `reset_in_body`) once n body bytes came.
@@ -372,6 +373,8 @@ class FakeSMTPServer(_Listening):
             else:
                 key = "*"
                 default = "500 5.5.2 Error: command not recognized"
+            if verb in (b"EHLO", b"HELO"):  # "EHLO client.test": for that name only
+                default = self._reply_for(session, line.decode("ascii", "replace"), default)
             reply = self._reply_for(session, key, default)
             if reply == HANG:
                 self._hang(conn, session, buf)
