@@ -73,3 +73,20 @@ def envelope_address(line: bytes) -> str:
         address = address.strip()
         return address.decode("utf-8", "replace") if address else "<>"
     return rest.split(None, 1)[0].decode("utf-8", "replace") if rest else "<>"
+
+
+def command_verb(line: bytes) -> bytes:
+    """The verb a command line is dispatched by: its first word, split on any whitespace."""
+    words = line.split(None, 1)
+    return words[0].upper() if words else b""
+
+
+def loggable_command(line: bytes) -> bytes:
+    """`line` as the debug log may show it: an AUTH command keeps its mechanism only.
+
+    Decided by the same verb as dispatch (`AUTH\tPLAIN <base64>` is AUTH too): the initial
+    response is a password.
+    """
+    if command_verb(line) == b"AUTH":
+        return b" ".join(line.split()[:2]) + b" [...]"
+    return line

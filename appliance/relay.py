@@ -26,7 +26,14 @@ from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
 from .config import Config, Transparency
-from .dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
+from .dialogue import (
+    command_verb,
+    ehlo_size,
+    envelope_address,
+    filter_ehlo,
+    loggable_command,
+    xforward_attributes,
+)
 from .maillog import ConnectionLog, next_connection_id
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
 from .scanner import Scanner
@@ -329,7 +336,7 @@ class RelaySession(MessageFlow, SMTP):
             line = await self._read_command()
             if line is None:
                 continue
-            verb = line.split(None, 1)[0].upper() if line.strip() else b""
+            verb = command_verb(line)
             if (session.next_hop_tls_pending and verb not in _BEFORE_TLS
                     and self.config.out_tls in ("encrypt", "verify")):
                 await self.push(REPLY_SEND_EHLO_FIRST)  # nothing goes to the next hop in clear
@@ -379,11 +386,7 @@ class RelaySession(MessageFlow, SMTP):
             self.session.log.warning("command with a NUL character refused")
             await self.push(REPLY_NUL)
             return None
-        if line[:5].upper() == b"AUTH ":
-            # the initial response (AUTH PLAIN <base64>) is a password: log the mechanism only
-            self._debug_lines("CLIENT < ", (b" ".join(line.split()[:2]) + b" [...]",))
-        else:
-            self._debug_lines("CLIENT < ", (line,))
+        self._debug_lines("CLIENT < ", (loggable_command(line),))
         return line
 
     async def read_client(self, read: Callable[[], Awaitable[T]]) -> T:

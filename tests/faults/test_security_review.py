@@ -223,3 +223,26 @@ def test_nul_in_a_command_is_refused_and_not_relayed(appliance, next_hop):
     session = next_hop.wait_ended(next_hop.armed_session().index)
     assert all(b"\0" not in command for command in session.commands), session.commands
     assert b"*" in session.commands  # the SASL answer with a NUL cancelled the exchange
+
+
+# -- 5. SASL data in the debug log ---------------------------------------------------------------
+
+SECRET = "AGFsaWNlAHMzY3JldA=="  # \0alice\0s3cret
+
+
+@pytest.mark.parametrize("auth", [f"AUTH\tPLAIN {SECRET}", f"auth  plain {SECRET}",
+                                  f"AUTH PLAIN {SECRET}", f"AuTh\x0bPLAIN {SECRET}"],
+                         ids=["tab", "lower-two-spaces", "space", "vertical-tab"])
+@pytest.mark.fake_next_hop()
+def test_sasl_data_never_reaches_the_debug_log(auth, appliance, next_hop):
+    """The redaction looked for "AUTH " with a space, dispatch splits on any whitespace: with a
+    TAB the whole line, password and all, was logged at -d 4. Continuation lines neither."""
+    next_hop.arm({"*": "334 "}, repeat=True)  # AUTH and its answers: 334 until "*"
+    replies = send_raw(appliance.host, appliance.port,
+                       ["EHLO client.test", auth, SECRET, "*", "QUIT"])
+    assert replies[2:4] == ["334 ", "334 "], replies
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert session.commands[1].startswith(auth.encode())  # (relayed as it came)
+    log = appliance.wait_log("CLIENT < [authentication data]")
+    assert "[...]" in log
+    assert SECRET not in log and SECRET[:20] not in log

@@ -57,3 +57,14 @@ def test_summary_names_each_legs_tls_just_before_the_status():
         "from=a@b, to=c@d, tls=TLSv1.3/none, status=CLEAN")
     long = summary("a@b", [f"user{i}@example.com" for i in range(200)], "CLEAN", "none/TLSv1.2")
     assert len(long) <= MAX_SUMMARY and long.endswith(", tls=none/TLSv1.2, status=CLEAN")
+
+
+def test_auth_is_redacted_by_the_dispatched_verb():
+    from appliance.dialogue import command_verb, loggable_command
+
+    for line in (b"AUTH PLAIN c2VjcmV0", b"AUTH\tPLAIN c2VjcmV0", b"auth  plain c2VjcmV0",
+                 b"Auth\x0cPLAIN c2VjcmV0"):
+        assert command_verb(line) == b"AUTH"
+        assert loggable_command(line) == b" ".join(line.split()[:2]) + b" [...]"
+    assert loggable_command(b"AUTHX PLAIN abc") == b"AUTHX PLAIN abc"  # not AUTH
+    assert command_verb(b"   ") == b"" and command_verb(b"") == b""
