@@ -30,6 +30,7 @@ MAX_SCAN_SIZE = 4 << 30
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
 DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
+MAX_VIRUS_PATTERN = 200
 MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
 OUT_TLS_MODES = ("none", "may", "encrypt", "verify")
 CLIENT_TLS_MODES = ("off", "on", "passthrough")
@@ -119,6 +120,7 @@ class Config:
     tls_key: str | None = None             # PEM private key; None: in the certificate file
     skip_networks: tuple[IPNetwork, ...] = ()  # clients whose mail is relayed unscanned
     skip_authenticated: bool = False  # a session whose AUTH the next hop accepted: unscanned
+    virus_allow: tuple[str, ...] = ()  # virus name patterns delivered with X-Virus-Found
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -320,6 +322,7 @@ def describe(config: Config) -> str:
         "error, as in 1.10)",
         f"SkipNetworks: {' '.join(map(str, config.skip_networks))}".rstrip(),
         f"SkipAuthenticated: {_onoff(config.skip_authenticated)}",
+        f"VirusAllow: {' '.join(config.virus_allow)}".rstrip(),
     ]
     return "\n".join(lines) + "\n"
 
@@ -531,6 +534,24 @@ def _skip_networks(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def _virus_allow(value: str, values: dict[str, Any]) -> list[str]:
+    patterns: list[str] = []
+    for word in _LIST_SEPARATORS.split(value.strip()):
+        if not word:
+            continue
+        if not word.isascii() or not word.isprintable() or len(word) > MAX_VIRUS_PATTERN:
+            raise ValueError(f"invalid pattern '{_show(word)}' (expected a virus name or a "
+                             f"shell wildcard such as PUA.*, printable ASCII, at most "
+                             f"{MAX_VIRUS_PATTERN} characters)")
+        if word.strip("*?") == "":
+            raise ValueError(f"pattern '{_show(word)}' matches every virus (use Action: pass "
+                             "to deliver them all)")
+        if word not in patterns:
+            patterns.append(word)
+    values["virus_allow"] = tuple(patterns)
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -576,6 +597,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("OversizeAction", _choice("oversize_action", OVERSIZE_ACTIONS)),
         ("SkipNetworks", _skip_networks),
         ("SkipAuthenticated", _bool_handler("skip_authenticated")),
+        ("VirusAllow", _virus_allow),
     ]
 }
 _DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})

@@ -23,6 +23,7 @@ from .upstream import Reply, UpstreamError
 from .verdict import (
     FORWARD,
     REPLY_LOCAL_ERROR,
+    STATUS_ALLOWED,
     Policy,
     Verdict,
     decide,
@@ -112,6 +113,8 @@ class MessageFlow:
                                    self.session.tls_summary))
         if verdict.unscanned is not None:
             metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
+        elif verdict.status.startswith(STATUS_ALLOWED + ":"):
+            metrics.ALLOWED.inc()
 
     def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
         """Quarantine and VirusAction, after the verdict and before the reply, as the original."""

@@ -39,6 +39,10 @@ UNSCANNED = Counter(
     "Messages passed on without a scan, by reason (error, size, network, authenticated, tls)",
     ["reason"], registry=REGISTRY,
 )
+ALLOWED = Counter(
+    "clamsmtpd_messages_allowed",
+    "Infected messages delivered because their virus name matched VirusAllow", registry=REGISTRY,
+)
 NEXT_HOP_ERRORS = Counter(
     "clamsmtpd_next_hop_errors",
     "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],

@@ -9,6 +9,7 @@ is in one place.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import ipaddress
 from dataclasses import dataclass
 
@@ -23,12 +24,16 @@ REPLY_REJECTED = DEFAULT_REJECT_MESSAGE
 REPLY_LOCAL_ERROR = "451 Local Error"
 REPLY_OVERSIZE_REJECTED = "552 5.3.4 Message too big to be scanned"
 REPLY_OVERSIZE_DEFERRED = "451 4.3.4 Message too big to be scanned; try again later"
+#: The log status of a message delivered because its virus is in VirusAllow: ALLOWED:<name>
+STATUS_ALLOWED = "ALLOWED"
 #: The log status of a message refused or deferred because it is too big to scan.
 STATUS_OVERSIZE = "OVERSIZE"
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!\r\n"
 #: The header on mail delivered without a scan. Never the configured scan header (Header:),
 #: which says the message was scanned: a filter downstream must be able to tell the two apart.
 NOT_SCANNED_HEADER = "X-Virus-Not-Scanned"
+#: The header on a message whose virus is in VirusAllow (delivered instead of the Action).
+ALLOWED_HEADER = "X-Virus-Found"
 #: A virus name put in a reply or a header is cut to this many characters.
 MAX_VIRUS_NAME = 100
 
@@ -81,6 +86,7 @@ class Policy:
     oversize: str | None = None  # OversizeAction as it applies (None: a scan error, as 1.10)
     skip_networks: tuple[IPNetwork, ...] = ()  # SkipNetworks
     skip_authenticated: bool = False  # SkipAuthenticated
+    virus_allow: tuple[str, ...] = ()  # VirusAllow: shell wildcards on the virus name
 
     @classmethod
     def of(cls, config: Config) -> Policy:
@@ -91,6 +97,7 @@ class Policy:
             oversize=config.effective_oversize_action,
             skip_networks=config.skip_networks,
             skip_authenticated=config.skip_authenticated,
+            virus_allow=config.virus_allow,
         )
 
 
@@ -100,6 +107,10 @@ def decide(result: ScanResult, policy: Policy) -> Verdict:
     if result.status == CLEAN:
         return Verdict(FORWARD, status=status)
     if result.status == VIRUS:
+        if result.virus and any(fnmatch.fnmatchcase(result.virus, p) for p in policy.virus_allow):
+            name = safe_virus_name(result.virus)
+            header = f"{ALLOWED_HEADER}: {name}\r\n".encode()
+            return Verdict(FORWARD, extra_header=header, status=f"{STATUS_ALLOWED}:{result.virus}")
         if policy.action == "pass":
             return Verdict(FORWARD, extra_header=INFECTED_HEADER, infected=True, status=status)
         if policy.action == "bounce":

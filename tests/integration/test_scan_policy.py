@@ -278,3 +278,27 @@ def test_authenticated_mail_is_scanned_by_default(appliance, next_hop):
     assert authenticated_send(appliance, INFECTED) == R.DISCARDED
     reload_with(appliance, SkipAuthenticated="on")
     assert authenticated_send(appliance, INFECTED).startswith("250 ")
+
+
+# -- VirusAllow --------------------------------------------------------------------------------
+
+
+@pytest.mark.appliance_config(VirusAllow="PUA.* Eicar-Test-*", Quarantine="on")
+def test_virus_allow_delivers_with_the_virus_named(appliance, next_hop):
+    assert send(appliance, INFECTED).startswith("250 ")
+    [received] = next_hop.wait_for(1)
+    assert received.header("X-Virus-Found").startswith("Eicar-Test-Signature")
+    assert received.header("X-Virus-Scanned")  # it was scanned
+    assert received.header("X-Virus-Infected") is None and received.header(NOT_SCANNED) is None
+    log = appliance.wait_log("status=ALLOWED:Eicar-Test-Signature")
+    assert "quarantined" not in log  # not a virus to act on: no Action, no Quarantine
+    reload_with(appliance, VirusAllow="PUA.*")
+    assert send(appliance, INFECTED) == R.DISCARDED
+    appliance.wait_log("quarantined virus file as: ")
+    for name in appliance.spool_files():
+        (appliance.spool_dir / name).unlink()
+
+
+@pytest.mark.appliance_config(VirusAllow="eicar-test-*", Action="bounce")
+def test_virus_allow_is_case_sensitive(appliance, next_hop):
+    assert send(appliance, INFECTED) == R.REJECTED

@@ -29,7 +29,7 @@ DIRECTIVES = [
     "OutAddress", "Listen", "ClamAddress", "Header", "TempDirectory", "Action", "Quarantine",
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
     "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
-    "SkipNetworks", "SkipAuthenticated",
+    "SkipNetworks", "SkipAuthenticated", "VirusAllow",
 ]  # fmt: skip
 
 
@@ -170,6 +170,9 @@ def test_default_config_path() -> None:
         ("SkipNetworks: 192.0.2.1 192.0.2.1/32", "skip_networks", (ip_network("192.0.2.1/32"),)),
         ("SkipNetworks:", "skip_networks", ()),
         ("SkipAuthenticated: on", "skip_authenticated", True),
+        ("VirusAllow: PUA.* Heuristics.Encrypted.*, Win.Test.EICAR_HDB-1", "virus_allow",
+         ("PUA.*", "Heuristics.Encrypted.*", "Win.Test.EICAR_HDB-1")),
+        ("VirusAllow:", "virus_allow", ()),
     ],
 )
 def test_directive(line: str, field: str, value: object) -> None:
@@ -407,6 +410,9 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["SkipNetworks: 192.0.2.0/24 mynet"], 2, "SkipNetworks",
          "invalid network 'mynet' (expected addresses or CIDR networks"),
         (["SkipNetworks: 192.0.2.0/33"], 2, "SkipNetworks", "invalid network '192.0.2.0/33'"),
+        (["VirusAllow: PUA.* *"], 2, "VirusAllow",
+         "pattern '*' matches every virus (use Action: pass to deliver them all)"),
+        (["VirusAllow: Über.*"], 2, "VirusAllow", "invalid pattern 'Über.*' (expected a virus"),
         (["SkipAuthenticated: sometimes"], 2, "SkipAuthenticated", "invalid value 'sometimes'"),
         (["OversizeAction: drop"], 2, "OversizeAction",
          "invalid value 'drop' (expected pass, defer or reject)"),
@@ -532,6 +538,7 @@ MaxScanSize: 1536K
 OversizeAction: reject
 SkipNetworks: 192.0.2.0/24 2001:db8::/32
 SkipAuthenticated: on
+VirusAllow: PUA.* Heuristics.Encrypted.*
 """
 
 
@@ -648,6 +655,8 @@ _VALID_LINES = st.one_of(
         ["10.0.0.0/8", "192.0.2.7", "::1", "2001:db8::/32", "::ffff:192.0.2.0/120"]), max_size=4)
         .map(", ".join)),
     st.builds("SkipAuthenticated: {}".format, st.sampled_from(["on", "off"])),
+    st.builds("VirusAllow: {}".format, st.lists(st.from_regex(r"\A[!-+\--~]{1,20}\Z"), max_size=3)
+              .filter(lambda ps: all(p.strip("*?") for p in ps)).map(" ".join)),
     st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
 )  # fmt: skip
 

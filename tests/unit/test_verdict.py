@@ -156,3 +156,32 @@ NETS = Policy(skip_networks=(ip_network("192.0.2.0/24"), ip_network("2001:db8::/
 )
 def test_skip_reason(policy, client, authenticated, reason):
     assert skip_reason(policy, client, authenticated) is reason
+
+
+ALLOW = Policy(action="bounce", virus_allow=("PUA.*", "Heuristics.Encrypted.*"))
+
+
+@pytest.mark.parametrize(
+    ("virus", "allowed"),
+    [
+        ("PUA.Win.Packer.Upx-1", True),
+        ("Heuristics.Encrypted.PDF", True),
+        ("Eicar-Test-Signature", False),
+        ("pua.Win.Packer", False),  # case-sensitive, as shell wildcards
+        (None, False),
+    ],
+)
+def test_virus_allow(virus, allowed):
+    verdict = decide(ScanResult(VIRUS, virus=virus), ALLOW)
+    if allowed:
+        assert verdict.kind == FORWARD and not verdict.infected and verdict.scanned
+        assert verdict.status == f"ALLOWED:{virus}"
+        assert verdict.extra_header == f"X-Virus-Found: {virus}\r\n".encode()
+    else:
+        assert verdict.kind == REJECT and verdict.infected
+
+
+def test_virus_allow_header_is_safe():
+    policy = Policy(virus_allow=("Evil*",))
+    verdict = decide(ScanResult(VIRUS, virus="Evil\r\nBcc: x@example.com"), policy)
+    assert verdict.extra_header == b"X-Virus-Found: Evil??Bcc: x@example.com\r\n"
