@@ -37,6 +37,8 @@ CLIENT_TLS_MODES = ("off", "on", "passthrough")
 MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
+MAX_CLAMDS = 32  # ClamAddress: more is surely a mistake
+DEFAULT_SCAN_TIMEOUT = 120.0  # ScanTimeout: clamav-milter's ReadTimeout
 
 OUT_PORT, LISTEN_PORT, CLAM_PORT, METRICS_PORT = 25, 10025, 3310, 9330
 LISTEN_HOST, CLAM_HOST = "0.0.0.0", "127.0.0.1"
@@ -93,7 +95,7 @@ class Config:
     path: str
     out_address: Address | None
     listen: Address = Address(host=LISTEN_HOST, port=LISTEN_PORT, port_only=True)
-    clam_address: Address = Address(path="/var/run/clamav/clamd")
+    clam_addresses: tuple[Address, ...] = (Address(path="/var/run/clamav/clamd"),)
     header: str = DEFAULT_HEADER
     temp_directory: str = "/tmp"
     action: str = "drop"
@@ -102,6 +104,7 @@ class Config:
     virus_action_as_root: bool = False
     max_connections: int = 64
     timeout: float = 180.0
+    scan_timeout: float = DEFAULT_SCAN_TIMEOUT
     keepalives: int = 0
     xclient: bool = False
     transparent_proxy: Transparency = Transparency.OFF
@@ -136,6 +139,10 @@ class Config:
             raise ValueError(f"max_connections must be 1 to {MAX_CONNECTIONS}")
         if not 0 < self.timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be more than 0 and at most {MAX_SECONDS} seconds")
+        if not 0 < self.scan_timeout <= MAX_SECONDS:
+            raise ValueError(f"scan_timeout must be more than 0 and at most {MAX_SECONDS} seconds")
+        if not 1 <= len(self.clam_addresses) <= MAX_CLAMDS:
+            raise ValueError(f"clam_addresses must list 1 to {MAX_CLAMDS} addresses")
         if not 0 <= self.keepalives <= MAX_SECONDS:
             raise ValueError(f"keepalives must be 0 to {MAX_SECONDS} seconds")
         if not self.temp_directory:
@@ -285,7 +292,7 @@ def describe(config: Config) -> str:
         if out is not None
         else "# OutAddress: not used (TransparentProxy is on)",
         f"Listen: {_format_address(config.listen)}",
-        f"ClamAddress: {_format_address(config.clam_address)}",
+        f"ClamAddress: {', '.join(map(_format_address, config.clam_addresses))}",
         f"Header: {_escape(config.header)}".rstrip(),
         f"TempDirectory: {config.temp_directory}",
         f"Action: {config.action}",
@@ -294,6 +301,7 @@ def describe(config: Config) -> str:
         f"VirusActionAsRoot: {_onoff(config.virus_action_as_root)}",
         f"MaxConnections: {config.max_connections}",
         f"TimeOut: {config.timeout:g}",
+        f"ScanTimeout: {config.scan_timeout:g}",
         f"KeepAlives: {config.keepalives}",
         f"XClient: {_onoff(config.xclient)}",
         f"TransparentProxy: {config.transparent_proxy.value}",
@@ -350,6 +358,25 @@ def _address_handler(field: str, default_host: str | None, default_port: int) ->
         return []
 
     return handle
+
+
+def _clam_addresses(value: str, values: dict[str, Any]) -> list[str]:
+    """One or more clamds, separated by commas or spaces (so a unix path cannot hold either)."""
+    parts = [part for part in re.split(r"[,\s]+", value) if part]
+    if not parts:
+        raise ValueError(f"empty value (expected one or more of {_ADDRESS_FORMS})")
+    if len(parts) > MAX_CLAMDS:
+        raise ValueError(f"{len(parts)} addresses (at most {MAX_CLAMDS})")
+    one = _address_handler("clam_address", CLAM_HOST, CLAM_PORT)
+    addresses: list[Address] = []
+    for part in parts:
+        one(part, values)
+        address = values.pop("clam_address")
+        if address in addresses:
+            raise ValueError(f"'{_show(part)}' is listed twice")
+        addresses.append(address)
+    values["clam_addresses"] = tuple(addresses)
+    return []
 
 
 def _bool_handler(field: str, note: str | None = None) -> _Handler:
@@ -565,7 +592,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
     for name, handler in [
         ("OutAddress", _address_handler("out_address", None, OUT_PORT)),
         ("Listen", _address_handler("listen", LISTEN_HOST, LISTEN_PORT)),
-        ("ClamAddress", _address_handler("clam_address", CLAM_HOST, CLAM_PORT)),
+        ("ClamAddress", _clam_addresses),
         ("Header", _header),
         ("ScanHeader", _scan_header),
         ("TempDirectory", _string_handler("temp_directory", "a directory path")),
@@ -576,6 +603,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("VirusActionAsRoot", _bool_handler("virus_action_as_root")),
         ("MaxConnections", _int_handler("max_connections", 1, MAX_CONNECTIONS, "connections")),
         ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
+        ("ScanTimeout", _int_handler("scan_timeout", 1, MAX_SECONDS, "seconds", float)),
         ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),
         ("XClient", _bool_handler("xclient")),
         ("TransparentProxy", _transparency),

@@ -76,7 +76,7 @@ class MessageFlow:
                 )
                 if spool is not None and not oversize:
                     started = time.monotonic()
-                    result = await self.context.scanner.scan(spool)
+                    result = await self.context.scanner.scan(spool, log)
                     metrics.SCAN_SECONDS.observe(time.monotonic() - started)
             if oversize:
                 log.info("message over MaxScanSize (%d bytes): not scanned", scan_limit)

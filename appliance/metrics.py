@@ -43,6 +43,16 @@ ALLOWED = Counter(
     "clamsmtpd_messages_allowed",
     "Infected messages delivered because their virus name matched VirusAllow", registry=REGISTRY,
 )
+CLAMD_UP = Gauge(
+    "clamsmtpd_clamd_up", "1 while this clamd is in the scanning pool, 0 while it is out",
+    ["clamd"], registry=REGISTRY,
+)
+CLAMD_SCANS = Counter(
+    "clamsmtpd_clamd_scans",
+    "Scan attempts per clamd, by outcome (clean, virus, error: clamd refused the message, "
+    "failed: clamd itself failed and the scan went to another clamd or got a 451)",
+    ["clamd", "outcome"], registry=REGISTRY,
+)
 NEXT_HOP_ERRORS = Counter(
     "clamsmtpd_next_hop_errors",
     "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],

@@ -1,197 +1,221 @@
-"""clamd through pyclamd's INSTREAM: clamd needs no access to our files, and may be remote.
+"""The clamd pool: which clamd scans a message, and what happens when one fails.
 
-pyclamd is blocking, so every scan runs in a small thread pool (its size is the bound on
-concurrent scans) and the event loop never waits on clamd. Problems come back as a value
-(`ScanResult` with status ERROR), never as an exception: the verdict turns them into a 451.
+`ClamAddress` may list several clamds. A scan goes to the healthy clamd with the fewest scans in
+flight; one that refuses, times out, passes ScanTimeout or answers garbage is taken out of the
+pool and probed with PING in the background until it answers again. A scan that failed because
+of its clamd is retried once on another one; the message gets ERROR (a 451) only when no clamd
+could scan it. When every clamd is out, scans still try them (as the original did with its one
+clamd): a clamd that has just come back is used at once, not only after the next probe.
 
-Two pyclamd 0.4.0 flaws are mended here, by subclassing rather than by copying the library:
-it writes with `socket.send` (a partial write would corrupt INSTREAM's length-prefixed chunks on
-a large body), and it retries a timed-out read five times (five TimeOuts instead of one). Its
-network class is also IPv4-only; ours connects by `socket.create_connection`.
+Each clamd has its own thread pool, whose size is that clamd's bound on concurrent scans, so the
+event loop never waits on clamd and a slow clamd cannot take the threads of the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
+import itertools
+import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TypeVar
 
-import pyclamd
-
+from . import metrics
 from .addresses import Address
+from .instream import CLEAN, ERROR, OVERSIZE, VIRUS, Clamd, Outcome, ScanResult
+from .maillog import log as daemon_log
 from .spool import Spool
 
-CLEAN, VIRUS, ERROR = "CLEAN", "VIRUS", "ERROR"
-#: Too big to scan: clamd refused it (over its StreamMaxLength), or it is over MaxScanSize.
-OVERSIZE = "OVERSIZE"
-#: clamd accepts INSTREAM chunks up to StreamMaxLength; 256 KiB keeps syscalls few and memory low.
-CHUNK = 1 << 18
+__all__ = ["CLEAN", "ERROR", "OVERSIZE", "VIRUS", "ScanResult", "Scanner"]
+
+#: First and longest wait between two PINGs to a clamd that is out of the pool.
+PROBE_FIRST, PROBE_MAX = 1.0, 15.0
+#: A scan that failed on its clamd is tried on at most this many clamds in all.
+MAX_SCAN_TRIES = 2
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class ScanResult:
-    status: str  # CLEAN | VIRUS | ERROR | OVERSIZE (ERROR: the scan could not be done)
-    virus: str | None = None  # the signature name, for VIRUS
-    detail: str = ""  # what clamd (or the connection) said, for ERROR
+class _Member:
+    """A clamd of the pool and its state, all on the event loop's thread but `clamd`."""
 
-    @property
-    def log_status(self) -> str:
-        """The `status=` value of the original's log line."""
-        if self.status == VIRUS:
-            return f"VIRUS:{self.virus}" if self.virus else "VIRUS"
-        return CLEAN if self.status == CLEAN else "CLAMAV-ERROR"
-
-
-class _SendallSocket(socket.socket):
-    """A socket whose `send` writes everything, as INSTREAM's framing needs.
-
-    When clamd hangs up in the middle (a body over its StreamMaxLength), the rest of the body is
-    dropped instead of failing, so pyclamd goes on to read clamd's reason (`INSTREAM size limit
-    exceeded`) rather than reporting a bare broken pipe.
-    """
-
-    hung_up = False
-
-    def send(self, data, flags: int = 0) -> int:  # type: ignore[override]
-        if not self.hung_up:
-            try:
-                self.sendall(data, flags)
-            except (BrokenPipeError, ConnectionResetError):
-                self.hung_up = True
-        return len(data)
-
-
-class _Mended:
-    """Mixin over pyclamd's socket classes: full writes, one timeout, IPv6-capable TCP, and
-    every reply line kept, so that only clamd's explicit `stream: OK` counts as clean."""
-
-    timeout: float | None
-    clamd_socket: socket.socket
-    replies: list[str]
-
-    def _recv_response(self) -> str:
-        data = self.clamd_socket.recv(4096)
-        reply = data.decode("utf-8", "replace").strip()
-        if reply:
-            self.__dict__.setdefault("replies", []).append(reply)
-        return reply
-
-    def close(self) -> None:
-        sock = getattr(self, "clamd_socket", None)
-        if sock is not None:
-            sock.close()
-
-
-class _Unix(_Mended, pyclamd.ClamdUnixSocket):
-    def _init_socket(self) -> None:
-        self.clamd_socket = _SendallSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.clamd_socket.settimeout(self.timeout)
-        try:
-            self.clamd_socket.connect(self.unix_socket)
-        except OSError as e:
-            self.clamd_socket.close()
-            raise pyclamd.ConnectionError(
-                f"could not reach clamd at {self.unix_socket}: {e.strerror or e}"
-            ) from None
-
-
-class _Tcp(_Mended, pyclamd.ClamdNetworkSocket):
-    def _init_socket(self) -> None:
-        try:
-            plain = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except OSError as e:
-            raise pyclamd.ConnectionError(
-                f"could not reach clamd at {self.host}:{self.port}: {e.strerror or e}"
-            ) from None
-        self.clamd_socket = _SendallSocket(plain.family, plain.type, plain.proto, plain.detach())
-        self.clamd_socket.settimeout(self.timeout)
+    def __init__(self, clamd: Clamd, concurrency: int) -> None:
+        self.clamd = clamd
+        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clamd")
+        self.up = True
+        self.in_flight = 0
+        self.probe: asyncio.Task | None = None
 
 
 class Scanner:
-    """Scans spooled messages (in memory or on disk) with clamd, at most `concurrency` at a time."""
+    """Scans spooled messages with the clamds of `addresses`, at most `concurrency` at a time
+    on each."""
 
-    def __init__(self, address: Address, timeout: float, concurrency: int) -> None:
-        self.address = address
+    def __init__(
+        self,
+        addresses: Sequence[Address],
+        timeout: float,
+        scan_timeout: float,
+        concurrency: int,
+    ) -> None:
+        if not addresses:
+            raise ValueError("no clamd address")
+        self.addresses = tuple(addresses)
         self.timeout = timeout
+        self.scan_timeout = scan_timeout
         self.concurrency = concurrency
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clamd")
-        self._local = threading.local()
+        self._members = [
+            _Member(Clamd(address, timeout, self.scan_timeout), concurrency)
+            for address in self.addresses
+        ]
+        self._turn = itertools.count()
+        self._retired = False
+        for member in self._members:
+            metrics.CLAMD_UP.labels(member.clamd.name).set(1)
 
-    def _client(self) -> pyclamd.pyclamd._ClamdGeneric:
-        """This thread's pyclamd client (its constructor probes clamd, so make it once)."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self._new_client(self.timeout)
-        return client
+    def _pick(self, tried: set[_Member]) -> _Member | None:
+        """The clamd for the next try: an untried one in the pool with the fewest scans in
+        flight (taking turns among equals); if none is in the pool, an untried one out of it."""
+        turn = next(self._turn)
+        size = len(self._members)
+        order = [self._members[(turn + i) % size] for i in range(size)]
+        for want_up in (True, False):
+            candidates = [m for m in order if m.up == want_up and m not in tried]
+            if candidates:
+                return min(candidates, key=lambda m: m.in_flight)
+        return None
 
-    def _new_client(self, timeout: float) -> _Unix | _Tcp:
-        if self.address.is_unix:
-            return _Unix(self.address.path, timeout)
-        return _Tcp(self.address.host, self.address.port, timeout)
+    async def scan(self, spool: Spool, log: logging.LoggerAdapter | None = None) -> ScanResult:
+        """Scan the spooled message; ERROR only when no clamd could (see the module's doc)."""
+        log = log or daemon_log
+        tried: set[_Member] = set()
+        failures = 0
+        result = ScanResult(ERROR, detail="no clamd to scan with")
+        while failures < MAX_SCAN_TRIES:
+            member = self._pick(tried)
+            if member is None:
+                break
+            if tried:
+                log.warning("scanning again on clamd at %s", member.clamd.name)
+            tried.add(member)
+            outcome = await self._attempt(member, spool)
+            result = outcome.result
+            if not outcome.clamd_failed:
+                if not member.up:
+                    self._back(member)
+                metrics.CLAMD_SCANS.labels(member.clamd.name, result.status.lower()).inc()
+                return result
+            metrics.CLAMD_SCANS.labels(member.clamd.name, "failed").inc()
+            log.warning("clamd at %s failed: %s", member.clamd.name, result.detail)
+            self._out(member, result.detail)
+            if outcome.sent:  # a refused connection costs nothing: only real tries count
+                failures += 1
+        return result
 
-    def _scan_blocking(self, spool: Spool) -> ScanResult:
-        try:
-            with spool.open() as body:
-                return self._scan_file(body)
-        except OSError as e:
-            return ScanResult(ERROR, detail=f"cannot read spool file: {e.strerror or e}")
-
-    def _scan_file(self, body: BinaryIO) -> ScanResult:
-        client = None
-        try:
-            client = self._client()
-            client.replies = []
-            found = client.scan_stream(body, chunk_size=CHUNK)
-        except pyclamd.BufferTooLongError as e:
-            detail = f"{e} (raise StreamMaxLength in clamd.conf, or set MaxScanSize below it)"
-            return ScanResult(OVERSIZE, detail=detail)
-        except pyclamd.ConnectionError as e:
-            return ScanResult(ERROR, detail=str(e))
-        except TimeoutError:
-            return ScanResult(ERROR, detail="clamd timed out")
-        except OSError as e:
-            return ScanResult(ERROR, detail=f"clamd connection failed: {e.strerror or e}")
-        except (IndexError, ValueError) as e:  # pyclamd's parser on a reply it does not know
-            return ScanResult(ERROR, detail=f"unexpected response from clamd: {e}")
-        finally:
-            if client is not None:
-                client.close()  # pyclamd leaves it open when a scan fails
-        if not found:
-            # pyclamd returns None both for "stream: OK" and for a reply it does not know (or
-            # none at all, when clamd died): only the explicit OK is clean, never the silence.
-            if client.replies and all(r == "stream: OK" for r in client.replies):
-                return ScanResult(CLEAN)
-            said = " / ".join(client.replies)[:200] or "nothing (connection closed)"
-            return ScanResult(ERROR, detail=f"unexpected response from clamd: {said}")
-        status, reason = next(iter(found.values()))
-        if status == "FOUND":
-            return ScanResult(VIRUS, virus=reason.strip() or None)
-        return ScanResult(ERROR, detail=reason)
-
-    async def scan(self, spool: Spool) -> ScanResult:
+    async def _attempt(self, member: _Member, spool: Spool) -> Outcome:
         loop = asyncio.get_running_loop()
+        member.in_flight += 1
         try:
-            # The socket timeouts bound each clamd operation; this bounds the whole scan (a clamd
-            # that trickles bytes slower than TimeOut apart could otherwise hold us forever).
-            async with asyncio.timeout(self.timeout * 2 + 5):
-                return await loop.run_in_executor(self._pool, self._scan_blocking, spool)
+            # The thread keeps each operation within TimeOut and the whole scan within
+            # ScanTimeout; this only guards against a thread that is stuck all the same.
+            async with asyncio.timeout(self.scan_timeout * 2 + self.timeout + 5):
+                return await loop.run_in_executor(member.threads, _scan, member.clamd, spool)
         except TimeoutError:
-            return ScanResult(ERROR, detail="clamd scan timed out")
+            result = ScanResult(ERROR, detail="clamd scan timed out", clamd=member.clamd.name)
+            return Outcome(result, clamd_failed=True)
+        finally:
+            member.in_flight -= 1
+
+    def _out(self, member: _Member, why: str) -> None:
+        """Take a failed clamd out of the pool, and PING it until it answers."""
+        if member.up:
+            member.up = False
+            metrics.CLAMD_UP.labels(member.clamd.name).set(0)
+            others = sum(m.up for m in self._members)
+            daemon_log.error("clamd at %s is out of the pool (%s); %d other clamd%s in it",
+                             member.clamd.name, why, others, "" if others == 1 else "s")
+        if member.probe is None and not self._retired:
+            member.probe = asyncio.get_running_loop().create_task(self._probe(member))
+
+    def _back(self, member: _Member) -> None:
+        member.up = True
+        metrics.CLAMD_UP.labels(member.clamd.name).set(1)
+        daemon_log.warning("clamd at %s answers again: back in the pool", member.clamd.name)
+        if member.probe is not None and member.probe is not asyncio.current_task():
+            member.probe.cancel()
+        member.probe = None
+
+    async def _probe(self, member: _Member) -> None:
+        wait = PROBE_FIRST
+        try:
+            while not member.up:
+                await asyncio.sleep(wait)
+                if member.up:
+                    break
+                if await _in_thread(lambda: member.clamd.ping(min(self.timeout, PROBE_MAX))):
+                    self._back(member)
+                    break
+                wait = min(wait * 2, PROBE_MAX)
+        finally:
+            if member.probe is asyncio.current_task():
+                member.probe = None
+
+    async def check(self, timeout: float) -> list[str]:
+        """The clamds that do not answer PING within `timeout` (at start-up and reload)."""
+        answers = await asyncio.gather(
+            *(_in_thread(lambda m=m: m.clamd.ping(timeout)) for m in self._members)
+        )
+        return [m.clamd.name for m, ok in zip(self._members, answers, strict=True) if not ok]
 
     def ping(self, timeout: float | None = None) -> bool:
-        """Whether clamd answers PING within `timeout` (default TimeOut)."""
-        client = None
-        try:
-            client = self._new_client(self.timeout if timeout is None else timeout)
-            return bool(client.ping())
-        except (pyclamd.ConnectionError, OSError):
-            return False
-        finally:
-            if client is not None:
-                client.close()
+        """Whether any clamd answers PING within `timeout` (default TimeOut); blocks."""
+        return any(m.clamd.ping(timeout) for m in self._members)
+
+    def retire(self) -> None:
+        """A reload replaced this scanner: no more probes (scans in flight still finish)."""
+        self._retired = True
+        for member in self._members:
+            if member.probe is not None:
+                member.probe.cancel()
+            with contextlib.suppress(KeyError):
+                metrics.CLAMD_UP.remove(member.clamd.name)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.retire()
+        for member in self._members:
+            member.threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _scan(clamd: Clamd, spool: Spool) -> Outcome:
+    try:
+        with spool.open() as body:
+            return clamd.scan(body)
+    except OSError as e:
+        detail = f"cannot read spool file: {e.strerror or e}"
+        return Outcome(ScanResult(ERROR, detail=detail, clamd=clamd.name))
+
+
+async def _in_thread(function: Callable[[], _T]) -> _T:
+    """Run a blocking call on a daemon thread of its own: the process's exit does not wait for
+    it (a PING to a silent clamd must not hold a SIGTERM), nor does it queue behind scans."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(value) -> None:
+        if not done.done():
+            done.set_result(value)
+
+    def run() -> None:
+        try:
+            value = function()
+        except Exception as e:  # noqa: BLE001 - handed to the loop as the outcome
+            value = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
+            loop.call_soon_threadsafe(settle, value)
+
+    threading.Thread(target=run, name="clamd-ping", daemon=True).start()
+    value = await done
+    if isinstance(value, Exception):
+        raise value
+    return value

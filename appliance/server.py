@@ -12,7 +12,6 @@ import errno
 import os
 import socket
 import stat
-import threading
 
 from . import metrics
 from .actions import VirusActions
@@ -159,14 +158,17 @@ class Appliance:
     ) -> RelayContext:
         concurrency = min(config.max_connections, MAX_CONCURRENT_SCANS)
         old = previous.scanner if previous is not None else None
-        if old is not None and (old.address, old.timeout, old.concurrency) == (
-            config.clam_address, config.timeout, concurrency
+        settings = (config.clam_addresses, config.timeout, config.scan_timeout, concurrency)
+        if old is not None and settings == (
+            old.addresses, old.timeout, old.scan_timeout, old.concurrency
         ):
-            scanner = old
+            scanner = old  # and the health of its clamds
         else:
-            # A replaced scanner is not shut down: sessions in flight keep using it, and its
-            # idle threads go when the last of them lets go of it.
-            scanner = Scanner(config.clam_address, config.timeout, concurrency)
+            if old is not None:
+                # A replaced scanner is not shut down: sessions in flight keep using it, and
+                # its idle threads go when the last of them lets go of it.
+                old.retire()
+            scanner = Scanner(*settings)
         sock = self.sock
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action
@@ -243,26 +245,13 @@ class Appliance:
         )
 
     async def _check_clamd(self, scanner: Scanner) -> None:
-        # On a thread of its own that exit does not wait for: a SIGTERM right after start-up
-        # must not wait for this PING (the executor's threads are joined at exit).
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[bool] = loop.create_future()
-
-        def settle(ok: bool) -> None:
-            if not answered.done():
-                answered.set_result(ok)
-
-        def ping() -> None:
-            ok = scanner.ping(min(scanner.timeout, CLAMD_CHECK_TIMEOUT))
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
-                loop.call_soon_threadsafe(settle, ok)
-
-        threading.Thread(target=ping, name="clamd-check", daemon=True).start()
-        if not await answered:
-            log.warning(
-                "clamd is not answering at %s: mail will be deferred (451) until it does",
-                scanner.address,
-            )
+        silent = await scanner.check(min(scanner.timeout, CLAMD_CHECK_TIMEOUT))
+        if len(silent) == len(scanner.addresses):
+            log.warning("clamd is not answering at %s: mail will be deferred (451) until it does",
+                        ", ".join(silent))
+        elif silent:
+            log.warning("clamd is not answering at %s: scans go to the other clamds until it does",
+                        ", ".join(silent))
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; idle sessions get a 421 now, a message in hand may finish within

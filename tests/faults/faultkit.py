@@ -445,6 +445,7 @@ class FakeClamd(_Listening):
                       come") but keep draining the stream, so the scanner's writes all succeed
       "close_at_end"  read the whole stream, then close without a word (a crash mid-scan)
       "reply"         read the whole stream, answer `reply` (bytes), close
+      "trickle"       read the whole stream, answer `reply` one byte every `delay` seconds
     Later scans, and PING at any time, go to the real clamd at `relay_to` (a unix socket).
     """
 
@@ -592,6 +593,12 @@ class FakeClamd(_Listening):
             if self.behaviour == "close_at_end":
                 return False
             if self.behaviour == "slow" and self._stop.wait(self.delay):
+                return False
+            if self.behaviour == "trickle":
+                for byte in self.reply:
+                    if self._stop.wait(self.delay):
+                        return False
+                    conn.sendall(bytes([byte]))
                 return False
             conn.sendall(self.reply)
             return False

@@ -156,6 +156,38 @@ def test_clamd_slow_but_within_timeout_is_fine(appliance, next_hop, own_clamd):
     assert token.encode() in content
 
 
+@pytest.mark.appliance_config(TimeOut=10, ScanTimeout=3)
+@pytest.mark.fake_clamd(behaviour="trickle", delay=1.0, reply=b"stream: OK\n")
+def test_clamd_trickling_its_answer_is_cut_at_scan_timeout(appliance, next_hop, own_clamd):
+    """clamd answers one byte a second (each read well inside TimeOut) -> 451 after
+    ScanTimeout, not after TimeOut nor after the 11 s the whole "stream: OK" would take."""
+    replies, took = timed_transaction(appliance, clean_message("trickling-clamd"))
+    assert final_reply(replies) == R.LOCAL_ERROR
+    assert 2.5 < took < 6, took
+    assert "did not finish within ScanTimeout (3 s)" in appliance.wait_log("ScanTimeout (3 s)")
+    assert own_clamd.scans == 1
+    assert_nothing_delivered(next_hop)
+    assert_no_spool_files(appliance)
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.parametrize(("clamd_options", "final"), [
+    pytest.param({"reply": b"stream: OK\n"}, "250 2.0.0", id="clean"),
+    pytest.param({"reply": b"stream: Eicar-Test-Signature FOUND\n"}, R.DISCARDED, id="virus"),
+    pytest.param({"reply": b"stream: OK\n", "tcp": True}, "250 2.0.0", id="clean-tcp"),
+])
+@pytest.mark.appliance_config(TimeOut=10, ScanTimeout=10)
+@pytest.mark.fake_clamd(behaviour="trickle", delay=0.05)
+def test_clamd_answer_in_pieces_is_read_whole(clamd_options, final, appliance, next_hop,
+                                              own_clamd):
+    """A reply that arrives in pieces (as a clamd on another host may send it over TCP) is
+    one answer, not a garbled one: a piece of a line is never taken for the whole line."""
+    replies = transaction(appliance, clean_message("in-pieces"))
+    assert own_clamd.scans == 1
+    assert final_reply(replies).startswith(final), replies
+    assert len(delivered_contents(next_hop)) == (final != R.DISCARDED)
+
+
 @pytest.mark.parametrize("clamd_options", [
     pytest.param({}, id="unix"),
     pytest.param({"tcp": True}, id="tcp-fin"),

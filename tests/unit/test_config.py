@@ -30,6 +30,7 @@ DIRECTIVES = [
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
     "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
     "SkipNetworks", "SkipAuthenticated", "VirusAllow",
+    "ScanTimeout",
 ]  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def test_debian_config_parses_unchanged() -> None:
         path=str(DEBIAN_CONF),
         out_address=Address(host=None, port=10025, port_only=True),
         listen=Address(host="127.0.0.1", port=10026),
-        clam_address=Address(path="/var/run/clamav/clamd.ctl"),
+        clam_addresses=(Address(path="/var/run/clamav/clamd.ctl"),),
         header="X-Virus-Scanned: ClamAV using ClamSMTP",
         temp_directory="/var/spool/clamsmtp",
         action="drop",
@@ -81,7 +82,7 @@ def test_defaults() -> None:
     assert config.out_address == Address(port=10026, port_only=True)
     assert config.listen == Address(host="0.0.0.0", port=10025, port_only=True)
     assert str(config.listen) == "0.0.0.0:10025"
-    assert config.clam_address == Address(path="/var/run/clamav/clamd")
+    assert config.clam_addresses == (Address(path="/var/run/clamav/clamd"),)
     assert config.header == DEFAULT_HEADER == "X-Virus-Scanned: ClamAV using ClamSMTP"
     assert config.temp_directory == "/tmp"
     assert config.action == "drop"
@@ -89,6 +90,7 @@ def test_defaults() -> None:
     assert config.virus_action is None
     assert config.max_connections == 64
     assert config.timeout == 180
+    assert config.scan_timeout == 120
     assert config.keepalives == 0
     assert config.xclient is False
     assert config.transparent_proxy is Transparency.OFF
@@ -119,10 +121,18 @@ def test_default_config_path() -> None:
         ("Listen: 127.0.0.1", "listen", Address(host="127.0.0.1", port=10025)),
         ("Listen: [::]:10025", "listen", Address(host="::", port=10025)),
         ("Listen: /run/clamsmtpd.sock", "listen", Address(path="/run/clamsmtpd.sock")),
-        ("ClamAddress: 3310", "clam_address", Address(host="127.0.0.1", port=3310, port_only=True)),
-        ("ClamAddress: 127.0.0.1", "clam_address", Address(host="127.0.0.1", port=3310)),
-        ("ClamAddress: clamd.lan:3311", "clam_address", Address(host="clamd.lan", port=3311)),
-        ("ClamAddress: /run/clamd.ctl", "clam_address", Address(path="/run/clamd.ctl")),
+        ("ClamAddress: 3310", "clam_addresses",
+         (Address(host="127.0.0.1", port=3310, port_only=True),)),
+        ("ClamAddress: 127.0.0.1", "clam_addresses", (Address(host="127.0.0.1", port=3310),)),
+        ("ClamAddress: clamd.lan:3311", "clam_addresses", (Address(host="clamd.lan", port=3311),)),
+        ("ClamAddress: /run/clamd.ctl", "clam_addresses", (Address(path="/run/clamd.ctl"),)),
+        ("ClamAddress: 10.0.0.1, 10.0.0.2:3311", "clam_addresses",
+         (Address(host="10.0.0.1", port=3310), Address(host="10.0.0.2", port=3311))),
+        ("ClamAddress: /run/a.ctl [2001:db8::3]  clamd.lan,,3312", "clam_addresses",
+         (Address(path="/run/a.ctl"), Address(host="2001:db8::3", port=3310),
+          Address(host="clamd.lan", port=3310),
+          Address(host="127.0.0.1", port=3312, port_only=True))),
+        ("ScanTimeout: 30", "scan_timeout", 30.0),
         ("Header: X-AV: checked by %l", "header", "X-AV: checked by %l"),
         ("Header:", "header", ""),
         ("Header: X-A: 1\\r\\n\\tfolded", "header", "X-A: 1\r\n\tfolded"),
@@ -382,6 +392,14 @@ def test_header_length_limit_is_1024_bytes() -> None:
             f"invalid address '[::1': missing ']' after IPv6 address (expected {FORMS})",
         ),
         (["ClamAddress: 0"], 2, "ClamAddress", "port 0 out of range"),
+        (["ClamAddress: 10.0.0.1, [::1"], 2, "ClamAddress", "invalid address '[::1': missing"),
+        (["ClamAddress: 10.0.0.1 10.0.0.1:3310"], 2, "ClamAddress",
+         "'10.0.0.1:3310' is listed twice"),
+        (["ClamAddress: ,"], 2, "ClamAddress", "empty value (expected one or more of"),
+        ([f"ClamAddress: {' '.join(str(p) for p in range(3000, 3033))}"], 2, "ClamAddress",
+         "33 addresses (at most 32)"),
+        (["ScanTimeout: 0"], 2, "ScanTimeout",
+         "invalid value '0' (expected a whole number of seconds from 1 to 86400)"),
         (["Listen: host name"], 2, "Listen", "invalid host name 'host name' (expected letters"),
         (["OutAddress: garbage!"], 2, "OutAddress", "invalid host name 'garbage!'"),
         (["VirusAction: a\0b"], 2, "VirusAction", "value contains a NUL character"),
@@ -526,6 +544,7 @@ Quarantine: yes
 VirusAction: /usr/local/bin/virus.sh
 MaxConnections: 200
 TimeOut: 30
+ScanTimeout: 20
 KeepAlives: 10
 XClient: on
 TransparentProxy: off
@@ -549,9 +568,10 @@ VirusAllow: PUA.* Heuristics.Encrypted.*
         "OutAddress: 25\n",
         "TransparentProxy: on\nHeader:\n",
         "OutAddress: mail.example.org\nClamAddress: 3310\nListen: [::]\n",
+        "OutAddress: 25\nClamAddress: /run/c.ctl, 3310 [2001:db8::1]:3311 clamd.lan\n",
         FULL,
     ],
-    ids=["debian", "defaults", "transparent", "names", "full"],
+    ids=["debian", "defaults", "transparent", "names", "clamd-pool", "full"],
 )
 def test_describe_parses_back_to_an_equal_config(text: str) -> None:
     config = parse_config(text, FILE)
@@ -637,6 +657,10 @@ _VALID_LINES = st.one_of(
     st.builds("TempDirectory: /{}".format, _FREE_TEXT),
     st.builds("User: u{}".format, st.text(st.characters(categories=["L", "N"]), max_size=8)),
     st.builds("TimeOut: {}".format, st.integers(1, 86400)),
+    st.builds("ScanTimeout: {}".format, st.integers(1, 86400)),
+    st.builds("ClamAddress: {}".format, st.lists(
+        st.sampled_from(["1", "127.0.0.1:3311", "[::1]", "/run/y", "clamd.lan"]),
+        min_size=1, max_size=4, unique=True).map(", ".join)),
     st.builds("KeepAlives: {}".format, st.integers(0, 86400)),
     st.builds("MaxConnections: {}".format, st.integers(1, 10240)),
     st.builds("{}: {}".format, st.sampled_from(["OutAddress", "Listen", "ClamAddress"]),
