@@ -125,14 +125,19 @@ class _Mended:
     clamd_socket: _DeadlineSocket
     deadline: float | None = None
     replies: list[str]
+    unreachable: _Unreachable | None = None
     _pending: bytearray
 
     def _connect(self) -> _DeadlineSocket:
         raise NotImplementedError
 
     def _init_socket(self) -> None:
-        self.replies, self._pending = [], bytearray()
-        self.clamd_socket = self._connect()
+        self.replies, self._pending, self.unreachable = [], bytearray(), None
+        try:
+            self.clamd_socket = self._connect()
+        except _Unreachable as e:
+            self.unreachable = e  # pyclamd rewords it as "Unable to scan stream"
+            raise
         self.clamd_socket.op_timeout = self.timeout
         self.clamd_socket.deadline = self.deadline
 
@@ -230,9 +235,9 @@ class Clamd:
         except pyclamd.BufferTooLongError as e:
             detail = f"{e} (raise StreamMaxLength in clamd.conf, or set MaxScanSize below it)"
             return self._refused(detail, OVERSIZE)
-        except _Unreachable as e:
-            return self._failed(str(e), sent=False)
         except pyclamd.ConnectionError as e:
+            if client.unreachable is not None:
+                return self._failed(str(client.unreachable), sent=False)
             return self._failed(self._why(client, e, str(e)))
         except OSError as e:
             return self._failed(self._why(client, e, f"connection failed: {e.strerror or e}"))

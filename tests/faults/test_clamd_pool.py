@@ -67,7 +67,10 @@ def appliance_clamd(request, clamd):
     """The fake clamd first (the first scan goes to the first of equals), the real one second."""
     if "fake" in request.fixturenames:
         return Pool([request.getfixturevalue("fake"), clamd])
-    return Pool([request.getfixturevalue(name) for name in ("first", "second")])
+    members = [request.getfixturevalue(name) for name in ("first", "second")]
+    if "and_a_real_one" in request.fixturenames:
+        members.append(clamd)
+    return Pool(members)
 
 
 @pytest.mark.parametrize("behaviour", ["close_at_end", "silent"])
@@ -161,3 +164,20 @@ def test_no_clamd_at_all_defers_and_delivers_nothing(first, second, appliance_cl
     assert log.count("is out of the pool") == 2
     assert tokens_delivered(next_hop) == []
     assert_no_spool_files(appliance)
+
+
+@pytest.fixture
+def and_a_real_one():
+    """Marks a test whose pool is `first`, `second` (both missing), then the real clamd."""
+
+
+def test_clamds_that_refuse_do_not_use_up_the_retry(first, second, and_a_real_one,
+                                                   appliance_clamd, appliance, next_hop):
+    """Two clamds refuse the connection (nothing was sent to them), the third scans -> 250:
+    only a scan that had started uses up the one retry."""
+    code, _ = send(appliance, "third-time")
+    assert code == 250
+    assert tokens_delivered(next_hop) == ["third-time"]
+    log = appliance.wait_log("status=CLEAN")
+    assert f"could not reach clamd at {first.socket_path}" in log
+    assert f"could not reach clamd at {second.socket_path}" in log
