@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import signal
+import tempfile
 from dataclasses import dataclass
 
 from .maillog import log
@@ -27,6 +28,10 @@ MAX_PENDING = 64
 #: How much of a script's output is logged.
 MAX_OUTPUT = 4096
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: RECIPIENTS is cut to at most this many bytes. Linux refuses to exec with one environment
+#: string over 128 KiB (MAX_ARG_STRLEN: "Argument list too long"), which ~1000 ordinary
+#: recipients reach; past the limit the whole list is in the file named by RECIPIENTS_FILE.
+MAX_RECIPIENTS_ENV = 64 * 1024
 
 
 def quarantine(spool: Spool, directory: str) -> str:
@@ -57,18 +62,27 @@ class VirusEvent:
     remote: str | None = None  # from XFORWARD ADDR=
     remote_helo: str | None = None  # from XFORWARD HELO=
 
-    def environment(self) -> dict[str, str]:
+    @property
+    def recipients_cut(self) -> bool:
+        """Whether RECIPIENTS is too long for the environment (see MAX_RECIPIENTS_ENV)."""
+        return len("\n".join(self.recipients).encode()) > MAX_RECIPIENTS_ENV
+
+    def environment(self, recipients_file: str | None = None) -> dict[str, str]:
+        """The script's environment. With a long recipient list, RECIPIENTS holds the first
+        ones and a last line `... N more: see RECIPIENTS_FILE`, and RECIPIENTS_FILE (if the
+        file could be written) names a file with all of them, one per line."""
         env = {
             "PATH": SAFE_PATH,
             "CLIENT": self.client,
             "SERVER": self.server,
             "VIRUS": self.virus,
             "TMPDIR": self.tmpdir,
-            "RECIPIENTS": "\n".join(self.recipients),
+            "RECIPIENTS": _recipients_value(self.recipients),
         }
         optional = {
             "SENDER": self.sender, "EMAIL": self.email,
             "REMOTE": self.remote, "REMOTE_HELO": self.remote_helo,
+            "RECIPIENTS_FILE": recipients_file,
         }
         env.update({k: v for k, v in optional.items() if v is not None})
         # A NUL cannot travel in an environment; nothing else is filtered (values are data).
@@ -96,37 +110,47 @@ class VirusActions:
 
     async def _run(self, event: VirusEvent, prefix: str) -> None:
         async with self._slots:
+            recipients_file = _recipients_file(event, prefix) if event.recipients_cut else None
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", self.command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=event.environment(),
-                    cwd=event.tmpdir if os.path.isdir(event.tmpdir) else "/",
-                    start_new_session=True,  # no controlling terminal; killable as a group
-                )
-            except OSError as e:
-                log.error("%scouldn't run VirusAction: %s", prefix, e.strerror or e)
-                return
-            try:
-                async with asyncio.timeout(self.timeout):
-                    output = await proc.stdout.read(MAX_OUTPUT)
-                    await _drain(proc.stdout)
-                    status = await proc.wait()
-            except TimeoutError:
-                _kill_group(proc.pid)
-                await proc.wait()
-                log.error("%sVirusAction killed after %.0f s", prefix, self.timeout)
-                return
-            except asyncio.CancelledError:  # the daemon is stopping
-                _kill_group(proc.pid)
-                log.error("%sVirusAction killed: clamsmtpd is stopping", prefix)
-                raise
-            text = output.decode("utf-8", "replace").strip()
-            level = log.info if status == 0 else log.error
-            level("%sVirusAction exited with status %d%s", prefix, status,
-                  f": {_one_line(text)}" if text else "")
+                await self._run_script(event, recipients_file, prefix)
+            finally:
+                if recipients_file is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(recipients_file)
+
+    async def _run_script(self, event: VirusEvent, recipients_file: str | None,
+                          prefix: str) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=event.environment(recipients_file),
+                cwd=event.tmpdir if os.path.isdir(event.tmpdir) else "/",
+                start_new_session=True,  # no controlling terminal; killable as a group
+            )
+        except OSError as e:
+            log.error("%scouldn't run VirusAction: %s", prefix, e.strerror or e)
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                output = await proc.stdout.read(MAX_OUTPUT)
+                await _drain(proc.stdout)
+                status = await proc.wait()
+        except TimeoutError:
+            _kill_group(proc.pid)
+            await proc.wait()
+            log.error("%sVirusAction killed after %.0f s", prefix, self.timeout)
+            return
+        except asyncio.CancelledError:  # the daemon is stopping
+            _kill_group(proc.pid)
+            log.error("%sVirusAction killed: clamsmtpd is stopping", prefix)
+            raise
+        text = output.decode("utf-8", "replace").strip()
+        level = log.info if status == 0 else log.error
+        level("%sVirusAction exited with status %d%s", prefix, status,
+              f": {_one_line(text)}" if text else "")
 
     async def stop(self, timeout: float) -> None:
         """At shutdown: let running scripts finish for `timeout` seconds, then kill them."""
@@ -137,6 +161,36 @@ class VirusActions:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+def _recipients_value(recipients: tuple[str, ...]) -> str:
+    """RECIPIENTS: one per line; past MAX_RECIPIENTS_ENV bytes, cut at a line and marked."""
+    whole = "\n".join(recipients)
+    if len(whole.encode()) <= MAX_RECIPIENTS_ENV:
+        return whole
+    kept: list[str] = []
+    size = 64  # room for the marker line
+    for rcpt in recipients:
+        size += len(rcpt.encode()) + 1
+        if size > MAX_RECIPIENTS_ENV:
+            break
+        kept.append(rcpt)
+    return "\n".join([*kept, f"... {len(recipients) - len(kept)} more: see RECIPIENTS_FILE"])
+
+
+def _recipients_file(event: VirusEvent, prefix: str) -> str | None:
+    """All recipients, one per line, in TMPDIR (mode 0600, removed after the script)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="recipients.", dir=event.tmpdir)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as out:
+            out.write("".join(rcpt.replace("\0", "") + "\n" for rcpt in event.recipients))
+    except OSError as e:
+        log.error("%scouldn't write the recipient list for VirusAction (RECIPIENTS is cut): %s",
+                  prefix, e.strerror or e)
+        return None
+    log.info("%sVirusAction: %d recipients: RECIPIENTS is cut, all are in %s", prefix,
+             len(event.recipients), path)
+    return path
 
 
 def _kill_group(pid: int) -> None:

@@ -17,8 +17,10 @@ import pytest
 import replies as R
 from faultkit import assert_no_spool_files, assert_still_serving, clean_message
 from helpers import (
+    EICAR,
     free_port,
     proxy_directives,
+    reload_with,
     send_raw,
     start_daemon,
     wait_accepting,
@@ -246,3 +248,39 @@ def test_sasl_data_never_reaches_the_debug_log(auth, appliance, next_hop):
     log = appliance.wait_log("CLIENT < [authentication data]")
     assert "[...]" in log
     assert SECRET not in log and SECRET[:20] not in log
+
+
+# -- 6. a long recipient list stopped VirusAction --------------------------------------------------
+
+
+@pytest.mark.appliance_config(VirusActionAsRoot="on", MaxConnections=4)
+def test_virus_action_runs_with_a_thousand_long_recipients(appliance, next_hop, tmp_path):
+    """1000 recipients of about 200 bytes: RECIPIENTS alone would be 200 kB, over Linux's 128 KiB
+    for one environment string. Before the fix the exec failed ("Argument list too long") and
+    the admin's action was lost; now RECIPIENTS is cut and marked, and RECIPIENTS_FILE has all."""
+    rcpts = [f"user{i:04d}@" + ".".join(["d" * 45] * 4) + ".example" for i in range(1000)]
+    seen = tmp_path / "seen"
+    script = tmp_path / "action.sh"
+    script.write_text("#!/bin/sh\n"
+                      f'printf "%s" "$RECIPIENTS" > {seen}.env\n'
+                      f'cat "$RECIPIENTS_FILE" > {seen}.file\n'
+                      f'ls -l "$RECIPIENTS_FILE" > {seen}.mode\n'
+                      'echo "script ran"\n')
+    script.chmod(0o755)
+    reload_with(appliance, VirusAction=script)
+    with smtplib.SMTP(appliance.host, appliance.port, local_hostname="client.test",
+                      timeout=60) as client:
+        client.ehlo()
+        client.mail("alice@example.com")
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, _ = client.data(b"Subject: infected\r\n\r\n" + EICAR + b"\r\n")
+    assert code == 250  # (Action: drop)
+    appliance.wait_log("VirusAction exited with status 0: script ran", timeout=30)
+    env = (tmp_path / "seen.env").read_text().split("\n")
+    assert 100 < len(env) < 1000 and env[:-1] == rcpts[:len(env) - 1]
+    assert env[-1] == f"... {1000 - (len(env) - 1)} more: see RECIPIENTS_FILE"
+    assert (tmp_path / "seen.file").read_text() == "".join(r + "\n" for r in rcpts)
+    assert (tmp_path / "seen.mode").read_text().startswith("-rw-------")
+    assert "RECIPIENTS is cut" in appliance.log()
+    assert not [n for n in appliance.spool_files() if n.startswith("recipients.")]  # removed
