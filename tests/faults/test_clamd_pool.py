@@ -8,12 +8,23 @@ clamd; the runs with several real clamds killed in the middle are further down.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import re
+import signal
 import smtplib
+import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 from faultkit import FakeClamd, assert_no_spool_files, clean_message, delivered_contents
+from helpers import free_port
+
+from appliance.lab import PrivateClamd
 
 
 @dataclass
@@ -21,10 +32,14 @@ class Pool:
     """What the `appliance` fixture needs of its clamd: `socket_path` (here, a list)."""
 
     members: list
+    tcp: bool = False
+
+    def address(self, member) -> str:
+        return f"127.0.0.1:{member.tcp_port}" if self.tcp else member.socket_path
 
     @property
     def socket_path(self) -> str:
-        return ", ".join(member.socket_path for member in self.members)
+        return ", ".join(self.address(member) for member in self.members)
 
 
 def send(appliance, token: str, body: bytes | None = None) -> tuple[int, str]:
@@ -67,6 +82,9 @@ def appliance_clamd(request, clamd):
     """The fake clamd first (the first scan goes to the first of equals), the real one second."""
     if "fake" in request.fixturenames:
         return Pool([request.getfixturevalue("fake"), clamd])
+    if "real_clamds" in request.fixturenames:
+        clamds = request.getfixturevalue("real_clamds")
+        return Pool(clamds, tcp=len(clamds) == 3)  # three over TCP, as a farm would be
     members = [request.getfixturevalue(name) for name in ("first", "second")]
     if "and_a_real_one" in request.fixturenames:
         members.append(clamd)
@@ -181,3 +199,104 @@ def test_clamds_that_refuse_do_not_use_up_the_retry(first, second, and_a_real_on
     log = appliance.wait_log("status=CLEAN")
     assert f"could not reach clamd at {first.socket_path}" in log
     assert f"could not reach clamd at {second.socket_path}" in log
+
+
+# -- several real clamds, one (or all) killed in the middle of a run --------------------------
+
+RUN = 500
+CLIENTS = 8
+
+
+
+@pytest.fixture
+def real_clamds(request, tmp_path_factory):
+    """`request.param` private clamds (unix socket and TCP each)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(PrivateClamd(tmp_path_factory.mktemp(f"clamd{i}"), tcp=True))
+               for i in range(request.param)]
+
+
+def scans_by_clamd(appliance) -> dict[str, float]:
+    """clamsmtpd_clamd_scans{outcome="clean"} per clamd, from the metrics endpoint."""
+    port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = r'clamsmtpd_clamd_scans_total\{clamd="([^"]+)",outcome="clean"\} (\S+)'
+    return {name: float(value) for name, value in re.findall(pattern, text)}
+
+
+def run(appliance, prefix: str, count: int, halfway=None) -> dict[str, int]:
+    """Send `count` messages from CLIENTS clients at once; call `halfway()` once about a
+    third of them are answered. Returns each message's reply code by token."""
+    codes: dict[str, int] = {}
+    answered = itertools.count(1)
+    fired = threading.Event()
+
+    def one(i: int) -> None:
+        token = f"{prefix}-{i:04d}"
+        codes[token] = send(appliance, token)[0]
+        if halfway is not None and next(answered) == count // 3 and not fired.is_set():
+            fired.set()
+            halfway()
+
+    with ThreadPoolExecutor(CLIENTS) as clients:
+        list(clients.map(one, range(count)))
+    assert halfway is None or fired.is_set()
+    return codes
+
+
+@pytest.mark.parametrize("real_clamds", [2, 3], indirect=True, ids=["2-unix", "3-tcp"])
+@pytest.mark.appliance_config(TimeOut=10, MaxConnections=64,
+                              MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
+def test_one_clamd_killed_in_the_middle_of_a_run(real_clamds, appliance_clamd, appliance,
+                                                 next_hop):
+    """500 messages; one clamd SIGKILLed a third of the way -> every message 250 and delivered
+    exactly once, no 451; that clamd out of the pool; restarted -> back, and used again."""
+    victim = real_clamds[0]
+    victim_name = appliance_clamd.address(victim)
+
+    def crash() -> None:
+        """SIGSTOP first, so that scans are surely in flight on it when the SIGKILL lands."""
+        os.kill(victim.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        victim.kill()
+
+    codes = run(appliance, "run", RUN, halfway=crash)
+    assert sorted(set(codes.values())) == [250], {t: c for t, c in codes.items() if c != 250}
+    delivered = tokens_delivered(next_hop)
+    assert len(delivered) == RUN and sorted(delivered) == sorted(codes)
+    log = appliance.log()
+    assert "status=CLAMAV-ERROR" not in log
+    assert f"clamd at {victim_name} is out of the pool" in log
+    assert "scanning again on clamd at" in log  # scans in flight on it were done elsewhere
+    before = scans_by_clamd(appliance)
+    assert all(before.get(appliance_clamd.address(c), 0) > 0 for c in real_clamds), before
+
+    victim.start()
+    appliance.wait_log(f"clamd at {victim_name} answers again: back in the pool", timeout=30)
+    codes = run(appliance, "after", 4 * CLIENTS)
+    assert sorted(set(codes.values())) == [250]
+    after = scans_by_clamd(appliance)
+    assert after[victim_name] > before[victim_name], (before, after)
+    assert_no_spool_files(appliance)
+
+
+@pytest.mark.parametrize("real_clamds", [2], indirect=True, ids=["2-unix"])
+@pytest.mark.appliance_config(TimeOut=10)
+def test_every_clamd_killed_defers_then_one_back_delivers(real_clamds, appliance_clamd,
+                                                         appliance, next_hop):
+    """All clamds SIGKILLed -> every message 451, nothing delivered; one clamd restarted ->
+    it is used at once, 250 and delivered."""
+    assert run(appliance, "warm", CLIENTS) == {f"warm-{i:04d}": 250 for i in range(CLIENTS)}
+    next_hop.clear()
+    for clamd in real_clamds:
+        clamd.kill()
+    codes = run(appliance, "dark", 2 * CLIENTS)
+    assert sorted(set(codes.values())) == [451]
+    assert tokens_delivered(next_hop) == []
+    real_clamds[1].start()
+    codes = run(appliance, "dawn", CLIENTS)
+    assert sorted(set(codes.values())) == [250]
+    assert sorted(tokens_delivered(next_hop)) == sorted(codes)
+    appliance.wait_log(f"clamd at {real_clamds[1].socket_path} answers again")
+    assert_no_spool_files(appliance)
