@@ -61,6 +61,7 @@ class VirusEvent:
     email: str | None = None  # the quarantine file, only with Quarantine on
     remote: str | None = None  # from XFORWARD ADDR=
     remote_helo: str | None = None  # from XFORWARD HELO=
+    blocked: int | None = None  # seconds: this message made InfectedHostLimit block the client
 
     @property
     def recipients_cut(self) -> bool:
@@ -83,6 +84,7 @@ class VirusEvent:
             "SENDER": self.sender, "EMAIL": self.email,
             "REMOTE": self.remote, "REMOTE_HELO": self.remote_helo,
             "RECIPIENTS_FILE": recipients_file,
+            "BLOCKED": str(self.blocked) if self.blocked is not None else None,
         }
         env.update({k: v for k, v in optional.items() if v is not None})
         # A NUL cannot travel in an environment; nothing else is filtered (values are data).

@@ -31,6 +31,9 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
 DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
 MAX_VIRUS_PATTERN = 200
+DEFAULT_INFECTED_HOST_BLOCK = 3600
+MAX_INFECTED_COUNT = 1000
+MAX_BLOCK_SECONDS = 7 * 86400
 MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
 OUT_TLS_MODES = ("none", "may", "encrypt", "verify")
 CLIENT_TLS_MODES = ("off", "on", "passthrough")
@@ -124,6 +127,8 @@ class Config:
     skip_networks: tuple[IPNetwork, ...] = ()  # clients whose mail is relayed unscanned
     skip_authenticated: bool = False  # a session whose AUTH the next hop accepted: unscanned
     virus_allow: tuple[str, ...] = ()  # virus name patterns delivered with X-Virus-Found
+    infected_host_limit: tuple[int, int] | None = None  # (COUNT, SECONDS); None: off
+    infected_host_block: int = DEFAULT_INFECTED_HOST_BLOCK  # seconds a blocked host waits
     debug_files: bool = False
     warnings: tuple[str, ...] = ()
 
@@ -149,6 +154,12 @@ class Config:
             raise ValueError("empty temp_directory")
         if self.scan_error_action not in SCAN_ERROR_ACTIONS:
             raise ValueError(f"invalid scan_error_action {self.scan_error_action!r}")
+        if self.infected_host_limit is not None:
+            count, seconds = self.infected_host_limit
+            if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
+                raise ValueError(f"invalid infected_host_limit {self.infected_host_limit!r}")
+        if not 1 <= self.infected_host_block <= MAX_BLOCK_SECONDS:
+            raise ValueError(f"infected_host_block must be 1 to {MAX_BLOCK_SECONDS} seconds")
         if self.max_scan_size is not None and not 1 <= self.max_scan_size <= MAX_SCAN_SIZE:
             raise ValueError(f"max_scan_size must be 1 to {MAX_SCAN_SIZE} bytes")
         if self.oversize_action is not None and self.oversize_action not in OVERSIZE_ACTIONS:
@@ -331,6 +342,10 @@ def describe(config: Config) -> str:
         f"SkipNetworks: {' '.join(map(str, config.skip_networks))}".rstrip(),
         f"SkipAuthenticated: {_onoff(config.skip_authenticated)}",
         f"VirusAllow: {' '.join(config.virus_allow)}".rstrip(),
+        "InfectedHostLimit: {} {}".format(*config.infected_host_limit)
+        if config.infected_host_limit is not None
+        else "# InfectedHostLimit: not set (no containment)",
+        f"InfectedHostBlock: {config.infected_host_block}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -579,6 +594,22 @@ def _virus_allow(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def _infected_host_limit(value: str, values: dict[str, Any]) -> list[str]:
+    if not value:
+        values["infected_host_limit"] = None
+        return []
+    words = value.split()
+    expected = (f"expected COUNT SECONDS: 1 to {MAX_INFECTED_COUNT} infected messages within "
+                f"1 to {MAX_SECONDS} seconds, e.g. 3 600")
+    if len(words) != 2 or not all(w.isascii() and w.isdigit() and len(w) < 10 for w in words):
+        raise ValueError(f"invalid value '{_show(value)}' ({expected})")
+    count, seconds = int(words[0]), int(words[1])
+    if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
+        raise ValueError(f"value '{_show(value)}' out of range ({expected})")
+    values["infected_host_limit"] = (count, seconds)
+    return []
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -626,6 +657,8 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("SkipNetworks", _skip_networks),
         ("SkipAuthenticated", _bool_handler("skip_authenticated")),
         ("VirusAllow", _virus_allow),
+        ("InfectedHostLimit", _infected_host_limit),
+        ("InfectedHostBlock", _int_handler("infected_host_block", 1, MAX_BLOCK_SECONDS, "seconds")),
     ]
 }
 _DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})

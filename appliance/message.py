@@ -120,6 +120,10 @@ class MessageFlow:
         """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
         session = self.session
         email = None
+        blocked = None
+        if self.context.infected.record(session.client_ip):
+            blocked = self.config.infected_host_block
+            session.blocked = True  # this session ends after this message's reply
         if self.config.quarantine:
             try:
                 email = quarantine(spool, self.config.temp_directory)
@@ -132,6 +136,7 @@ class MessageFlow:
                 client=session.client_ip, server=session.upstream.peer, virus=virus,
                 tmpdir=self.config.temp_directory, email=email,
                 remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
+                blocked=blocked,
             ),
             prefix=session.log.prefix,
         )

@@ -53,6 +53,18 @@ CLAMD_SCANS = Counter(
     "failed: clamd itself failed and the scan went to another clamd or got a 451)",
     ["clamd", "outcome"], registry=REGISTRY,
 )
+INFECTED_HOSTS_BLOCKED = Gauge(
+    "clamsmtpd_infected_hosts_blocked", "Client addresses blocked now (InfectedHostLimit)",
+    registry=REGISTRY,
+)
+INFECTED_HOST_BLOCKS = Counter(
+    "clamsmtpd_infected_host_blocks", "Blocks started by InfectedHostLimit", registry=REGISTRY,
+)
+CONNECTIONS_BLOCKED = Counter(
+    "clamsmtpd_connections_refused_infected",
+    "Connections refused with 421 because the client's address is blocked (InfectedHostLimit)",
+    registry=REGISTRY,
+)
 NEXT_HOP_ERRORS = Counter(
     "clamsmtpd_next_hop_errors",
     "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],

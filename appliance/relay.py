@@ -26,6 +26,7 @@ from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
 from .config import Config, Transparency
+from .containment import REPLY_BLOCKED, InfectedHosts
 from .dialogue import (
     command_verb,
     ehlo_size,
@@ -98,6 +99,8 @@ class RelayContext:
     outgoing: OwnConnections = field(default_factory=OwnConnections)
     #: Set at shutdown: sessions finish the message in hand, then close with a 421.
     stopping: bool = False
+    #: InfectedHostLimit's table: one for the daemon, kept across reloads
+    infected: InfectedHosts = field(default_factory=InfectedHosts)
 
 
 class RelaySessionState(Session):
@@ -120,6 +123,7 @@ class RelaySessionState(Session):
         #: STARTTLS towards the next hop still to be tried (at the client's first HELO/EHLO)
         self.next_hop_tls_pending = False
         self.authenticated = False  # the next hop accepted the client's AUTH (235)
+        self.blocked = False  # InfectedHostLimit blocked this client during the session
 
     @property
     def tls_summary(self) -> str | None:
@@ -295,6 +299,13 @@ class RelaySession(MessageFlow, SMTP):
 
     async def _serve(self) -> None:
         session = self.session
+        blocked_for = self.context.infected.blocked_for(session.client_ip)
+        if blocked_for:  # before any next hop is contacted
+            session.log.warning("refused: %s is blocked for %d s more (InfectedHostLimit)",
+                                session.client_ip, blocked_for)
+            metrics.CONNECTIONS_BLOCKED.inc()
+            await self._say_and_close(REPLY_BLOCKED)
+            return
         try:
             await self._refuse_own_connection()
             destination = self.context.destination(session.client_ip, self.transport)
@@ -337,6 +348,9 @@ class RelaySession(MessageFlow, SMTP):
             if line is None:
                 continue
             verb = command_verb(line)
+            if session.blocked and verb != b"QUIT":  # InfectedHostLimit blocked it just now
+                await self._say_and_close(REPLY_BLOCKED)
+                return
             if (session.next_hop_tls_pending and verb not in _BEFORE_TLS
                     and self.config.out_tls in ("encrypt", "verify")):
                 await self.push(REPLY_SEND_EHLO_FIRST)  # nothing goes to the next hop in clear

@@ -18,6 +18,7 @@ from .actions import VirusActions
 from .addresses import Address
 from .config import Config, Transparency
 from .config import replace as _replace
+from .containment import InfectedHosts
 from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
@@ -145,6 +146,7 @@ class Appliance:
         self.sessions: set[RelaySession] = set()
         self.outgoing = OwnConnections()  # shared by every configuration
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
+        self.infected = InfectedHosts()  # one across reloads; empty at every start
         self.context = self._context(config, tls=tls if tls is not None else load_tls(config))
         self._server: asyncio.AbstractServer | None = None
         self._clamd_check: asyncio.Task | None = None
@@ -172,9 +174,10 @@ class Appliance:
         sock = self.sock
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action
+        self.infected.configure(config.infected_host_limit, config.infected_host_block)
         return RelayContext(
             config, scanner, destination_for(config, ports), self.actions, tls=tls,
-            sessions=self.sessions, outgoing=self.outgoing,
+            sessions=self.sessions, outgoing=self.outgoing, infected=self.infected,
         )
 
     def reload(self, config: Config, tls: TLSContexts | None = None) -> list[str]:

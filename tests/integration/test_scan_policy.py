@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import smtplib
+import urllib.request
 
 import pytest
 import replies as R
-from helpers import EICAR, raw_session_in_data, reload_with, smtp_client, wait_until
+from helpers import (
+    EICAR,
+    free_port,
+    raw_session_in_data,
+    reload_with,
+    send_raw,
+    smtp_client,
+    wait_until,
+)
 
 from appliance.dotstuff import stuff
 from appliance.lab import PrivateClamd
@@ -17,6 +26,7 @@ from appliance.lab import PrivateClamd
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
 NOT_SCANNED = "X-Virus-Not-Scanned"
+BLOCKED_REPLY = "421 4.7.0 Too many infected messages from your address; try again later"
 
 
 def send(appliance, message, sender="alice@example.com", rcpts=("bob@example.com",)):
@@ -302,3 +312,61 @@ def test_virus_allow_delivers_with_the_virus_named(appliance, next_hop):
 @pytest.mark.appliance_config(VirusAllow="eicar-test-*", Action="bounce")
 def test_virus_allow_is_case_sensitive(appliance, next_hop):
     assert send(appliance, INFECTED) == R.REJECTED
+
+
+# -- InfectedHostLimit, InfectedHostBlock --------------------------------------------------------
+
+
+def metric(appliance, name: str) -> float:
+    port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.appliance_config(
+    InfectedHostLimit="2 60", InfectedHostBlock=3, VirusActionAsRoot="on",
+    MetricsListen=lambda hop: f"127.0.0.1:{free_port()}",
+)
+def test_infected_host_is_blocked_then_let_back(appliance, next_hop, tmp_path):
+    script = tmp_path / "action.sh"
+    script.write_text(f'#!/bin/sh\necho "BLOCKED=${{BLOCKED-unset}}" >> {tmp_path}/env.txt\n')
+    script.chmod(0o755)
+    reload_with(appliance, VirusAction=script)
+    assert send(appliance, INFECTED) == R.DISCARDED
+    assert send(appliance, INFECTED) == R.DISCARDED  # the second within 60 s: blocked now
+    log = appliance.wait_log("host 127.0.0.1 blocked for 3 s: 2 infected messages within 60 s")
+    wait_until(lambda: (tmp_path / "env.txt").exists()
+               and (tmp_path / "env.txt").read_text().count("\n") == 2, what="both actions")
+    assert sorted((tmp_path / "env.txt").read_text().split()) == ["BLOCKED=3", "BLOCKED=unset"]
+    ehlos = next_hop.event_names().count("EHLO client.test")
+    replies = send_raw(appliance.host, appliance.port, ["EHLO x"])
+    assert replies == [BLOCKED_REPLY]  # at connect, before the next hop is contacted
+    assert next_hop.event_names().count("EHLO client.test") == ehlos
+    assert metric(appliance, "clamsmtpd_infected_hosts_blocked") == 1
+    assert metric(appliance, "clamsmtpd_infected_host_blocks_total") == 1
+    assert metric(appliance, "clamsmtpd_connections_refused_infected_total") == 1
+    log = appliance.wait_log("host 127.0.0.1 no longer blocked", timeout=10)
+    assert "refused: 127.0.0.1 is blocked for " in log
+    assert send(appliance, CLEAN).startswith("250 ")
+    assert metric(appliance, "clamsmtpd_infected_hosts_blocked") == 0
+
+
+@pytest.mark.appliance_config(InfectedHostLimit="1 60")
+def test_the_session_that_got_blocked_ends_after_its_reply(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        client.ehlo()
+        client.mail("a@example.com")
+        client.rcpt("b@example.com")
+        assert client.data(INFECTED)[0] == 250
+        code, text = client.docmd("MAIL", "FROM:<a@example.com>")
+        assert f"{code} {text.decode()}" == BLOCKED_REPLY
+    assert next_hop.messages == []
+
+
+def test_no_containment_by_default(appliance, next_hop):
+    for _ in range(5):
+        assert send(appliance, INFECTED) == R.DISCARDED
+    assert send(appliance, CLEAN).startswith("250 ")
+    assert "blocked" not in appliance.log()

@@ -29,7 +29,7 @@ DIRECTIVES = [
     "OutAddress", "Listen", "ClamAddress", "Header", "TempDirectory", "Action", "Quarantine",
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
     "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
-    "SkipNetworks", "SkipAuthenticated", "VirusAllow",
+    "SkipNetworks", "SkipAuthenticated", "VirusAllow", "InfectedHostLimit", "InfectedHostBlock",
     "ScanTimeout",
 ]  # fmt: skip
 
@@ -183,6 +183,9 @@ def test_default_config_path() -> None:
         ("VirusAllow: PUA.* Heuristics.Encrypted.*, Win.Test.EICAR_HDB-1", "virus_allow",
          ("PUA.*", "Heuristics.Encrypted.*", "Win.Test.EICAR_HDB-1")),
         ("VirusAllow:", "virus_allow", ()),
+        ("InfectedHostLimit: 3 600", "infected_host_limit", (3, 600)),
+        ("InfectedHostLimit:", "infected_host_limit", None),
+        ("InfectedHostBlock: 60", "infected_host_block", 60),
     ],
 )
 def test_directive(line: str, field: str, value: object) -> None:
@@ -431,6 +434,13 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["VirusAllow: PUA.* *"], 2, "VirusAllow",
          "pattern '*' matches every virus (use Action: pass to deliver them all)"),
         (["VirusAllow: Über.*"], 2, "VirusAllow", "invalid pattern 'Über.*' (expected a virus"),
+        (["InfectedHostLimit: 3"], 2, "InfectedHostLimit",
+         "invalid value '3' (expected COUNT SECONDS: 1 to 1000 infected messages within 1 to "
+         "86400 seconds, e.g. 3 600)"),
+        (["InfectedHostLimit: 0 600"], 2, "InfectedHostLimit", "value '0 600' out of range"),
+        (["InfectedHostLimit: 3 100000"], 2, "InfectedHostLimit", "value '3 100000' out of"),
+        (["InfectedHostBlock: 0"], 2, "InfectedHostBlock",
+         "invalid value '0' (expected a whole number of seconds from 1 to 604800)"),
         (["SkipAuthenticated: sometimes"], 2, "SkipAuthenticated", "invalid value 'sometimes'"),
         (["OversizeAction: drop"], 2, "OversizeAction",
          "invalid value 'drop' (expected pass, defer or reject)"),
@@ -558,6 +568,8 @@ OversizeAction: reject
 SkipNetworks: 192.0.2.0/24 2001:db8::/32
 SkipAuthenticated: on
 VirusAllow: PUA.* Heuristics.Encrypted.*
+InfectedHostLimit: 3 600
+InfectedHostBlock: 7200
 """
 
 
@@ -621,6 +633,8 @@ def test_replace_overrides_and_revalidates() -> None:
         {"reject_message": "451 later"},
         {"max_scan_size": 0},
         {"oversize_action": "drop"},
+        {"infected_host_limit": (0, 60)},
+        {"infected_host_block": 0},
     ],
 )
 def test_config_validates_itself(changes: dict) -> None:
@@ -679,6 +693,8 @@ _VALID_LINES = st.one_of(
         ["10.0.0.0/8", "192.0.2.7", "::1", "2001:db8::/32", "::ffff:192.0.2.0/120"]), max_size=4)
         .map(", ".join)),
     st.builds("SkipAuthenticated: {}".format, st.sampled_from(["on", "off"])),
+    st.builds("InfectedHostLimit: {} {}".format, st.integers(1, 1000), st.integers(1, 86400)),
+    st.builds("InfectedHostBlock: {}".format, st.integers(1, 604800)),
     st.builds("VirusAllow: {}".format, st.lists(st.from_regex(r"\A[!-+\--~]{1,20}\Z"), max_size=3)
               .filter(lambda ps: all(p.strip("*?") for p in ps)).map(" ".join)),
     st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),

@@ -307,7 +307,7 @@ def test_every_handled_signal_is_listed():
 def test_virus_action_lists_every_variable():
     """VirusEvent.environment() with every optional value set: each variable is a tag."""
     event = VirusEvent(sender="s", recipients=("r",), client="c", server="v", virus="x",
-                       tmpdir="/t", email="e", remote="r", remote_helo="h")
+                       tmpdir="/t", email="e", remote="r", remote_helo="h", blocked=60)
     every = event.environment(recipients_file="/t/recipients.x")
     assert set(tags(sections(DAEMON_PAGE)["VIRUS ACTIONS"])) == set(every)
 
