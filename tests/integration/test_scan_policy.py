@@ -5,8 +5,11 @@ SIGHUP, as an admin changes it on a running daemon."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import smtplib
+import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 import replies as R
@@ -370,3 +373,34 @@ def test_no_containment_by_default(appliance, next_hop):
         assert send(appliance, INFECTED) == R.DISCARDED
     assert send(appliance, CLEAN).startswith("250 ")
     assert "blocked" not in appliance.log()
+
+
+# -- the logcheck rule of docs/configuration.md ------------------------------------------------
+
+
+def documented_logcheck_rule() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    [rule] = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("^\\w{3} ")]
+    return rule
+
+
+@pytest.mark.skipif(shutil.which("grep") is None, reason="grep is missing")
+def test_the_documented_logcheck_rule_matches_clean_and_unscanned_only(appliance, next_hop):
+    """The rule, with grep -E as logcheck runs it, on the daemon's own summary lines as syslog
+    writes them: CLEAN and UNSCANNED:<reason> match, VIRUS and CLAMAV-ERROR do not."""
+    send(appliance, CLEAN)
+    send(appliance, INFECTED)
+    reload_with(appliance, SkipNetworks="127.0.0.1")
+    send(appliance, CLEAN)
+    reload_with(appliance, SkipNetworks="", ClamAddress="/nonexistent/clamd.ctl",
+                ScanErrorAction="pass")
+    send(appliance, CLEAN)
+    summaries = [ln.removeprefix("clamsmtpd: ") for ln in appliance.log().splitlines()
+                 if ", status=" in ln]
+    syslog = [f"Dec  6 04:29:13 gw clamsmtpd[4242]: {ln}" for ln in summaries]
+    assert len(syslog) == 4
+    result = subprocess.run(["grep", "-E", documented_logcheck_rule()], input="\n".join(syslog),
+                            capture_output=True, text=True, timeout=10)
+    matched = result.stdout.splitlines()
+    assert [ln.rsplit("status=", 1)[1] for ln in matched] == [
+        "CLEAN", "UNSCANNED:network", "UNSCANNED:error"]
