@@ -13,6 +13,7 @@ import grp
 import os
 import pwd
 import signal
+import stat
 from dataclasses import dataclass
 
 from . import capabilities
@@ -84,17 +85,45 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
+def read_pid_file(path: str) -> str | None:
+    """The start of the pid file, None if there is none. Only a regular file is read: the pid
+    directory may be writable by others (the daemon user, or anyone in /tmp), and a FIFO there
+    would hang start-up, a symlink would have root read its target."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ProcessError(f"PidFile: {path} is a symbolic link; not followed: remove it "
+                               "(or choose a PidFile in a directory only root can write)") from None
+        raise ProcessError(f"PidFile: cannot read {path}: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ProcessError(f"PidFile: {path} is not a regular file ({_kind(mode)}): remove "
+                               "it (or choose a PidFile in a directory only root can write)")
+        return os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError as e:
+        raise ProcessError(f"PidFile: cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
 def check_pid_file(path: str | None) -> None:
     """Refuse to start if the pid file names a live clamsmtpd; a stale one is removed."""
     if not path:
         return
-    try:
-        with open(path) as f:
-            text = f.read(32).strip()
-    except FileNotFoundError:
+    text = read_pid_file(path)
+    if text is None:
         return
-    except OSError as e:
-        raise ProcessError(f"PidFile: cannot read {path}: {e.strerror or e}") from None
     pid = int(text) if text.isdigit() else 0
     if pid > 0 and pid != os.getpid() and _alive(pid):
         raise ProcessError(f"already running as process {pid} (PidFile {path})")
@@ -122,11 +151,10 @@ def remove_pid_file(path: str | None) -> None:
     if not path:
         return
     try:
-        with open(path) as f:
-            if f.read(32).strip() != str(os.getpid()):
-                return  # not ours any more
+        if read_pid_file(path) != str(os.getpid()):
+            return  # not ours any more (nor a file to read at shutdown: a FIFO would hang it)
         os.unlink(path)
-    except OSError:
+    except (OSError, ProcessError):
         pass
 
 
@@ -180,24 +208,43 @@ def ready(fd: int | None) -> None:
         os.close(fd)
 
 
+#: A start-up that a SIGTERM or SIGINT arrived in has this long to reach the event loop.
+STARTUP_STOP_GRACE = 5.0
+
+
 class HeldSignals:
     """Signals that arrive while the daemon starts, before its event loop handles them.
 
     Their default actions would kill a daemon that is still starting: a SIGHUP from a reload in
     its first second (no reload, no daemon), a SIGTERM without removing the pid file. Held here
     from the moment start-up begins, they are handed to the event loop once it takes over.
+
+    A held SIGTERM or SIGINT must still stop a start-up that is stuck (a slow file system, a
+    hanging lookup): it starts a `stop_grace` timer whose SIGALRM, at its default action, ends
+    the process wherever it waits; `take()` stops the timer.
     """
 
-    def __init__(self, signums: tuple[int, ...]) -> None:
+    def __init__(self, signums: tuple[int, ...], stop_grace: float = STARTUP_STOP_GRACE) -> None:
         self.received: list[int] = []
+        self.stop_grace = stop_grace
+        self._armed = False
+        self._alarm_handler: object = None  # SIGALRM's handler before the timer
         for signum in signums:
             signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: object) -> None:
         self.received.append(signum)
+        if signum in (signal.SIGTERM, signal.SIGINT) and not self._armed:
+            self._armed = True
+            self._alarm_handler = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.setitimer(signal.ITIMER_REAL, self.stop_grace)
 
     def take(self) -> list[int]:
         """The signals received so far, each once, in order; the record is then emptied."""
+        if self._armed:  # the event loop takes over: no deadline any more
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._alarm_handler or signal.SIG_DFL)
+            self._armed = False
         taken = list(dict.fromkeys(self.received))
         self.received.clear()
         return taken

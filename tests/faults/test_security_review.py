@@ -7,8 +7,10 @@ docs/security.md describes the rules they hold.
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -35,7 +37,7 @@ OWN_EHLO = f"EHLO {socket.gethostname()}".encode()
 MESSAGE = (clean_message("xclient") + b".\r\n", 1)
 
 
-# -- 1. XClient: on, but commands reach the next hop before XCLIENT -----------------------------
+# -- 1. XClient: on, but commands reach the next hop before XCLIENT --------------------------------
 
 
 @pytest.mark.appliance_config(XClient="on")
@@ -104,7 +106,7 @@ def test_xclient_not_offered_ends_the_session(start, appliance, next_hop):
     assert not [c for c in session.commands if c.startswith((b"MAIL", b"XCLIENT"))]
 
 
-# -- 2. OutAddress: 0.0.0.0:PORT sent the mail back to the client's own address -----------------
+# -- 2. OutAddress: 0.0.0.0:PORT sent the mail back to the client's own address --------------------
 
 
 def _send_from(appliance, source: str, token: str) -> None:
@@ -146,7 +148,7 @@ def test_check_config_says_what_an_outaddress_means(tmp_path):
         "address, port 10025" in said["10025"]
 
 
-# -- 3. a 2xx answer to the proxy's own DATA was relayed as the end-of-data answer --------------
+# -- 3. a 2xx answer to the proxy's own DATA was relayed as the end-of-data answer -----------------
 
 
 @pytest.mark.parametrize("reply", ["250 2.0.0 Ok", "334 VXNlcm5hbWU6"], ids=["2xx", "3xx"])
@@ -165,7 +167,7 @@ def test_data_answered_with_anything_but_354_is_not_a_delivery(reply, appliance,
     assert_still_serving(appliance, next_hop)
 
 
-# -- 4. a NUL byte in a command line ------------------------------------------------------------
+# -- 4. a NUL byte in a command line ---------------------------------------------------------------
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -227,7 +229,7 @@ def test_nul_in_a_command_is_refused_and_not_relayed(appliance, next_hop):
     assert b"*" in session.commands  # the SASL answer with a NUL cancelled the exchange
 
 
-# -- 5. SASL data in the debug log ---------------------------------------------------------------
+# -- 5. SASL data in the debug log -----------------------------------------------------------------
 
 SECRET = "AGFsaWNlAHMzY3JldA=="  # \0alice\0s3cret
 
@@ -284,3 +286,64 @@ def test_virus_action_runs_with_a_thousand_long_recipients(appliance, next_hop, 
     assert (tmp_path / "seen.mode").read_text().startswith("-rw-------")
     assert "RECIPIENTS is cut" in appliance.log()
     assert not [n for n in appliance.spool_files() if n.startswith("recipients.")]  # removed
+
+
+# -- 7. a FIFO (or a symlink) at the PidFile path --------------------------------------------------
+
+
+def _start_with_pid_file(tmp_path, clamd, pid_path) -> subprocess.Popen:
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"Listen: 127.0.0.1:{free_port()}\nOutAddress: 127.0.0.1:{free_port()}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
+    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "-d", "3", "-f", str(conf),
+                             "-p", str(pid_path)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ended(proc: subprocess.Popen, timeout: float = 15) -> tuple[int | None, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # (SIGTERM would be held: start-up holds it)
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
+
+
+def test_a_fifo_at_the_pid_file_path_is_refused_not_waited_on(tmp_path, clamd):
+    """Before the fix start-up opened the FIFO to read it and hung there, SIGTERM held."""
+    fifo = tmp_path / "clamsmtpd.pid"
+    os.mkfifo(fifo)
+    status, out = _ended(_start_with_pid_file(tmp_path, clamd, fifo))
+    assert status == 1, out
+    assert f"PidFile: {fifo} is not a regular file (a FIFO): remove it" in out
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left alone: the admin decides
+
+
+def test_a_symlink_at_the_pid_file_path_is_not_followed(tmp_path, clamd):
+    """Before the fix the link was followed: its target read as root, then the link removed."""
+    target = tmp_path / "secret"
+    target.write_text("1\n")
+    link = tmp_path / "clamsmtpd.pid"
+    link.symlink_to(target)
+    status, out = _ended(_start_with_pid_file(tmp_path, clamd, link))
+    assert status == 1, out
+    assert f"PidFile: {link} is a symbolic link; not followed" in out
+    assert link.is_symlink() and target.read_text() == "1\n"
+
+
+def test_a_held_sigterm_still_ends_a_start_up_that_is_stuck():
+    """Signals are held while the daemon starts; a SIGTERM then gives start-up a few seconds,
+    after which the process ends wherever it waits. Before the fix it waited for ever."""
+    stuck = ("import os, signal\n"
+             "from appliance.process import HeldSignals\n"
+             "held = HeldSignals((signal.SIGTERM, signal.SIGHUP))\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\n"
+             "os.read(os.pipe()[0], 1)  # stuck, as on a FIFO\n")
+    proc = subprocess.Popen([sys.executable, "-c", stuck])
+    try:
+        assert proc.wait(15) == -signal.SIGALRM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
