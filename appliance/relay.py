@@ -35,12 +35,13 @@ from .dialogue import (
     loggable_command,
     xforward_attributes,
 )
-from .maillog import ConnectionLog, next_connection_id
+from .maillog import ConnectionLog, next_connection_id, summary
 from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
 from .scanner import Scanner
+from .splice import splice
 from .tls import TLSContexts
 from .upstream import HandshakeError, OwnConnections, Reply, Upstream, UpstreamError
-from .verdict import REPLY_LOCAL_ERROR
+from .verdict import REPLY_LOCAL_ERROR, Unscanned
 
 T = TypeVar("T")
 
@@ -124,6 +125,7 @@ class RelaySessionState(Session):
         self.next_hop_tls_pending = False
         self.authenticated = False  # the next hop accepted the client's AUTH (235)
         self.blocked = False  # InfectedHostLimit blocked this client during the session
+        self.passthrough = False  # the client's STARTTLS went to the next hop: spliced
 
     @property
     def tls_summary(self) -> str | None:
@@ -286,10 +288,15 @@ class RelaySession(MessageFlow, SMTP):
 
     def _count_tls(self) -> None:
         session = self.session
-        metrics.TLS_SESSIONS.labels("client", "tls" if session.client_tls else "clear").inc()
+        if session.passthrough:
+            client_mode = "passthrough"
+        else:
+            client_mode = "tls" if session.client_tls else "clear"
+        metrics.TLS_SESSIONS.labels("client", client_mode).inc()
         upstream = session.upstream
         if upstream is not None:
             mode = "tls" if upstream.ssl_object is not None else "clear"
+            mode = "passthrough" if session.passthrough else mode
             metrics.TLS_SESSIONS.labels("next_hop", mode).inc()
 
     async def _say_and_close(self, reply: str) -> None:
@@ -318,7 +325,10 @@ class RelaySession(MessageFlow, SMTP):
         # TransparentProxy: full: the next hop sees the client's own address, not ours
         source = session.client_ip if self.config.transparent_proxy is Transparency.FULL else None
         session.destination = destination
-        session.next_hop_tls_pending = self.context.tls.client is not None
+        # (with ClientTLS: passthrough the next hop's TLS is the client's own, if it asks)
+        session.next_hop_tls_pending = (
+            self.context.tls.client is not None and self.config.client_tls != "passthrough"
+        )
         try:
             session.upstream = await Upstream.connect(
                 destination, self.config.timeout, self.context.outgoing, source=source
@@ -498,7 +508,7 @@ class RelaySession(MessageFlow, SMTP):
                 reply = await self._introduce_after_greeting(line, verb, reply)
         if reply.positive:
             self._debug_lines("SERVER > ", reply.lines)
-            offer = (b"STARTTLS",) if verb == b"EHLO" and self._offers_starttls() else ()
+            offer = (b"STARTTLS",) if verb == b"EHLO" and self._offers_starttls(reply) else ()
             reply = Reply(reply.code, filter_ehlo(reply.lines, add=offer))
             await self._send(reply.wire())
         else:
@@ -531,7 +541,9 @@ class RelaySession(MessageFlow, SMTP):
             session.log.warning("server refused %s after XCLIENT: %s", verb.decode(), again.text)
         return again
 
-    def _offers_starttls(self) -> bool:
+    def _offers_starttls(self, reply: Reply) -> bool:
+        if self.config.client_tls == "passthrough":
+            return _advertises(reply.lines, b"STARTTLS")  # the next hop's own, passed on
         return self.context.tls.server is not None and self.session.client_tls is None
 
     async def _secure_next_hop(self, line: bytes, verb: bytes) -> Reply | None:
@@ -634,6 +646,9 @@ class RelaySession(MessageFlow, SMTP):
     async def smtp_STARTTLS(self, line: bytes, verb: bytes) -> None:
         """ClientTLS: on: TLS with the proxy's certificate; the session goes on inside it."""
         session = self.session
+        if self.config.client_tls == "passthrough":
+            await self._pass_starttls(line)
+            return
         context = self.context.tls.server
         if context is None:
             await self.push(REPLY_NOT_IMPLEMENTED)
@@ -673,6 +688,42 @@ class RelaySession(MessageFlow, SMTP):
         self.envelope = self._create_envelope()
         session.host_name = None
         session.extended_smtp = False
+
+    async def _pass_starttls(self, line: bytes) -> None:
+        """ClientTLS: passthrough: the next hop answers the client's STARTTLS; after its 220 the
+        two connections are spliced, and the proxy never sees that session's mail."""
+        session = self.session
+        if self.envelope.mail_from is not None:
+            await self.push(REPLY_TLS_IN_TRANSACTION)
+            return
+        upstream = session.upstream
+        reply = await upstream.command(line)
+        if reply.code != 220:
+            await self._push_reply(reply)
+            await self._end_if_next_hop_left(reply)
+            return
+        next_hop = upstream.raw_streams()
+        # as for ClientTLS: on, clear text the client sent behind STARTTLS is dropped
+        self._reader = asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop)
+        self._reader.set_transport(self.transport)
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        session.passthrough = True
+        session.log.info("STARTTLS passed through to the next hop: the session is spliced, "
+                         "its mail is NOT scanned")
+        await self._push_reply(reply)
+        idle = False
+        try:
+            # (cancelled when the client's connection is lost: the session ends either way)
+            _, _, idle = await splice(
+                (self._reader, self._writer), next_hop, self.config.timeout
+            )
+        finally:
+            if idle:
+                session.log.warning("network operation timed out (spliced TLS session)")
+            session.log.info("%s", summary(None, (), Unscanned.TLS.status))
+            metrics.UNSCANNED.labels(Unscanned.TLS.value).inc()
+            self.close()
 
     async def smtp_BDAT(self, line: bytes, verb: bytes) -> None:
         await self.push(REPLY_NOT_IMPLEMENTED)

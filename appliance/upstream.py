@@ -206,6 +206,23 @@ class Upstream:
         self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self.ssl_object = transport.get_extra_info("ssl_object")
 
+    def raw_streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The connection as plain byte streams, for a splice (ClientTLS: passthrough), after
+        the next hop's 220 to the client's STARTTLS. A new reader, as for start_tls: what the
+        next hop sent behind that 220 in clear is dropped."""
+        loop = asyncio.get_running_loop()
+        transport = self._writer.transport
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not transport.is_reading():  # (paused by the old reader's flow control)
+            transport.resume_reading()
+        self._clear_writer = self._writer
+        self._reader = reader
+        self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return self._reader, self._writer
+
     async def send(self, data: bytes) -> None:
         if self.closed:
             raise UpstreamError("server connection is closed")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, read_reply, smtp_client
+from helpers import EICAR, free_port, read_reply, smtp_client, wait_until
 from tlskit import CLIENT_TLS, client_context, server_context
 
 CLEAN = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: tls\r\n\r\nHello over TLS.\r\n"
@@ -325,3 +325,80 @@ def test_sighup_reloads_the_certificate(appliance, next_hop, tmp_path):
         der = client.sock.getpeercert(binary_form=True)
     assert ssl.DER_cert_to_PEM_cert(der).split() == fresh.cert.read_text().split()
 
+
+
+# -- ClientTLS: passthrough ----------------------------------------------------------------------
+
+
+@pytest.mark.next_hop_tls
+@pytest.mark.appliance_config(ClientTLS="passthrough")
+def test_passthrough_splices_the_clients_tls_with_the_next_hop_unscanned(appliance, next_hop):
+    message = b"Subject: v\r\n\r\n" + EICAR + b"\r\n"
+    with smtp_client(appliance) as client:
+        assert b"STARTTLS" in client.ehlo()[1]  # the next hop's own offer, passed on
+        client.starttls(context=client_context(next_hop.certs))
+        # the client sees the next hop's certificate: the proxy is out of the session
+        assert client.sock.getpeercert()["subject"] == ((("commonName", "nexthop.test"),),)
+        code, text = client.ehlo()
+        assert b"nexthop.test" in text.split(b"\n")[0]  # not rewritten: we no longer see it
+        client.mail("a@example.com")
+        client.rcpt("b@example.com")
+        assert client.data(message)[0] == 250
+    [received] = next_hop.wait_for(1)
+    assert received.tls == "TLSv1.3"
+    assert received.original_content == message  # not scanned: no header, EICAR went through
+    log = appliance.wait_log("status=UNSCANNED:tls", timeout=60)
+    assert "the session is spliced, its mail is NOT scanned" in log
+
+
+@pytest.mark.appliance_config(ClientTLS="passthrough")
+def test_passthrough_with_a_next_hop_without_starttls(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        assert b"STARTTLS" not in client.ehlo()[1]
+        assert client.docmd("STARTTLS")[0] == 454  # the next hop's own refusal (aiosmtpd)
+        client.mail("a@example.com")
+        client.rcpt("b@example.com")
+        assert client.data(CLEAN)[0] == 250
+    assert next_hop.wait_for(1)[0].header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+
+
+@pytest.mark.next_hop_tls
+@pytest.mark.appliance_config(ClientTLS="passthrough")
+def test_passthrough_drops_clear_text_behind_starttls(appliance, next_hop):
+    context = client_context(next_hop.certs)
+    with socket.create_connection(appliance.address, timeout=10) as raw:
+        buffer = bytearray()
+        read_reply(raw, buffer)
+        raw_dialogue(raw, buffer, b"EHLO client.test")
+        raw.sendall(b"STARTTLS\r\nRSET\r\n")
+        assert read_reply(raw, buffer).startswith("220")
+        with context.wrap_socket(raw, server_hostname="nexthop.test") as sock:
+            assert raw_dialogue(sock, bytearray(), b"EHLO c")[0].startswith("250-nexthop.test")
+    assert "RSET" not in next_hop.event_names()
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def _metric(appliance, name: str) -> float:
+    from test_metrics import scrape  # (tests/integration is on sys.path under pytest's rootdir)
+
+    port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    return scrape(port).get(name, 0.0)
+
+
+@pytest.mark.next_hop_tls
+@pytest.mark.appliance_config(**CLIENT_TLS, MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
+def test_metrics_count_sessions_per_leg_and_mode(appliance, next_hop):
+    names = ['clamsmtpd_tls_sessions_total{leg="client",mode="tls"}',
+             'clamsmtpd_tls_sessions_total{leg="client",mode="clear"}',
+             'clamsmtpd_tls_sessions_total{leg="next_hop",mode="tls"}']
+
+    def counted():
+        return [_metric(appliance, name) for name in names]
+
+    before = counted()
+    send(appliance, starttls_context=client_context(next_hop.certs))
+    send(appliance)  # client in clear, next hop over TLS
+    expected = [before[0] + 1, before[1] + 1, before[2] + 2]
+    wait_until(lambda: counted() == expected, what=f"{names} == {expected}")
