@@ -11,6 +11,10 @@ postfix and must be able to enter it; pytest's tmp_path is root's only), started
 `postfix -c DIR start` (root may name any config directory; the machine's /etc/postfix is
 neither read for the settings nor changed) and stopped, and the directory removed, at the end.
 Every service runs unchrooted, on 127.0.0.1 only.
+
+A second private instance has clamsmtpd with `XClient: on` in front of its smtpd, trusting
+clamsmtpd's 127.0.0.1 (mynetworks, smtpd_authorized_xclient_hosts): a client at 127.0.0.2 must
+not be able to relay through it, with or without HELO (issue 12).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import tempfile
 import time
@@ -35,6 +40,7 @@ from helpers import (
     free_port,
     make_message,
     proxy_directives,
+    read_reply,
     start_daemon,
     wait_accepting,
     wait_until,
@@ -382,3 +388,90 @@ def test_the_running_instance_has_the_documented_lines(pipeline):
     reinjection = pipeline.postconf("-P", f"127.0.0.1:{pipeline.reinject_port}/inet/content_filter")
     assert reinjection.stdout.strip() == (
         f"127.0.0.1:{pipeline.reinject_port}/inet/content_filter ="), reinjection.stdout
+
+
+# -- XClient: on in front of a Postfix that trusts clamsmtpd (issue 12) -------------------------
+
+XCLIENT_MAIN_CF = """\
+# a private instance: clamsmtpd (127.0.0.1) in front of it, with XClient: on
+compatibility_level = 3.6
+queue_directory = {base}/queue
+data_directory = {base}/data
+maillog_file = {base}/maillog
+myhostname = postfix.test
+mydestination = postfix.test
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.1/32
+smtpd_authorized_xclient_hosts = 127.0.0.1
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtp_dns_support_level = disabled
+smtputf8_enable = no
+biff = no
+"""
+
+
+@pytest.fixture(scope="module")
+def xclient_postfix(clamd, tmp_path_factory):
+    """Postfix's smtpd on a free port trusting 127.0.0.1 (clamsmtpd) for relaying and XCLIENT,
+    and clamsmtpd with XClient: on in front of it; yields clamsmtpd's port."""
+    work = tmp_path_factory.mktemp("postfix-xclient")
+    smtpd_port, proxy_port = free_port(), free_port()
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="clamsmtp-postfix-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        base.chmod(0o755)
+        config_dir = base / "etc"
+        config_dir.mkdir(mode=0o755)
+        (config_dir / "main.cf").write_text(XCLIENT_MAIN_CF.format(base=base))
+        (config_dir / "master.cf").write_text(MASTER_CF.format(smtpd_port=smtpd_port,
+                                                               documented=""))
+        master_pid: int | None = None
+        cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
+        master_pid = _start_postfix(base, config_dir)
+
+        spool = work / "spool"
+        spool.mkdir(mode=0o700)
+        daemon_log = work / "clamsmtpd.log"
+        postfix = SimpleNamespace(host="127.0.0.1", port=smtpd_port)
+        proc = start_daemon(work / "clamsmtpd.conf",
+                            proxy_directives(proxy_port, postfix, clamd, spool, TimeOut=30,
+                                             XClient="on"), daemon_log)
+        cleanup.callback(lambda: (proc.terminate(), proc.wait(10)))
+        wait_accepting(proc, ("127.0.0.1", proxy_port), daemon_log.read_text)
+        yield SimpleNamespace(port=proxy_port, maillog=base / "maillog", daemon_log=daemon_log)
+
+
+def _relay_attempt(port: int, source: str, greeting: list[str]) -> list[str]:
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30,
+                                  source_address=(source, 0)) as sock:
+        buf = bytearray()
+        replies.append(read_reply(sock, buf))
+        for line in [*greeting, "MAIL FROM:<spam@example.net>", "RCPT TO:<victim@elsewhere.test>",
+                     "QUIT"]:
+            sock.sendall(line.encode() + b"\r\n")
+            replies.append(read_reply(sock, buf))
+    return replies
+
+
+@pytest.mark.parametrize("greeting", [[], ["EHLO client.test"], ["HELO client.test"]],
+                         ids=["no-greeting", "EHLO", "HELO"])
+def test_xclient_keeps_postfix_from_relaying_for_an_untrusted_client(greeting, xclient_postfix):
+    """A client at 127.0.0.2 (not in mynetworks) asks to relay through clamsmtpd (127.0.0.1, in
+    mynetworks). Postfix must judge the client: before the fix one that sent no HELO reached
+    it as clamsmtpd, and the RCPT was taken: an open relay."""
+    replies = _relay_attempt(xclient_postfix.port, "127.0.0.2", greeting)
+    rcpt = replies[len(greeting) + 2]
+    assert rcpt.startswith("554 5.7.1") and "Relay access denied" in rcpt, replies
+    log = xclient_postfix.maillog.read_text(errors="replace")
+    assert re.search(r"NOQUEUE: reject: RCPT from \S*\[127\.0\.0\.2\]", log), log
+
+
+def test_xclient_lets_postfix_relay_for_a_trusted_client(xclient_postfix):
+    """The same from 127.0.0.1, which mynetworks holds: relayed (the denial above is Postfix
+    judging the client, not a blanket refusal)."""
+    replies = _relay_attempt(xclient_postfix.port, "127.0.0.1", [])
+    assert replies[2].startswith("250"), replies
