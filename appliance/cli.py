@@ -23,7 +23,7 @@ from .config import (
     load_config,
     replace,
 )
-from .maillog import log, setup_logging
+from .maillog import choose_target, log, setup_logging
 from .server import Appliance, BindError, bind
 from .tls import TLSContexts, TLSError
 from .tls import load as load_tls
@@ -64,7 +64,8 @@ def _debug_level(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="clamsmtpd",
-        usage="clamsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n       clamsmtpd -v",
+        usage="clamsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n       clamsmtpd -v\n"
+              "       clamsmtpd --check-config [-f configfile] [-p pidfile]",
         description="An SMTP proxy that scans mail for viruses with clamd.",
     )
     parser.add_argument("-d", dest="debug", type=_debug_level, metavar="LEVEL",
@@ -110,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     held = process.HeldSignals(_HANDLED_SIGNALS)
-    setup_logging(args.debug)
+    target = None
+    if args.debug is None:
+        target = choose_target()
+        if target.notice():
+            print(f"clamsmtpd: {target.notice()}", file=sys.stderr)
+    to_stderr = target is None or target.kind == "stderr"
+    setup_logging(args.debug, target=target)
     for warning in config.warnings:
         log.warning("%s", warning)
     try:
@@ -125,14 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         for warning in tls.warnings:
             log.warning("%s", warning)
     except (BindError, process.ProcessError, TLSError) as e:
-        log.error("%s", e)
-        if args.debug is None:
-            print(f"clamsmtpd: {e}", file=sys.stderr)
+        _start_up_failed(str(e), to_stderr)
         return 1
     ready_fd = None
     if args.debug is None:
-        ready_fd = process.daemonize()
-        setup_logging(None)  # syslog ident carries the daemon's own pid
+        ready_fd = process.daemonize()  # stderr stays ours until ready: failures are seen
+        setup_logging(None, target=target)  # syslog ident carries the daemon's own pid
     try:
         process.write_pid_file(config.pid_file)
         keep = KEEP_FOR_FULL if full else frozenset()
@@ -150,14 +155,32 @@ def main(argv: list[str] | None = None) -> int:
             if account is not None or os.geteuid() != 0:
                 log.info("TransparentProxy: full: kept CAP_NET_ADMIN, and no other capability")
     except (OSError, process.ProcessError) as e:
-        log.error("%s", e)
+        _start_up_failed(str(e), to_stderr)
         process.remove_pid_file(config.pid_file)
         return 1
     try:
-        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls))
+        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls, to_stderr))
+    except _StartFailed as e:
+        _start_up_failed(str(e), to_stderr)
+        return 1
+    except Exception:
+        log.exception("stopped on an internal error")
+        return 1
     finally:
         process.remove_pid_file(config.pid_file)
     return 0
+
+
+class _StartFailed(Exception):
+    """Start-up inside the event loop failed, before the daemon said it was serving."""
+
+
+def _start_up_failed(message: str, logged_to_stderr: bool) -> None:
+    """Log a start-up failure, and print it on stderr too if the log does not go there: the
+    admin who ran the command sees why it exited non-zero (detached or not)."""
+    log.error("%s", message)
+    if not logged_to_stderr:
+        print(f"clamsmtpd: {message}", file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -195,19 +218,22 @@ def _account_to_become(config: Config) -> process.Account | None:
 
 async def _serve(
     args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None,
-    held: process.HeldSignals, tls: TLSContexts,
+    held: process.HeldSignals, tls: TLSContexts, to_stderr: bool,
 ) -> None:
-    appliance = Appliance(config, sock, metrics_sock, tls)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
-                signal.SIGHUP: lambda: _reload(args, appliance)}
-    for signum, handler in handlers.items():
-        loop.add_signal_handler(signum, handler)
-    for signum in held.take():  # arrived while starting: acted on now
-        handlers[signum]()
-    await appliance.start()
-    process.ready(ready_fd)
+    try:
+        appliance = Appliance(config, sock, metrics_sock, tls)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+                    signal.SIGHUP: lambda: _reload(args, appliance)}
+        for signum, handler in handlers.items():
+            loop.add_signal_handler(signum, handler)
+        for signum in held.take():  # arrived while starting: acted on now
+            handlers[signum]()
+        await appliance.start()
+    except Exception as e:
+        raise _StartFailed(f"could not start: {e}") from e
+    process.ready(ready_fd, keep_stderr=to_stderr)
     await stop.wait()
     log.info("stopping: no new connections, letting messages in flight finish")
     await appliance.stop(STOP_GRACE)

@@ -174,9 +174,11 @@ def _alive(pid: int) -> bool:
 
 
 def daemonize() -> int:
-    """Detach as daemon(0, 0) does (new session, cwd /, stdio on /dev/null), but the first
-    process waits until the daemon says it is serving, and exits 0 only then, or 1 if the
+    """Detach as daemon(0, 0) does (new session, cwd /, stdin and stdout on /dev/null), but the
+    first process waits until the daemon says it is serving, and exits 0 only then, or 1 if the
     daemon died first: an init system (Type=forking) and a shell see a real start-up result.
+    stderr stays the caller's until `ready()`, so a start-up failure after the fork (even a
+    traceback) is printed where the command was run, not lost.
 
     Returns, in the daemon, the file descriptor to pass to `ready()`.
     """
@@ -192,17 +194,23 @@ def daemonize() -> int:
         os._exit(0)
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
     return write_end
 
 
-def ready(fd: int | None) -> None:
-    """Tell the waiting first process that start-up is done (see `daemonize`)."""
+def ready(fd: int | None, keep_stderr: bool = False) -> None:
+    """Tell the waiting first process that start-up is done (see `daemonize`), and let go of
+    its stderr unless the log goes there (`keep_stderr`: no syslog, no journald)."""
     if fd is None:
         return
+    if not keep_stderr:
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 2)
+            os.close(null)
     with contextlib.suppress(OSError):
         os.write(fd, b"1")
         os.close(fd)

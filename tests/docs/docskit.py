@@ -382,6 +382,8 @@ MAPPED: dict[str, str] = {
         f"{INSTALL_TESTS}::test_install_puts_the_man_pages_where_man_finds_them",
     r"clamsmtpd -f /etc/clamsmtpd\.conf":
         "tests/integration/test_cli.py::test_daemon_mode_detaches_and_writes_a_pid_file",
+    r"clamsmtpd -f FILE 2>>\S+":
+        "tests/integration/test_cli.py::test_with_no_syslog_it_says_so_once_and_logs_to_stderr",
     r"kill -(HUP|TERM)": f"{INSTALL_TESTS}::test_the_daemon_starts_as_the_unit_starts_it",
     r"scripts/lab --demo":
         "tests/integration/test_labkit.py::test_lab_demo_with_this_projects_daemon",

@@ -21,11 +21,59 @@ def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
+#: Run the daemon with no syslog socket and no journald socket (what a container has), or
+#: with these paths instead of /dev/log and journald's: argv[1] syslog, argv[2] journald.
+NO_SYSLOG = [sys.executable, "-c", """
+import sys
+import appliance.maillog as maillog
+maillog.SYSLOG_SOCKET, maillog.JOURNALD_SOCKET = sys.argv[1:3]
+from appliance.cli import main
+sys.exit(main(sys.argv[3:]))
+"""]
+
+
+def run_detached(*args: str, stderr: Path, sockets: tuple[str, str] | None = None,
+                 timeout: float = 30) -> tuple[int, str]:
+    """The daemon without -d (it detaches): its exit status and what was on stderr when it
+    returned. stderr goes to a file, not a pipe: a detached daemon that logs to stderr (no
+    syslog) keeps it open, and a pipe would not see its end while the daemon runs."""
+    argv = [*NO_SYSLOG, *sockets, *args] if sockets else [*DAEMON, *args]
+    with open(stderr, "w") as err:
+        code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=err, timeout=timeout).returncode
+    return code, stderr.read_text()
+
+
+def _stop(pid_file: Path) -> None:
+    """SIGTERM the detached daemon of `pid_file` and wait for it to remove the file; SIGKILL
+    whatever is left (it is no child of ours: it must not outlive the test)."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not pid_file.exists(), timeout=15, what="the daemon to stop")
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_version():
     result = run("-v")
     assert result.returncode == 0
     assert result.stdout.startswith("clamsmtpd (version ")
     assert "(config: /etc/clamsmtpd.conf)" in result.stdout
+
+
+def test_help_lists_every_form_of_the_command():
+    result = run("-h")
+    assert result.returncode == 0
+    usage = result.stdout.split("\n\n")[0]  # the usage lines, not the option list below them
+    for form in ("clamsmtpd [-d debuglevel] [-f configfile] [-p pidfile]", "clamsmtpd -v",
+                 "clamsmtpd --check-config [-f configfile]"):
+        assert form in usage, usage
 
 
 def test_bad_debug_level():
@@ -101,8 +149,8 @@ def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd):
         f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
         f"ClamAddress: {clamd.socket_path}\nTempDirectory: {spool}\nPidFile: {pid_file}\n"
     )
-    result = run("-f", str(conf))  # no -d: it forks and the parent returns at once
-    assert result.returncode == 0, result.stderr
+    code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr")  # no -d: it forks,
+    assert code == 0, stderr  # and the first process returns once the daemon serves
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
                          what="the pid file"))
     try:
@@ -170,12 +218,77 @@ def test_transparent_mode_refuses_a_connection_that_was_not_redirected(tmp_path,
 
 
 def test_daemon_mode_reports_a_failed_start_up(tmp_path, next_hop):
-    # the pid file cannot be written after the fork: the command must still fail
+    # the pid file cannot be written after the fork: the command must still fail, and say why
+    # on stderr (it printed nothing: the reason went only to a log nobody may read)
     conf = tmp_path / "clamsmtpd.conf"
     conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{free_port()}\n"
                     f"PidFile: {tmp_path}/missing-dir/clamsmtpd.pid\n")
-    result = run("-f", str(conf))
-    assert result.returncode == 1
+    for sockets in (None, (str(tmp_path / "no-log"), str(tmp_path / "no-journal"))):
+        code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr",
+                                    sockets=sockets)
+        assert code == 1
+        assert f"PidFile: cannot create {tmp_path}/missing-dir/clamsmtpd.pid" in stderr, stderr
+        assert "Traceback" not in stderr
+
+
+def test_with_no_syslog_it_says_so_once_and_logs_to_stderr(tmp_path, next_hop, clamd):
+    """No /dev/log and no journald (a container): the detached daemon's log went to UDP
+    localhost:514, where nothing listens. It says so once, and its stderr gets the log."""
+    pid_file = tmp_path / "clamsmtpd.pid"
+    port = free_port()
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n"
+                    f"PidFile: {pid_file}\n")
+    stderr = tmp_path / "stderr"
+    try:
+        code, said = run_detached("-f", str(conf), stderr=stderr,
+                                  sockets=(str(tmp_path / "no-log"), str(tmp_path / "no-jd")))
+        assert code == 0, said
+        assert said.count("no syslog socket") == 1
+        assert "logging to stderr" in said
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+        wait_until(lambda: "accepted connection from: 127.0.0.1" in stderr.read_text(),
+                   what="the connection's log line on stderr")
+    finally:
+        _stop(pid_file)
+    assert stderr.read_text().rstrip().endswith("clamsmtpd: stopped")
+
+
+def test_with_journald_but_no_syslog_it_logs_to_journald(tmp_path, next_hop, clamd):
+    """No /dev/log but journald's socket: the lines go there in journald's native format,
+    as `journalctl -t clamsmtpd` finds them (facility mail, priority, the daemon's pid)."""
+    import socket
+
+    pid_file = tmp_path / "clamsmtpd.pid"
+    port = free_port()
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n"
+                    f"PidFile: {pid_file}\n")
+    journal = tmp_path / "journal.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journald:
+        journald.bind(str(journal))
+        journald.settimeout(10)
+        try:
+            code, said = run_detached("-f", str(conf), stderr=tmp_path / "stderr",
+                                      sockets=(str(tmp_path / "no-log"), str(journal)))
+            assert code == 0, said
+            assert f"logging to journald through {journal}" in said
+            assert "journalctl -t clamsmtpd" in said
+            pid = int(pid_file.read_text())
+            datagram = b""
+            while b"listening on" not in datagram:
+                datagram = journald.recv(65536)
+        finally:
+            _stop(pid_file)
+    fields = dict(line.split(b"=", 1) for line in datagram.split(b"\n")[:4])
+    assert fields == {b"PRIORITY": b"6", b"SYSLOG_FACILITY": b"2",
+                      b"SYSLOG_IDENTIFIER": b"clamsmtpd", b"SYSLOG_PID": str(pid).encode()}
+    message = f"listening on 127.0.0.1:{port}".encode()
+    assert datagram.endswith(b"\nMESSAGE\n" + len(message).to_bytes(8, "little") + message
+                             + b"\n")
+    assert "listening on" not in (tmp_path / "stderr").read_text()  # the log is not on stderr
 
 
 @contextlib.contextmanager
@@ -229,8 +342,8 @@ def test_daemon_mode_does_not_wait_for_a_silent_clamd(tmp_path, next_hop):
                         f"PidFile: {pid_file}\n")
         started = time.monotonic()
         try:
-            result = run("-f", str(conf), timeout=30)
-            assert result.returncode == 0, result.stderr
+            code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr")
+            assert code == 0, stderr
             assert time.monotonic() - started < 10  # not TimeOut (60 s)
             pid = int(pid_file.read_text())
             assert _greeting("127.0.0.1", port) == "220 smtp.passthru"
