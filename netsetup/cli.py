@@ -19,6 +19,7 @@ from netsetup import discovery
 from netsetup.backends import Choice, choose
 from netsetup.daemonconf import DEFAULT_CONFIG_PATH, Listen, read_listen
 from netsetup.errors import (
+    EXTRA_MODULES,
     ExitCode,
     InterfaceNotFound,
     KernelSupportError,
@@ -26,6 +27,7 @@ from netsetup.errors import (
     NotRoot,
     OperationFailed,
     UsageError,
+    missing_module_message,
 )
 from netsetup.plan import DEFAULT_PORTS, DEFAULT_USER, RedirectPlan, check_interface_name
 
@@ -288,6 +290,10 @@ def run(args: argparse.Namespace) -> int:
         raise NotRoot(f"{args.command} needs root (CAP_NET_ADMIN); try --dry-run to preview")
     try:
         facts = discovery.discover()
+    except ModuleNotFoundError as error:
+        if error.name in EXTRA_MODULES:  # a plain `pip install clamsmtp`: say what to add
+            raise NetsetupError(missing_module_message(error.name)) from error
+        raise
     except Exception as error:  # netlink failures: nothing sensible to do but say so
         raise NetsetupError(f"cannot list interfaces and routes (pyroute2): {error}") from error
     listen = _listen(args)
@@ -443,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:
+        if error.name not in EXTRA_MODULES:
+            raise
+        print(f"{PROG}: error: {missing_module_message(error.name)}", file=sys.stderr)
+        return int(ExitCode.FAILED)
 
 
 if __name__ == "__main__":

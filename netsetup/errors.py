@@ -54,3 +54,18 @@ class OperationFailed(NetsetupError):
         super().__init__(f"{op}: {reason}")
         self.op = op
         self.reason = reason
+
+
+#: The modules of the `netsetup` extra (pyproject.toml): a plain `pip install clamsmtp` lacks them.
+EXTRA_MODULES = {"pyroute2": "pyroute2", "iptc": "python-iptables"}
+
+
+def missing_module_message(module: str) -> str:
+    """What to install when an extra's module is missing: said instead of a traceback."""
+    return (
+        f"the Python module {module} (package {EXTRA_MODULES[module]}) is missing: "
+        "clamsmtp-netsetup needs the netsetup extra. Install it with "
+        "pip install 'clamsmtp[netsetup]' (python-iptables builds a small C extension: it "
+        "needs gcc, python3-dev and iptables), or on Debian: apt-get install python3-pyroute2 "
+        "python3-iptables"
+    )

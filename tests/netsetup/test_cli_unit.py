@@ -256,3 +256,20 @@ def test_cli_rules_in_both_mechanisms(host, monkeypatch, capsys):
     assert "also removing ours from backend nft:" in out
     assert host.snapshot() == FakeNat().snapshot()
     assert fake.scripts == ["add table inet clamsmtp-10030\ndelete table inet clamsmtp-10030\n"]
+
+
+def test_without_the_netsetup_extra_it_says_what_to_install():
+    """`pip install .` has no pyroute2 (it is the netsetup extra): the command died with
+    `No module named 'pyroute2'` and nothing about what to do."""
+    import subprocess
+    import sys
+
+    hide = "import sys; sys.modules['pyroute2'] = None; from netsetup.cli import main; " \
+           "sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", hide, "enable", "-i", "lo", "--dry-run"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == ExitCode.FAILED, result.stderr
+    assert "the Python module pyroute2 (package pyroute2) is missing" in result.stderr
+    assert "pip install 'clamsmtp[netsetup]'" in result.stderr
+    assert "apt-get install python3-pyroute2 python3-iptables" in result.stderr
+    assert "Traceback" not in result.stderr
