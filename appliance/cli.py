@@ -27,6 +27,7 @@ from .maillog import choose_target, log, setup_logging
 from .server import Appliance, BindError, bind
 from .tls import TLSContexts, TLSError
 from .tls import load as load_tls
+from .unitcheck import private_tmp_warnings
 from .upstream import transparent_problem
 
 #: How long sessions in flight may finish after SIGTERM/SIGINT.
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"clamsmtpd: {e}", file=sys.stderr)
             return 2
-        for warning in (*config.warnings, *tls.warnings):
+        for warning in (*config.warnings, *tls.warnings, *private_tmp_warnings(config)):
             print(f"clamsmtpd: warning: {warning}", file=sys.stderr)
         print(describe(config))
         return 0
