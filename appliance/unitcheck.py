@@ -24,8 +24,9 @@ def _under_private_tmp(path: str) -> bool:
 def private_tmp_warnings(config: Config) -> list[str]:
     """One line per directive that PrivateTmp=yes of the unit would break."""
     warnings = []
-    clam = config.clam_address.path
-    if clam and _under_private_tmp(clam):
+    for clam in (a.path for a in config.clam_addresses if a.path):
+        if not _under_private_tmp(clam):
+            continue
         warnings.append(
             f"ClamAddress: {clam} is under /tmp or /var/tmp: run by {UNIT} (PrivateTmp=yes) the "
             "daemon has a private /tmp and does not see that socket; give clamd a socket "
