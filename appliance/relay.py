@@ -696,6 +696,9 @@ class RelaySession(MessageFlow, SMTP):
         if self.envelope.mail_from is not None:
             await self.push(REPLY_TLS_IN_TRANSACTION)
             return
+        # XClient: on: after the splice the proxy sees no command, so the client must be
+        # introduced now (a client that skipped HELO would reach the next hop as the proxy)
+        await self._introduce_before(b"STARTTLS")
         upstream = session.upstream
         reply = await upstream.command(line)
         if reply.code != 220:

@@ -106,6 +106,21 @@ def test_xclient_not_offered_ends_the_session(start, appliance, next_hop):
     assert not [c for c in session.commands if c.startswith((b"MAIL", b"XCLIENT"))]
 
 
+@pytest.mark.appliance_config(XClient="on", ClientTLS="passthrough")
+@pytest.mark.fake_next_hop(ehlo=XCLIENT_EHLO)
+def test_xclient_before_a_passed_through_starttls(appliance, next_hop):
+    """ClientTLS: passthrough splices the client's TLS session with the next hop: the proxy
+    sees none of its commands, so XCLIENT must come before the STARTTLS it passes on. Before,
+    a client that skipped HELO went on inside TLS as the proxy."""
+    next_hop.arm({"*": "220 2.0.0 Ready"}, repeat=True)  # XCLIENT and STARTTLS
+    replies = send_raw(appliance.host, appliance.port,
+                       ["STARTTLS", "MAIL FROM:<alice@example.com>", "QUIT"])
+    assert replies[1:3] == ["220 2.0.0 Ready", "250 2.1.0 OK"], replies  # (spliced: no TLS here)
+    session = next_hop.wait_ended(next_hop.armed_session().index)
+    assert session.commands[:4] == [OWN_EHLO, b"XCLIENT ADDR=127.0.0.1", b"STARTTLS",
+                                    b"MAIL FROM:<alice@example.com>"]
+
+
 # -- 2. OutAddress: 0.0.0.0:PORT sent the mail back to the client's own address --------------------
 
 
