@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from .. import PrivateClamd, daemon_argv, free_tcp_port, stop_process
+from .procstat import cpu_seconds
 from .tools import CLAMD_BINARY, tool
-from .workload import HOST, TARGET_NAMES, C
+from .workload import HOST, OURS2, TARGET_NAMES, C
 
 START_TIMEOUT = 30.0
 
@@ -48,6 +49,7 @@ class Lab:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.clamd: PrivateClamd | None = None
+        self.clamd2: PrivateClamd | None = None  # for OURS2 only, started on demand
         self.sink: subprocess.Popen | None = None
         self.sink_port = 0
         self._starts = 0
@@ -67,12 +69,33 @@ class Lab:
     def stop(self) -> None:
         if self.sink is not None:
             stop_process(self.sink)
-        if self.clamd is not None:
-            self.clamd.stop()
+        for clamd in (self.clamd, self.clamd2):
+            if clamd is not None:
+                clamd.stop()
 
     @property
     def clamd_pid(self) -> int | None:
         return self.clamd.pid if self.clamd else None
+
+    def clamd_cpu(self) -> float | None:
+        """CPU seconds of every clamd so far (None if one is gone)."""
+        total = 0.0
+        for clamd in (self.clamd, self.clamd2):
+            if clamd is not None:
+                seconds = cpu_seconds(clamd.pid)
+                if seconds is None:
+                    return None
+                total += seconds
+        return total
+
+    def _clamd_addresses(self, target: str) -> str:
+        assert self.clamd is not None
+        if target != OURS2:
+            return self.clamd.socket_path
+        if self.clamd2 is None:
+            self.clamd2 = PrivateClamd(self.workdir / "clamd2",
+                                       clamd_binary=CLAMD_BINARY).start()
+        return f"{self.clamd.socket_path}, {self.clamd2.socket_path}"
 
     def write_config(self, target: str, port: int) -> tuple[Path, Path]:
         """The clamsmtpd.conf both proxies understand; each proxy its own TempDirectory."""
@@ -84,7 +107,7 @@ class Lab:
             "# written by appliance.lab.bench; the same for the C clamsmtpd and ours\n"
             f"Listen: {HOST}:{port}\n"
             f"OutAddress: {HOST}:{self.sink_port}\n"
-            f"ClamAddress: {self.clamd.socket_path}\n"
+            f"ClamAddress: {self._clamd_addresses(target)}\n"
             f"TempDirectory: {spool}\n"
             "MaxConnections: 256\n"
             "TimeOut: 120\n"

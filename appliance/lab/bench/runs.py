@@ -43,10 +43,10 @@ def measure_proxy(lab: Lab, plan: Plan, target: str, scenario: Scenario, round_n
         if warm.error or warm.failures:
             run.error = "warm-up failed: " + (warm.error or ", ".join(warm.failures))
             return run
-        cpu0, clamd0 = cpu_seconds(proc.pid), cpu_seconds(lab.clamd_pid)
+        cpu0, clamd0 = cpu_seconds(proc.pid), lab.clamd_cpu()
         result = run_smtp_source(port, scenario.size, scenario.sessions, messages, timeout,
                                  keep_connection=plan.keep_connection)
-        cpu1, clamd1 = cpu_seconds(proc.pid), cpu_seconds(lab.clamd_pid)
+        cpu1, clamd1 = cpu_seconds(proc.pid), lab.clamd_cpu()
         run.messages, run.seconds, run.failures = messages, result.seconds, result.failures
         run.accepted = max(0, min(result.completed, messages) - sum(result.failures.values()))
         run.error, run.hung = result.error, result.hung

@@ -16,10 +16,12 @@ KB = 1024
 MB = 1024 * KB
 
 # target keys, in the order rows are printed
-DIRECT, CLAMD, C, OURS = "direct", "clamd", "c", "ours"
-TARGETS = (DIRECT, CLAMD, C, OURS)
-PROXIES = (C, OURS)
-TARGET_NAMES = {DIRECT: "direct", CLAMD: "clamd alone", C: "C clamsmtpd", OURS: "ours"}
+DIRECT, CLAMD, C, OURS, OURS2 = "direct", "clamd", "c", "ours", "ours2"
+TARGETS = (DIRECT, CLAMD, C, OURS, OURS2)
+PROXIES = (C, OURS, OURS2)
+#: ours2: ours with `ClamAddress` listing two private clamds (the second started on demand)
+TARGET_NAMES = {DIRECT: "direct", CLAMD: "clamd alone", C: "C clamsmtpd", OURS: "ours",
+                OURS2: "ours 2clamds"}
 
 
 @dataclass(frozen=True)
