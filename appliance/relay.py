@@ -164,7 +164,7 @@ class RelaySession(MessageFlow, SMTP):
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=self.line_length_limit, loop=loop)
         asyncio.StreamReaderProtocol.__init__(
-            self, reader, client_connected_cb=self._cb_client_connected, loop=loop
+            self, reader, client_connected_cb=self._streams_ready, loop=loop
         )
         self.loop = loop
         self.event_handler = _NO_HOOKS
@@ -180,6 +180,12 @@ class RelaySession(MessageFlow, SMTP):
         self.transport = None
 
     # -- aiosmtpd plumbing ------------------------------------------------------------------
+
+    def _streams_ready(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # What aiosmtpd's own callback does; ours because its name differs between 1.4.3
+        # (Debian 12: _client_connected_cb) and 1.4.6 (_cb_client_connected).
+        self._reader = reader
+        self._writer = writer
 
     def _create_session(self) -> RelaySessionState:
         return RelaySessionState(self.loop)

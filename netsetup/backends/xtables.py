@@ -76,14 +76,20 @@ class XtablesFamily:
 
         To tell a jump to a user chain from an extension target, python-iptables opens all five
         tables (``Rule.tables``), and opening a table creates it: after that ``iptables``
-        (iptables-nft) warns that legacy tables are present.  Its availability cache is
-        primed from /proc so that only the tables that already exist are opened.
+        (iptables-nft) warns that legacy tables are present.  Its availability check is
+        answered from /proc so that only the tables that already exist are opened.  The check
+        is replaced, not its cache primed: python-iptables 1.0.1 (Debian 12) has no cache.
         """
         iptc = _iptc()
-        cls = iptc.Table if self.family == 4 else iptc.Table6
         existing = legacy_tables(self.family)
-        cls.existing_table_names.clear()
-        cls.existing_table_names.update({name: name in existing for name in cls.ALL})
+
+        def available(name: str) -> bool:
+            return name in existing
+
+        if self.family == 4:
+            iptc.ip4tc.is_table_available = available  # read by Rule.tables at each call
+        else:
+            iptc.ip6tc.is_table6_available = available
 
     def table(self, name: str = TABLE):
         iptc = _iptc()
