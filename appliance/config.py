@@ -384,11 +384,14 @@ def _clam_addresses(value: str, values: dict[str, Any]) -> list[str]:
         raise ValueError(f"{len(parts)} addresses (at most {MAX_CLAMDS})")
     one = _address_handler("clam_address", CLAM_HOST, CLAM_PORT)
     addresses: list[Address] = []
+    seen: set[tuple] = set()
     for part in parts:
         one(part, values)
         address = values.pop("clam_address")
-        if address in addresses:
+        endpoint = (address.host, address.port, address.path)  # "3310" is 127.0.0.1:3310
+        if endpoint in seen:
             raise ValueError(f"'{_show(part)}' is listed twice")
+        seen.add(endpoint)
         addresses.append(address)
     values["clam_addresses"] = tuple(addresses)
     return []

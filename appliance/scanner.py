@@ -168,10 +168,6 @@ class Scanner:
         )
         return [m.clamd.name for m, ok in zip(self._members, answers, strict=True) if not ok]
 
-    def ping(self, timeout: float | None = None) -> bool:
-        """Whether any clamd answers PING within `timeout` (default TimeOut); blocks."""
-        return any(m.clamd.ping(timeout) for m in self._members)
-
     def retire(self) -> None:
         """A reload replaced this scanner: no more probes (scans in flight still finish)."""
         self._retired = True

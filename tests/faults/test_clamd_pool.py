@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 from faultkit import FakeClamd, assert_no_spool_files, clean_message, delivered_contents
-from helpers import free_port
+from helpers import free_port, reload_with
 
 from appliance.lab import PrivateClamd
 
@@ -300,3 +302,38 @@ def test_every_clamd_killed_defers_then_one_back_delivers(real_clamds, appliance
     assert sorted(tokens_delivered(next_hop)) == sorted(codes)
     appliance.wait_log(f"clamd at {real_clamds[1].socket_path} answers again")
     assert_no_spool_files(appliance)
+
+
+# -- the admin's view: --check-config and SIGHUP -----------------------------------------------
+
+
+def test_check_config_shows_every_clamd_and_scan_timeout(tmp_path):
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text("OutAddress: 10025\nClamAddress: /run/a.ctl,3311  av.example.org\n"
+                    "ScanTimeout: 30\n")
+    argv = [sys.executable, "-m", "appliance.cli", "--check-config", "-f", str(conf)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "\nClamAddress: /run/a.ctl, 3311, av.example.org:3310\n" in result.stdout
+    assert "\nScanTimeout: 30\n" in result.stdout
+    conf.write_text("OutAddress: 10025\nClamAddress: 3310 127.0.0.1\n")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{conf}:2: ClamAddress: '127.0.0.1' is listed twice" in result.stderr
+
+
+def test_reload_takes_a_new_clamd_list_and_keeps_an_unchanged_one(first, second,
+                                                                  appliance_clamd, appliance,
+                                                                  next_hop, clamd):
+    """SIGHUP with another ClamAddress: the new pool scans at once. SIGHUP with the same
+    ClamAddress (another directive changed): the pool and its clamds' health are kept."""
+    assert send(appliance, "before")[0] == 451
+    silent = appliance.wait_log("clamd is not answering at").count("clamd is not answering")
+    reload_with(appliance, Header="X-Pool: same clamds")
+    time.sleep(0.5)  # a replaced pool would be PINGed (and found silent) now
+    assert appliance.log().count("clamd is not answering") == silent
+    assert send(appliance, "still-none")[0] == 451
+    reload_with(appliance, ClamAddress=f"{first.socket_path}, {clamd.socket_path}")
+    assert send(appliance, "after")[0] == 250
+    assert tokens_delivered(next_hop) == ["after"]
+    appliance.wait_log(f"clamd is not answering at {first.socket_path}: scans go to the other")

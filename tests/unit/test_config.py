@@ -398,6 +398,7 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["ClamAddress: 10.0.0.1, [::1"], 2, "ClamAddress", "invalid address '[::1': missing"),
         (["ClamAddress: 10.0.0.1 10.0.0.1:3310"], 2, "ClamAddress",
          "'10.0.0.1:3310' is listed twice"),
+        (["ClamAddress: 3310, 127.0.0.1"], 2, "ClamAddress", "'127.0.0.1' is listed twice"),
         (["ClamAddress: ,"], 2, "ClamAddress", "empty value (expected one or more of"),
         ([f"ClamAddress: {' '.join(str(p) for p in range(3000, 3033))}"], 2, "ClamAddress",
          "33 addresses (at most 32)"),
