@@ -89,7 +89,8 @@ class _DeadlineSocket(socket.socket):
             if left <= 0:
                 raise TimeoutError("scan deadline passed")
             timeout = left if timeout is None else min(timeout, left)
-        self.settimeout(timeout)
+        if timeout != self.gettimeout():  # settimeout is a system call (fcntl) each time
+            self.settimeout(timeout)
 
     def send(self, data, flags: int = 0) -> int:  # type: ignore[override]
         if not self.hung_up:

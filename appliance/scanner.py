@@ -131,7 +131,7 @@ class Scanner:
         """Take a failed clamd out of the pool, and PING it until it answers."""
         if member.up:
             member.up = False
-            metrics.CLAMD_UP.labels(member.clamd.name).set(0)
+            self._gauge(member, 0)
             others = sum(m.up for m in self._members)
             daemon_log.error("clamd at %s is out of the pool (%s); %d other clamd%s in it",
                              member.clamd.name, why, others, "" if others == 1 else "s")
@@ -140,11 +140,15 @@ class Scanner:
 
     def _back(self, member: _Member) -> None:
         member.up = True
-        metrics.CLAMD_UP.labels(member.clamd.name).set(1)
+        self._gauge(member, 1)
         daemon_log.warning("clamd at %s answers again: back in the pool", member.clamd.name)
         if member.probe is not None and member.probe is not asyncio.current_task():
             member.probe.cancel()
         member.probe = None
+
+    def _gauge(self, member: _Member, up: int) -> None:
+        if not self._retired:  # a reload's new pool owns the gauge of a clamd in both
+            metrics.CLAMD_UP.labels(member.clamd.name).set(up)
 
     async def _probe(self, member: _Member) -> None:
         wait = PROBE_FIRST
