@@ -10,6 +10,7 @@ Vary them per test with markers:
     @pytest.mark.next_hop_replies(**{"RCPT:bad@example.com": "550 5.1.1 no such user"})
     @pytest.mark.next_hop_replies(ehlo_extensions=["PIPELINING", "STARTTLS"], greeting="554 no")
     @pytest.mark.appliance_config(Action="bounce", Header="")   # None removes a directive
+    @pytest.mark.client_tls          # ClientTLS: on with the throwaway proxy.test certificate
 
 A test that kills or stops clamd asks for `own_clamd` too; the appliance then uses that one.
 CLAMSMTP_TEST_DAEMON=reference runs the same tests against the C clamsmtpd (Debian package
@@ -212,6 +213,10 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
         for mapping in marker.args:
             directives.update(mapping)
         directives.update(marker.kwargs)
+    if request.node.get_closest_marker("client_tls"):  # ClientTLS: on, the proxy's certificate
+        certs = request.getfixturevalue("tls_certs")
+        directives.update(ClientTLS="on", TLSCertificate=str(certs.proxy.cert),
+                          TLSKey=str(certs.proxy.key))
     # a value may be a function of the next hop, e.g. lambda hop: f"0.0.0.0:{hop.port}"
     directives = {k: v(next_hop) if callable(v) else v for k, v in directives.items()}
     conf = tmp_path / "clamsmtpd.conf"

@@ -13,6 +13,7 @@ import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 import zipfile
@@ -91,25 +92,46 @@ def read_reply(sock: socket.socket, buffer: bytearray) -> str | None:
             return b"\n".join(lines).decode("utf-8", "replace")
 
 
+def starttls(sock: socket.socket, buffer: bytearray) -> ssl.SSLSocket:
+    """After the greeting: EHLO and STARTTLS in clear, then the TLS handshake (the proxy's
+    certificate is not checked here); the TLS socket to go on with. `buffer` must be empty."""
+    sock.sendall(b"EHLO client.test\r\n")
+    assert (read_reply(sock, buffer) or "").startswith("250"), "EHLO before STARTTLS"
+    sock.sendall(b"STARTTLS\r\n")
+    reply = read_reply(sock, buffer)
+    assert reply is not None and reply.startswith("220"), f"STARTTLS: {reply}"
+    assert not buffer
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context.wrap_socket(sock)
+
+
 def send_raw(
     host: str,
     port: int,
     lines: Iterable[str | bytes | tuple[str | bytes, int]],
     timeout: float = 10.0,
+    *,
+    tls: bool = False,
 ) -> list[str]:
     """Talk SMTP byte by byte: read the greeting, then per item send it and read one reply.
 
     An item is str (CRLF added if missing), bytes (sent exactly as given), or (data, n) to read
     n replies after it (0: none, e.g. for message text before the final dot; 3: three pipelined
     commands). Returns every reply read, the greeting first; stops early if the peer closes.
+    `tls`: STARTTLS right after the greeting (the appliance needs ClientTLS: on).
     """
     replies: list[str] = []
     buffer = bytearray()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
         greeting = read_reply(sock, buffer)
         if greeting is None:
             return replies
         replies.append(greeting)
+        if tls:  # (the EHLO and STARTTLS replies are not in the list)
+            sock = stack.enter_context(starttls(sock, buffer))
         for item in lines:
             data, count = item if isinstance(item, tuple) else (item, 1)
             if isinstance(data, str):

@@ -54,10 +54,17 @@ def big_message(size: int = 1 << 20, token: str = "big") -> bytes:
             "Content-Transfer-Encoding: base64\r\n\r\n").encode() + raw
 
 
-def transaction(appliance, message: bytes, *, timeout: float = 30.0) -> list[str]:
-    """EHLO, MAIL, RCPT, DATA, the message and its end, QUIT: every reply, greeting first."""
+def transaction(appliance, message: bytes, *, timeout: float = 30.0,
+                tls: bool = False) -> list[str]:
+    """EHLO, MAIL, RCPT, DATA, the message and its end, QUIT: every reply, greeting first.
+    `tls`: all of it inside STARTTLS (a test marked client_tls)."""
     return send_raw(appliance.host, appliance.port,
-                    [*ENVELOPE, "DATA", (message + b".\r\n", 1), "QUIT"], timeout=timeout)
+                    [*ENVELOPE, "DATA", (message + b".\r\n", 1), "QUIT"], timeout=timeout,
+                    tls=tls)
+
+
+#: Rows run twice: in clear, and inside a TLS session the proxy terminates (ClientTLS: on)
+CLIENT_LEG = pytest.mark.parametrize("client_leg", ["clear", "tls"])
 
 
 def final_reply(replies: list[str]) -> str:
@@ -194,14 +201,16 @@ def test_clamd_answer_in_pieces_is_read_whole(clamd_options, final, appliance, n
     pytest.param({"tcp": True, "reset": True}, id="tcp-rst"),
 ])
 @pytest.mark.fake_clamd(behaviour="close_mid", after=1 << 16)
-def test_clamd_dying_mid_stream(clamd_options, appliance, next_hop, own_clamd):
+@pytest.mark.client_tls
+@CLIENT_LEG
+def test_clamd_dying_mid_stream(clamd_options, client_leg, appliance, next_hop, own_clamd):
     """clamd goes away after 64 KiB of an 8 MiB INSTREAM -> 451, nothing delivered.
 
     The stream is larger than any socket buffer here (TCP send buffer <= 4 MiB, and the peer
     stops reading), so the daemon is surely still writing when clamd goes. With a stream that
     fits in the buffers, see test_clamd_dying_after_the_stream_before_answering.
     """
-    replies = transaction(appliance, big_message(6 << 20))
+    replies = transaction(appliance, big_message(6 << 20), tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert own_clamd.faulty_done.wait(5) and own_clamd.stream_bytes == [1 << 16]
     assert "status=CLAMAV-ERROR" in appliance.wait_log("status=CLAMAV-ERROR")
@@ -373,14 +382,17 @@ def test_next_hop_closing_before_greeting_gets_421(appliance, next_hop):
 @pytest.mark.parametrize("reply", ["451 4.3.0 Try again later", "554 5.7.1 Go away"],
                          ids=["4xx", "5xx"])
 @pytest.mark.fake_next_hop()
-def test_next_hop_refusing_at_each_stage(stage, reply, appliance, next_hop):
+@pytest.mark.client_tls
+@CLIENT_LEG
+def test_next_hop_refusing_at_each_stage(stage, reply, client_leg, appliance, next_hop):
     """The next hop's refusal at MAIL, RCPT, the DATA command or the end of data reaches the
     client verbatim; nothing is delivered."""
     next_hop.arm({stage: reply})
+    tls = client_leg == "tls"
     if stage in ("MAIL", "RCPT"):  # the proxy refuses DATA itself then: no body to send
-        replies = send_raw(appliance.host, appliance.port, [*ENVELOPE, "DATA", "QUIT"])
+        replies = send_raw(appliance.host, appliance.port, [*ENVELOPE, "DATA", "QUIT"], tls=tls)
     else:
-        replies = transaction(appliance, clean_message(f"refused-at-{stage}"))
+        replies = transaction(appliance, clean_message(f"refused-at-{stage}"), tls=tls)
     assert replies[0] == R.GREETING
     if stage == "MAIL":
         assert replies[2] == reply
@@ -460,12 +472,14 @@ def test_next_hop_hanging(stage, appliance, next_hop):
     pytest.param({"script": {"DOT": CLOSE}}, id="after-dot-without-reply"),
 ])
 @pytest.mark.fake_next_hop()
-def test_next_hop_closing(how, appliance, next_hop):
+@pytest.mark.client_tls
+@CLIENT_LEG
+def test_next_hop_closing(how, client_leg, appliance, next_hop):
     """The next hop drops the connection (FIN or RST) anywhere -> the client gets a 4xx and is
     never told 250 (421 between commands, 451 as the answer to the message); the next hop has
     no accepted message."""
     next_hop.arm(**how)
-    replies = transaction(appliance, big_message(1 << 20))
+    replies = transaction(appliance, big_message(1 << 20), tls=client_leg == "tls")
     said = [r for r in replies if r[:1] in ("4", "5")]
     expected = R.NEXT_HOP_LOST if "MAIL" in how.get("script", {}) else R.LOCAL_ERROR
     assert said == [expected], replies  # and then the connection is closed

@@ -9,6 +9,7 @@ Payloads go over a raw socket, so no client library tidies them up first.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 import replies as R
 from faultkit import FakeSMTPServer
-from helpers import read_reply, send_raw
+from helpers import read_reply, send_raw, starttls
 
 SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
             b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\nPay the invoice.\r\n")
@@ -44,12 +45,16 @@ ALL_VARIANTS = [*VARIANTS, "start:.LF"]
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
-def send_message(appliance, data: bytes, *, drip: bool = False) -> list[str]:
-    """HELO, MAIL, RCPT, DATA, `data` (as is, in one write or one byte per write), QUIT."""
-    with socket.create_connection(appliance.address, timeout=15) as sock:
+def send_message(appliance, data: bytes, *, drip: bool = False, tls: bool = False) -> list[str]:
+    """HELO, MAIL, RCPT, DATA, `data` (as is, in one write or one byte per write), QUIT.
+    `tls`: all of it inside STARTTLS (the appliance marked client_tls)."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection(appliance.address, timeout=15))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray()
         replies = [read_reply(sock, buf)]
+        if tls:
+            sock = stack.enter_context(starttls(sock, buf))
         for command in (b"HELO client.test", b"MAIL FROM:<alice@example.com>",
                         b"RCPT TO:<bob@example.com>", b"DATA"):
             sock.sendall(command + b"\r\n")
@@ -95,6 +100,17 @@ def test_smuggling_variant_stays_one_message(variant, drip, appliance, next_hop)
     """A strict next hop: one message, the smuggled one inside it, CRLF only on the wire."""
     next_hop.arm()
     replies = send_message(appliance, payload(variant), drip=drip)
+    assert_one_message_and_no_smuggling(next_hop, replies)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.fake_next_hop()
+@pytest.mark.client_tls
+def test_smuggling_inside_tls_stays_one_message(variant, appliance, next_hop):
+    """The same inside a TLS session the proxy terminates (ClientTLS: on): TLS changes how the
+    bytes arrive (in TLS records), never where the message ends."""
+    next_hop.arm()
+    replies = send_message(appliance, payload(variant), tls=True)
     assert_one_message_and_no_smuggling(next_hop, replies)
 
 

@@ -28,6 +28,17 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, clamd: PrivateClamd):
     """The daemon (-d 4, TimeOut 3) between the SASL recording next hop and clamd."""
+    yield from _rig(tmp_path_factory, clamd)
+
+
+@pytest.fixture(scope="module")
+def tls_rig(tmp_path_factory, clamd: PrivateClamd, tls_certs):
+    """The same with ClientTLS: on (the sessions run inside STARTTLS; the next hop is clear)."""
+    yield from _rig(tmp_path_factory, clamd, tls=True, ClientTLS="on",
+                    TLSCertificate=tls_certs.proxy.cert, TLSKey=tls_certs.proxy.key)
+
+
+def _rig(tmp_path_factory, clamd: PrivateClamd, *, tls: bool = False, **more):
     work = tmp_path_factory.mktemp("fuzz")
     spool = work / "spool"
     spool.mkdir(mode=0o700)
@@ -35,10 +46,10 @@ def rig(tmp_path_factory, clamd: PrivateClamd):
         port, metrics = free_port(), free_port()
         log_path = work / "clamsmtpd.stderr"
         directives = proxy_directives(port, hop, clamd, spool, TimeOut=TIMEOUT,
-                                      MetricsListen=f"127.0.0.1:{metrics}")
+                                      MetricsListen=f"127.0.0.1:{metrics}", **more)
         proc = start_daemon(work / "clamsmtpd.conf", directives, log_path)
         running = FuzzRig(("127.0.0.1", port), proc, spool, log_path, hop,
-                          ("127.0.0.1", metrics))
+                          ("127.0.0.1", metrics), tls=tls)
         try:
             wait_accepting(proc, running.address, running.log)
             running.new_log()

@@ -75,6 +75,7 @@ class FuzzRig:
     hop: SaslRecordingNextHop
     metrics: tuple[str, int]
     log_offset: int = 0
+    tls: bool = False  # ClientTLS: on: every session starts with STARTTLS
 
     def active_sessions(self) -> int:
         """clamsmtpd_connections_active, from the daemon's metrics endpoint."""
