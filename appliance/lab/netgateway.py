@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import certs
 from .clamd import EICAR
 from .nettopo import (
     GATEWAY_IN_V4,
@@ -27,6 +28,8 @@ from .nettopo import (
     PREFIX,
     PROVISION,
     PROXY_PORT,
+    SERVER_V4,
+    SERVER_V6,
     TIMEOUT,
     LabError,
     alive,
@@ -65,11 +68,11 @@ def final_reply(transcript: str) -> str:
     reply, else swaks' last error line."""
     lines = transcript.splitlines()
     for i, line in enumerate(lines):
-        if line.strip() == "-> .":
+        if line.strip() in ("-> .", "~> ."):  # (~> and <~: inside TLS)
             for after in lines[i + 1:]:
-                if after.startswith(("<- ", "<~ ", "<**")):
+                if after.startswith(("<- ", "<~ ", "<**", "<~*")):
                     return after[3:].strip()
-    for prefix in ("<**", "***"):  # the server's error reply, else swaks' own complaint
+    for prefix in ("<**", "<~*", "***"):  # the server's error reply, else swaks' complaint
         errors = [line[3:].strip() for line in lines if line.startswith(prefix)]
         if errors:
             return errors[-1]
@@ -97,6 +100,7 @@ class NetLab:
         proxy_port: int = PROXY_PORT,
         user: str | None = None,
         out: Callable[[str], None] | None = None,
+        tls: bool = False,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clamsmtp-netlab-")).resolve()
@@ -107,6 +111,10 @@ class NetLab:
         self.action = action
         self.proxy_port = proxy_port
         self.out = out or (lambda line: None)
+        #: TLS on both legs: the mail server offers STARTTLS, the gateway ClientTLS: on (and
+        #: OutTLS: may, its default), the client's swaks requires STARTTLS
+        self.tls = tls
+        self.tls_dir = self.workdir / "tls"
         self.lab = None  # nslab.GatewayLab once the namespaces exist
         self.clamd_dir = self.workdir / "clamd"
         self.gateway_dir = self.workdir / "gateway"
@@ -154,7 +162,7 @@ class NetLab:
                      f"mail server {self.server}")
             self.provision(self.gateway, "clamd.sh", "up", "--workdir", str(self.clamd_dir))
             self.provision(self.server, "mailserver.sh", "up", "--listen", "25",
-                           "--workdir", str(self.mail_dir))
+                           "--workdir", str(self.mail_dir), *self._tls_args("mailserver"))
             self.gateway_up()
             self.provision(self.client, "client.sh", "up",
                            "--via", GATEWAY_IN_V4, "--net", "198.51.100.0/24",
@@ -174,8 +182,21 @@ class NetLab:
             "--proxy-port", str(self.proxy_port),
             "--clam-address", str(self.clamd_dir / "clamd.sock"),
             "--action", self.action, "--user", self.user, "--workdir", str(self.gateway_dir),
-            *extra,
+            *self._tls_args("gateway"), *extra,
         )
+
+    def _tls_args(self, role: str) -> list[str]:
+        """--tls-cert/--tls-key for mailserver.sh or gateway.sh (certificates made once,
+        throwaway, signed by a lab CA), or nothing without `tls`."""
+        if not self.tls:
+            return []
+        if not (self.tls_dir / "ca.pem").exists():
+            ca = certs.make_ca(self.tls_dir, "clamsmtp netlab CA")
+            certs.make_certificate(self.tls_dir, "mail.test", ca, stem="mailserver",
+                                   alt_names=(SERVER_V4, SERVER_V6))
+            certs.make_certificate(self.tls_dir, "gateway.test", ca, stem="gateway")
+        return ["--tls-cert", str(self.tls_dir / f"{role}.pem"),
+                "--tls-key", str(self.tls_dir / f"{role}.key")]
 
     def provision(self, ns: str, script: str, *args: str,
                   check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -247,6 +268,8 @@ class NetLab:
         args = ["send", "--server", server, "--port", str(port), "--subject", subject]
         if eicar:
             args.append("--eicar")
+        if self.tls:
+            args.append("--tls")
         result = nslab.run_in(ns or self.client, [str(PROVISION / "client.sh"), *args],
                               env=self._env, timeout=TIMEOUT)
         transcript = result.stdout + result.stderr

@@ -13,9 +13,11 @@ mailserver.sh, gateway.sh, client.sh) run inside its namespace with `ip netns ex
 scripts a Vagrant lab runs in real VMs. The topology itself comes from tests/netsetup/nslab.py.
 
     scripts/netlab --demo     (python -m appliance.lab.netlab --demo)
-        one clean and one EICAR message over IPv4 and over IPv6; prints the SMTP outcomes,
-        what the mail server received, clamsmtpd's log and the netsetup status; tears all down;
-        exit 0 when the clean messages arrived scanned and EICAR was refused.
+        one clean and one EICAR message over IPv4 and over IPv6, TLS on both legs (the client
+        says STARTTLS to the gateway's certificate, the gateway to the mail server's); prints
+        the SMTP outcomes, what the mail server received, clamsmtpd's log and the netsetup
+        status; tears all down; exit 0 when the clean messages arrived scanned over TLS and
+        EICAR was refused.
     scripts/netlab            stays up and prints how to try it, until Ctrl-C.
     scripts/netlab --cleanup  removes namespaces (and their processes) left by a netlab that
                               was killed (SIGKILL) before it could clean up.
@@ -212,9 +214,16 @@ def run_demo(lab: NetLab) -> bool:
                            message.status == 0 and len(arrived) == 1
                            and arrived[0].header(HEADER) is not None
                            and arrived[0].peer[:1] == (GATEWAY_OUT[message.family],)))
+            if lab.tls:
+                checks.append((f"{where} clean message reached the mail server over TLS",
+                               len(arrived) == 1 and arrived[0].tls is not None))
     for family in (4, 6):
         text = original_destination(family)
         checks.append((f"clamsmtpd logged '{text}'", log.count(text) == 2))
+    if lab.tls:
+        both = re.findall(r"tls=TLSv1\.[23]/TLSv1\.[23], status=", log)
+        checks.append(("clamsmtpd logged TLS on both legs (tls=TLSv1.x/TLSv1.x) for each "
+                       "message", len(both) == len(sent)))
     say()
     for what, good in checks:
         say(f"demo: {'ok    ' if good else 'FAILED'} {what}")
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT too: a shell starts background commands with SIGINT ignored, and Python keeps that
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     lab = NetLab(args.workdir, action=args.action, user=args.user,
-                 out=lambda line: say(f"  {line}"))
+                 out=lambda line: say(f"  {line}"), tls=True)
     try:
         note(f"building the lab in network namespaces (work directory {lab.workdir})")
         lab.start()

@@ -23,6 +23,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -80,10 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reply", action="append", type=_reply, default=[],
                         metavar="KEY=REPLY", help="scripted reply, e.g. DATA='554 5.7.1 no' "
                         "or RCPT:bad@example.com='550 5.1.1 no such user' (repeatable)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="offer STARTTLS with this PEM certificate (and --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM key of --tls-cert")
     parser.add_argument("--hostname", default="mail.test",
                         help="name in the greeting and EHLO reply (default %(default)s)")
     args = parser.parse_args(argv)
     args.listen = args.listen or [(ANY, 25)]
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     return args
 
 
@@ -137,7 +143,8 @@ def describe(received: Received) -> str:
     peer = received.peer[0] if received.peer else "?"
     return (f"from=<{received.mail_from}> to={','.join('<' + r + '>' for r in received.rcpt_tos)} "
             f"peer={peer} size={received.size} "
-            f"X-Virus-Scanned={scanned!r} subject={received.header('Subject')!r}")
+            f"X-Virus-Scanned={scanned!r} tls={received.tls or 'none'} "
+            f"subject={received.header('Subject')!r}")
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -157,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     records = RecordDir(args.record_dir)
     servers: list[RecordingNextHop] = []
+    context = None
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
 
     def start() -> int:
         for host, port in args.listen:
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"received {stem}: {describe(received)}")
 
             server = RecordingNextHop(host, port, replies=dict(args.reply),
-                                      hostname=args.hostname, on_message=keep)
+                                      hostname=args.hostname, on_message=keep,
+                                      tls_context=context)
             try:
                 server.start()
             except OSError as error:

@@ -4,8 +4,10 @@
 #   client.sh [up] [--via GW4] [--via6 GW6] [--net CIDR]... [--net6 CIDR]...
 #       routes to the mail servers' networks through the gateway (`ip route replace`,
 #       idempotent); nothing to do when the default route already points at the gateway.
-#   client.sh send --server ADDR [--port 25] [--eicar] [--subject TEXT] [--from A] [--to B]
-#       sends one message with swaks (`--eicar`: with the EICAR test file attached) and exits
+#   client.sh send --server ADDR [--port 25] [--eicar] [--tls] [--subject TEXT] [--from A]
+#           [--to B]
+#       sends one message with swaks (`--eicar`: with the EICAR test file attached; `--tls`:
+#       STARTTLS required, the certificate not checked) and exits
 #       with swaks' status: 0 accepted, 26 refused after DATA (a virus bounced), 2 no
 #       connection, ... (swaks(1), EXIT CODES).
 #
@@ -21,6 +23,7 @@ read -r -a NETS6 <<< "${CLIENT_NETS6:-}"
 SERVER=""
 PORT=25
 EICAR=no
+TLS=no
 SUBJECT=""
 FROM="alice@example.com"
 TO="bob@example.com"
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
         --server) SERVER="${2:?--server needs an address}"; shift ;;
         --port) PORT="${2:?--port needs a port}"; shift ;;
         --eicar) EICAR=yes ;;
+        --tls) TLS=yes ;;
         --subject) SUBJECT="${2?--subject needs a text}"; shift ;;
         --from) FROM="${2:?--from needs an address}"; shift ;;
         --to) TO="${2:?--to needs an address}"; shift ;;
@@ -76,6 +80,7 @@ if [ "$EICAR" = yes ]; then
 else
     ARGS+=(--header "Subject: ${SUBJECT:-netlab: clean}" --body "Hello through the gateway.")
 fi
+[ "$TLS" = yes ] && ARGS+=(--tls)  # STARTTLS, required (the certificate is not checked)
 status=0
 swaks "${ARGS[@]}" || status=$?
 exit "$status"

@@ -28,6 +28,8 @@
 #   --max-connections N   MaxConnections (default 64) [MAX_CONNECTIONS]
 #   --workdir DIR         config, spool, log, pid file (default /var/lib/clamsmtp-lab/gateway)
 #                         [GATEWAY_WORKDIR]
+#   --tls-cert FILE       ClientTLS: on with this PEM certificate (and --tls-key FILE): the
+#                         daemon offers clients STARTTLS (towards servers OutTLS: may anyway)
 #   -- OPTIONS            passed on to `clamsmtp-netsetup enable` and `status`
 #                         (e.g. -- --local --user clamsmtp: the gateway's own mail too; then
 #                         the daemon must run as that user, --user clamsmtp, or it would
@@ -45,6 +47,8 @@ DAEMON_USER="${CLAMSMTPD_USER:-}"
 MAX_CONNECTIONS="${MAX_CONNECTIONS:-64}"
 WORKDIR="${GATEWAY_WORKDIR:-/var/lib/clamsmtp-lab/gateway}"
 NETSETUP_EXTRA=()
+TLS_CERT=""
+TLS_KEY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         up|down|status) ACTION="$1" ;;
@@ -55,6 +59,8 @@ while [ $# -gt 0 ]; do
         --user) DAEMON_USER="${2?--user needs a user name}"; shift ;;
         --max-connections) MAX_CONNECTIONS="${2:?--max-connections needs a number}"; shift ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
+        --tls-cert) TLS_CERT="${2:?--tls-cert needs a file}"; shift ;;
+        --tls-key) TLS_KEY="${2:?--tls-key needs a file}"; shift ;;
         --) shift; NETSETUP_EXTRA=("$@"); break ;;
         *) other_arg "$1" ;;
     esac
@@ -141,6 +147,10 @@ MaxConnections: $MAX_CONNECTIONS
 TimeOut: 180
 PidFile: $PIDFILE
 ${DAEMON_USER:+User: $DAEMON_USER}
+${TLS_CERT:+# STARTTLS towards clients with this certificate; towards servers OutTLS: may}
+${TLS_CERT:+ClientTLS: on}
+${TLS_CERT:+TLSCertificate: $TLS_CERT}
+${TLS_KEY:+TLSKey: $TLS_KEY}
 EOF
 )"
 CHANGED=yes
