@@ -22,6 +22,7 @@ class Certs:
     hop: Certificate      # nexthop.test, 127.0.0.1, signed by ca
     proxy: Certificate    # proxy.test, signed by ca
     stranger: Certificate  # nexthop.test, self-signed (not from ca)
+    expired: Certificate  # nexthop.test, signed by ca, expired yesterday
 
 
 def make_certs(directory: Path) -> Certs:
@@ -31,6 +32,8 @@ def make_certs(directory: Path) -> Certs:
         hop=make_certificate(directory, "nexthop.test", ca, alt_names=("127.0.0.1", "::1")),
         proxy=make_certificate(directory, "proxy.test", ca, alt_names=("127.0.0.1",)),
         stranger=make_certificate(directory / "stranger", "nexthop.test"),
+        expired=make_certificate(directory / "expired", "nexthop.test", ca,
+                                 alt_names=("127.0.0.1",), days=-1),
     )
 
 

@@ -36,9 +36,10 @@ def make_ca(directory: Path, name: str = "clamsmtp lab CA") -> Certificate:
 
 
 def make_certificate(directory: Path, name: str, ca: Certificate | None = None,
-                     *, alt_names: tuple[str, ...] = (), stem: str | None = None) -> Certificate:
+                     *, alt_names: tuple[str, ...] = (), stem: str | None = None,
+                     days: int = 2) -> Certificate:
     """A server certificate for `name` (and `alt_names`: host names or IP addresses), signed
-    by `ca`, or self-signed without one."""
+    by `ca`, or self-signed without one; valid for `days` (-1: expired yesterday)."""
     directory.mkdir(parents=True, exist_ok=True)
     stem = stem or name.replace("*", "_")
     cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
@@ -46,7 +47,7 @@ def make_certificate(directory: Path, name: str, ca: Certificate | None = None,
     common = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
               "-keyout", str(key), "-subj", f"/CN={name}"]
     if ca is None:
-        _openssl("req", "-x509", *common, "-out", str(cert), "-days", "2",
+        _openssl("req", "-x509", *common, "-out", str(cert), "-days", str(days),
                  "-addext", f"subjectAltName={sans}")
     else:
         csr = directory / f"{stem}.csr"
@@ -55,7 +56,7 @@ def make_certificate(directory: Path, name: str, ca: Certificate | None = None,
                        "basicConstraints=CA:FALSE\n")
         _openssl("req", "-new", *common, "-out", str(csr))
         _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key),
-                 "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+                 "-CAcreateserial", "-out", str(cert), "-days", str(days), "-extfile", str(ext))
         csr.unlink()
         ext.unlink()
     key.chmod(0o600)

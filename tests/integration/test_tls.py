@@ -153,6 +153,16 @@ def test_verify_with_a_certificate_from_another_ca_defers(appliance, next_hop):
         assert client.ehlo()[0] == 421
 
 
+@pytest.mark.next_hop_tls(context=lambda certs: server_context(certs.expired))
+@pytest.mark.appliance_config(OutTLS="verify", OutTLSName="nexthop.test",
+                              TLSCAFile=lambda hop: str(hop.certs.ca.cert))
+def test_verify_with_an_expired_certificate_defers(appliance, next_hop):
+    with smtp_client(appliance) as client:
+        assert client.ehlo() == (421, R.NEXT_HOP_INSECURE[4:].encode())
+    assert "certificate has expired" in appliance.wait_log("cannot encrypt")
+    assert next_hop.messages == []
+
+
 @pytest.mark.next_hop_tls
 def test_bytes_behind_the_next_hops_220_are_discarded(appliance, next_hop):
     """CVE-2011-0411 class, next hop side: a reply injected in clear behind the 220 to STARTTLS
