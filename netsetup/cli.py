@@ -17,7 +17,7 @@ import sys
 
 from netsetup import discovery
 from netsetup.backends import Choice, choose
-from netsetup.daemonconf import DEFAULT_CONFIG_PATH, Listen, read_listen
+from netsetup.daemonconf import DEFAULT_CONFIG_PATH, Listen, read_listen, read_mode
 from netsetup.errors import (
     EXTRA_MODULES,
     ExitCode,
@@ -29,7 +29,14 @@ from netsetup.errors import (
     UsageError,
     missing_module_message,
 )
-from netsetup.plan import DEFAULT_PORTS, DEFAULT_USER, RedirectPlan, check_interface_name
+from netsetup.plan import (
+    DEFAULT_PORTS,
+    DEFAULT_USER,
+    Mode,
+    RedirectPlan,
+    check_interface_name,
+)
+from netsetup.routing import PolicyRouting, RouteOp
 
 PROG = "clamsmtp-netsetup"
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
@@ -112,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the daemon's user, exempt with --local (default {DEFAULT_USER})",
     )
     common.add_argument(
+        "--mode",
+        choices=("redirect", "tproxy"),
+        help="redirect (nat REDIRECT: the server sees the gateway) or tproxy (mangle TPROXY "
+        "and policy routing: the server sees the client; clamsmtpd needs TransparentProxy: "
+        "full); default: tproxy if the config file says TransparentProxy: full, else redirect",
+    )
+    common.add_argument(
         "--dry-run", action="store_true", help="print what would be done and change nothing"
     )
     common.add_argument(
@@ -146,6 +160,15 @@ def _listen(args: argparse.Namespace) -> Listen:
     if args.proxy_port is not None:
         return Listen(None, args.proxy_port, "--proxy-port")
     return read_listen(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
+
+
+def _mode(args: argparse.Namespace) -> tuple[Mode, str]:
+    if args.mode:
+        return Mode(args.mode), "--mode"
+    if args.proxy_port is not None and args.config is None:
+        return Mode.REDIRECT, "default (no config file read: --proxy-port)"
+    mode, origin = read_mode(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
+    return Mode(mode), origin
 
 
 def _families(args: argparse.Namespace, facts: discovery.HostFacts) -> tuple[tuple[int, ...], bool]:
@@ -221,11 +244,26 @@ def _plan_warnings(
             warnings.append(
                 f"{sysctl} = 0: this host does not route IPv{family}, so there is no passing "
                 f"mail to intercept (sysctl -w {sysctl}=1)"
+                + (" - and with --mode tproxy the servers' replies to the clients must come "
+                   "back through it" if plan.mode is Mode.TPROXY else "")
             )
     return warnings
 
 
+def _check_tproxy_listen(listen: Listen | None) -> None:
+    """TPROXY hands a connection to the socket listening on the port at the original
+    destination's address, else on the any-address: clamsmtpd must listen on every address."""
+    ip = listen.ip if listen else None
+    if listen is not None and listen.host is not None and (ip is None or not ip.is_unspecified):
+        raise UsageError(
+            f"--mode tproxy: Listen {listen} ({listen.origin}) is one address; TPROXY needs "
+            f"clamsmtpd on every address: Listen: {listen.port}"
+        )
+
+
 def _listen_warnings(plan: RedirectPlan, listen: Listen) -> list[str]:
+    if plan.mode is Mode.TPROXY:
+        return []  # checked by _check_tproxy_listen
     warnings = []
     ip = listen.ip
     if ip is not None and ip.is_loopback:
@@ -267,6 +305,9 @@ def _describe(
         f"ports:       {', '.join(map(str, plan.ports))}",
         f"families:    {', '.join(f'IPv{f}' for f in plan.families)}",
         f"forwarding:  IPv4 {onoff(4)}, IPv6 {onoff(6)}",
+        f"mode:        {plan.mode.value} ({', '.join(plan.notes) or '--mode'})"
+        + (f"; marks 0x{plan.fwmark:x}/0xffff, ip rule to table {plan.route_table}"
+           if plan.mode is Mode.TPROXY else ""),
         "local mail:  "
         + (
             f"intercepted, except uid {plan.owner_uid} ({plan.owner_name})"
@@ -297,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # netlink failures: nothing sensible to do but say so
         raise NetsetupError(f"cannot list interfaces and routes (pyroute2): {error}") from error
     listen = _listen(args)
+    mode, mode_origin = _mode(args)
     families, defaulted = _families(args, facts)
     owner_uid, owner_name = _owner(args)
     try:
@@ -310,13 +352,19 @@ def run(args: argparse.Namespace) -> int:
             local=args.local,
             owner_uid=owner_uid,
             owner_name=owner_name,
+            mode=mode,
+            notes=(f"mode from {mode_origin}",),
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if mode is Mode.TPROXY and args.command == "enable":
+        _check_tproxy_listen(listen if args.proxy_port is None else None)
     choice = choose(args.backend, plan, discovery.nft_tables(), dry_run=args.dry_run, log=_out)
+    routing = PolicyRouting(dry_run=args.dry_run, log=_out)
     try:
-        return _dispatch(args, choice, plan, listen, facts, defaulted)
+        return _dispatch(args, choice, plan, listen, facts, defaulted, routing)
     finally:
+        routing.close()
         for backend in (choice.backend, *choice.also):
             backend.close()
 
@@ -328,6 +376,7 @@ def _dispatch(
     listen: Listen,
     facts: discovery.HostFacts,
     defaulted: bool,
+    routing: PolicyRouting,
 ) -> int:
     backend = choice.backend
     _out(f"backend:     {backend.name} ({backend.description}), {choice.reason}")
@@ -358,6 +407,8 @@ def _dispatch(
             _out(line)
         for line in backend.status(plan):
             _out(line)
+        for line in routing.status(plan):
+            _out(line)
         for other in choice.also:
             _warn(
                 f"our rules are also installed with the {other.name} backend: only one may "
@@ -377,9 +428,12 @@ def _dispatch(
         try:
             backend.disable(plan)
         finally:  # a failure in one mechanism does not skip the other
-            for other in others:  # auto removes ours from every mechanism that holds them
-                _out(f"also removing ours from backend {other.name}:")
-                other.disable(plan)
+            try:
+                for other in others:  # auto removes ours from every mechanism that holds them
+                    _out(f"also removing ours from backend {other.name}:")
+                    other.disable(plan)
+            finally:  # the rules are gone first: nothing is marked for the table any more
+                routing.disable(plan)
         for other in choice.also:
             if other not in others:
                 _warn(
@@ -387,7 +441,7 @@ def _dispatch(
                     f"them with `{PROG} disable --backend {other.name}` (or plain `disable`)"
                 )
         families = ", ".join(f"IPv{f}" for f in plan.families)
-        if not backend.changes and not any(o.changes for o in others):
+        if not backend.changes and not routing.changes and not any(o.changes for o in others):
             _out(
                 f"nothing to remove: no rules of ours for proxy port {plan.proxy_port} ({families})"
             )
@@ -396,15 +450,17 @@ def _dispatch(
             _out(f"{done}: our rules for proxy port {plan.proxy_port} ({families})")
         return ExitCode.OK
     try:
+        # routing first: a TPROXY rule without its route would let the mail pass unscanned
+        routing.enable(plan)
         backend.enable(plan)
     except OperationFailed as error:
-        if not backend.atomic:
-            _rollback(backend, plan)
+        if not backend.atomic or isinstance(error.op, RouteOp):
+            _rollback(backend, plan, routing)
             raise OperationFailed(error.op, f"{error.reason} (rolled back)") from error
         raise  # one transaction, aborted by the kernel: nothing changed, nothing to undo
     except BaseException as error:
         if not backend.atomic:
-            _rollback(backend, plan)
+            _rollback(backend, plan, routing)
         elif isinstance(error, KeyboardInterrupt):
             # never roll back a transaction: the kernel took it whole or not at all, and a
             # rollback would delete the earlier (working) installation too
@@ -417,15 +473,22 @@ def _dispatch(
         f"{'would enable' if args.dry_run else 'enabled'}: TCP "
         f"{','.join(map(str, plan.ports))} on {', '.join(plan.interfaces)}"
         f"{' and local mail' if plan.local else ''} -> port {plan.proxy_port}"
+        + (" (tproxy: the servers see the clients' addresses)" if plan.mode is Mode.TPROXY
+           else "")
     )
     return ExitCode.OK
 
 
-def _rollback(backend, plan: RedirectPlan) -> None:
-    """Only for a backend that is not atomic (iptables: our chains, one change at a time)."""
-    _out("enable failed; rolling back (removing our own chains):")
+def _rollback(backend, plan: RedirectPlan, routing: PolicyRouting) -> None:
+    """Only for a backend that is not atomic (iptables: our chains, one change at a time), or
+    when the policy routing failed before the backend changed anything."""
+    _out("enable failed; rolling back (removing our own chains, ip rules and routes):")
     try:
         backend.disable(plan)
+    except NetsetupError as undo:
+        _warn(f"rollback incomplete: {undo}")
+    try:
+        routing.disable(plan)
     except NetsetupError as undo:
         _warn(f"rollback incomplete: {undo}")
 

@@ -1,4 +1,4 @@
-"""The one line of clamsmtpd.conf netsetup needs: ``Listen``.
+"""The two lines of clamsmtpd.conf netsetup needs: ``Listen`` and ``TransparentProxy``.
 
 netsetup imports nothing from the daemon, so this reads the file the way clamsmtpd does
 (lines left-trimmed, empty and ``#`` lines skipped, name and value split at the first ``:``,
@@ -104,19 +104,49 @@ def parse_listen(text: str, path: str) -> Listen:
     return found
 
 
+def parse_transparent(text: str, path: str) -> tuple[str, str]:
+    """(mode, where it came from): "tproxy" for ``TransparentProxy: full``, else "redirect"
+    (the last line wins, as in clamsmtpd; a value clamsmtpd refuses reads as redirect)."""
+    found = ("redirect", f"{path}: no TransparentProxy: full")
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "transparentproxy":
+            full = value.strip().lower() == "full"
+            found = ("tproxy" if full else "redirect",
+                     f"{path}:{number}: TransparentProxy: {value.strip()}")
+    return found
+
+
+def _read(path: str, explicit: bool) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"{path}: no such config file (-f/--config)") from None
+        return None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read: {error.strerror}") from None
+
+
 def read_listen(path: str, *, explicit: bool) -> Listen:
     """Listen from the file at ``path``.
 
     A missing file is an error only when the path was given on the command line; the default
     path missing means the daemon's default port.
     """
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        if explicit:
-            raise UsageError(f"{path}: no such config file (-f/--config)") from None
+    text = _read(path, explicit)
+    if text is None:
         return Listen(None, DEFAULT_LISTEN_PORT, f"{path} not found, clamsmtpd's default")
-    except OSError as error:
-        raise UsageError(f"{path}: cannot read: {error.strerror}") from None
     return parse_listen(text, path)
+
+
+def read_mode(path: str, *, explicit: bool) -> tuple[str, str]:
+    """(mode, origin) from the TransparentProxy line of the file at ``path``."""
+    text = _read(path, explicit)
+    if text is None:
+        return "redirect", f"{path} not found"
+    return parse_transparent(text, path)

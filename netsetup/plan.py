@@ -8,6 +8,7 @@ the nft backend as an nftables script, so both install the same thing.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,17 @@ HOOK_FORWARDED = "PREROUTING"  # connections routed through the gateway
 HOOK_LOCAL = "OUTPUT"  # connections made on the gateway itself (--local)
 DEFAULT_PORTS = (25,)
 DEFAULT_USER = "clamsmtp"
+#: TPROXY: the ip rule sending marked packets to our local route table comes before "main"
+RULE_PRIORITY = 9025
+MARK_MASK = 0xFFFF  # TPROXY: the mark bits netsetup owns (the value is the proxy port)
+
+
+class Mode(enum.Enum):
+    """How intercepted connections reach clamsmtpd (TransparentProxy: on -> redirect, full ->
+    tproxy, or --mode)."""
+
+    REDIRECT = "redirect"  # nat REDIRECT: the server sees the gateway's address
+    TPROXY = "tproxy"  # mangle TPROXY + policy routing: the server sees the client's address
 
 # Letters, digits and _ . @ - only, with an optional trailing "+" (iptables' wildcard; a bare
 # "+" is every interface), 1-15 characters (IFNAMSIZ - 1).  Nothing that could end a quoted
@@ -55,6 +67,7 @@ class RedirectPlan:
     local: bool = False
     owner_uid: int | None = None  # the daemon's uid, exempt from the --local redirect
     owner_name: str | None = None
+    mode: Mode = Mode.REDIRECT
     notes: tuple[str, ...] = field(default=(), compare=False)  # where values came from
 
     def __post_init__(self) -> None:
@@ -76,6 +89,27 @@ class RedirectPlan:
                 raise ValueError(f"exemptions must be networks, not {net!r}")
         if self.local and self.owner_uid is None:
             raise ValueError("--local needs the daemon's uid (--user)")
+        if self.local and self.mode is Mode.TPROXY:
+            raise ValueError(
+                "--local cannot work with --mode tproxy: TPROXY only sees packets arriving "
+                "from another host (PREROUTING), not the gateway's own mail; use --mode "
+                "redirect for that, or run clamsmtpd with TransparentProxy: on"
+            )
+
+    @property
+    def table(self) -> str:
+        """The netfilter table of this mode's rules."""
+        return "mangle" if self.mode is Mode.TPROXY else "nat"
+
+    @property
+    def fwmark(self) -> int:
+        """TPROXY: the mark of packets for our sockets (the proxy port, in MARK_MASK)."""
+        return self.proxy_port & MARK_MASK
+
+    @property
+    def route_table(self) -> int:
+        """TPROXY: the routing table that delivers marked packets locally (the proxy port)."""
+        return self.proxy_port
 
     @property
     def chain(self) -> str:
@@ -109,7 +143,10 @@ class Rule:
     dport: int | None = None
     dst_local: bool = False  # -m addrtype --dst-type LOCAL / fib daddr type local
     uid_owner: int | None = None  # -m owner --uid-owner UID / meta skuid UID
-    to_port: int | None = None  # REDIRECT --to-ports
+    to_port: int | None = None  # REDIRECT --to-ports, TPROXY --on-port
+    socket: bool = False  # -m socket --transparent / socket transparent 1
+    mark: tuple[int, int] | None = None  # (value, mask): MARK --set-xmark, TPROXY --tproxy-mark
+    on_ip: str | None = None  # TPROXY --on-ip (the family's any-address; nft: none)
 
 
 def _exemptions(plan: RedirectPlan, family: int | None) -> list[Rule]:
@@ -131,6 +168,8 @@ def chain_layout(plan: RedirectPlan, family: int | None) -> list[tuple[str, str,
     interface and port.  Local chain (--local): RETURN for the daemon's uid first (its own
     forwarded mail must leave, not loop back), the same exemptions, then one REDIRECT per port.
     """
+    if plan.mode is Mode.TPROXY:
+        return [(HOOK_FORWARDED, plan.chain, _tproxy_rules(plan, family))]
     redirect = {"protocol": "tcp", "to_port": plan.proxy_port}
     forwarded = _exemptions(plan, family) + [
         Rule("REDIRECT", in_interface=name, dport=port, **redirect)
@@ -143,3 +182,22 @@ def chain_layout(plan: RedirectPlan, family: int | None) -> list[tuple[str, str,
         local += [Rule("REDIRECT", dport=port, **redirect) for port in plan.ports]
         layout.append((HOOK_LOCAL, plan.local_chain, local))
     return layout
+
+
+def _tproxy_rules(plan: RedirectPlan, family: int | None) -> list[Rule]:
+    """mangle PREROUTING: packets of a flow that already has one of our transparent sockets
+    (the server's replies to the client's address, the client's next packets) are marked for
+    local delivery and left alone; then the exemptions; then TPROXY for new connections."""
+    mark = (plan.fwmark, MARK_MASK)
+    on_ip = {4: "0.0.0.0", 6: "::", None: None}[family]
+    return [
+        Rule("MARK", protocol="tcp", socket=True, mark=mark),
+        Rule("RETURN", protocol="tcp", socket=True),
+        *_exemptions(plan, family),
+        *(
+            Rule("TPROXY", in_interface=name, protocol="tcp", dport=port,
+                 to_port=plan.proxy_port, mark=mark, on_ip=on_ip)
+            for name in plan.interfaces
+            for port in plan.ports
+        ),
+    ]

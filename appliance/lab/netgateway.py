@@ -101,6 +101,7 @@ class NetLab:
         user: str | None = None,
         out: Callable[[str], None] | None = None,
         tls: bool = False,
+        transparent: str = "on",
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clamsmtp-netlab-")).resolve()
@@ -110,6 +111,7 @@ class NetLab:
         self.prefix = prefix
         self.action = action
         self.proxy_port = proxy_port
+        self.transparent = transparent  # TransparentProxy: on (REDIRECT) or full (TPROXY)
         self.out = out or (lambda line: None)
         #: TLS on both legs: the mail server offers STARTTLS, the gateway ClientTLS: on (and
         #: OutTLS: may, its default), the client's swaks requires STARTTLS
@@ -182,7 +184,7 @@ class NetLab:
             "--proxy-port", str(self.proxy_port),
             "--clam-address", str(self.clamd_dir / "clamd.sock"),
             "--action", self.action, "--user", self.user, "--workdir", str(self.gateway_dir),
-            *self._tls_args("gateway"), *extra,
+            "--transparent", self.transparent, *self._tls_args("gateway"), *extra,
         )
 
     def _tls_args(self, role: str) -> list[str]:
@@ -330,8 +332,9 @@ class NetLab:
 
     def status(self) -> str:
         """`clamsmtp-netsetup status` for the lab's rules."""
+        mode = "tproxy" if self.transparent == "full" else "redirect"
         result = self.netsetup("status", "-i", self.lab.gateway_in,
-                               "--proxy-port", str(self.proxy_port))
+                               "--proxy-port", str(self.proxy_port), "--mode", mode)
         return result.stdout + result.stderr
 
 

@@ -18,6 +18,9 @@ scripts a Vagrant lab runs in real VMs. The topology itself comes from tests/net
         the SMTP outcomes, what the mail server received, clamsmtpd's log and the netsetup
         status; tears all down; exit 0 when the clean messages arrived scanned over TLS and
         EICAR was refused.
+    scripts/netlab --demo --full
+        the same with TransparentProxy: full (netsetup --mode tproxy): the mail server sees the
+        client's own address (192.0.2.10, 2001:db8:1::10) instead of the gateway's.
     scripts/netlab            stays up and prints how to try it, until Ctrl-C.
     scripts/netlab --cleanup  removes namespaces (and their processes) left by a netlab that
                               was killed (SIGKILL) before it could clean up.
@@ -139,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="send one clean and one EICAR message over IPv4 and IPv6, show "
                         "what happened, tear down, exit 0 if it all went as it should")
+    parser.add_argument("--full", action="store_true",
+                        help="TransparentProxy: full: TPROXY and policy routing instead of "
+                        "REDIRECT, so the mail server sees the client's own address")
     parser.add_argument("--action", choices=("bounce", "drop", "pass"), default="bounce",
                         help="clamsmtpd's Action for infected mail (default %(default)s; the "
                         "demo expects bounce)")
@@ -166,6 +172,15 @@ class _Stop(Exception):
 
 def _raise_stop(signum, frame) -> None:
     raise _Stop(signal.Signals(signum).name)
+
+
+def full(lab: NetLab) -> bool:
+    return lab.transparent == "full"
+
+
+def sender_seen(lab: NetLab, family: int) -> str:
+    """The peer address the mail server sees: the gateway (REDIRECT) or the client (TPROXY)."""
+    return CLIENT[family] if full(lab) else GATEWAY_OUT[family]
 
 
 def run_demo(lab: NetLab) -> bool:
@@ -196,7 +211,7 @@ def run_demo(lab: NetLab) -> bool:
         say(f"demo:   {line}")
     say()
     say(f"demo: clamsmtp-netsetup status -i {lab.lab.gateway_in} --proxy-port "
-        f"{lab.proxy_port} (in the gateway):")
+        f"{lab.proxy_port} --mode {mode(lab)} (in the gateway):")
     for line in lab.status().splitlines():
         say(f"demo:   {line}")
 
@@ -210,10 +225,13 @@ def run_demo(lab: NetLab) -> bool:
                            message.status == SWAKS_REFUSED_AFTER_DATA
                            and message.reply.startswith("550") and not arrived))
         else:
-            checks.append((f"{where} clean message delivered through the proxy with {HEADER}",
+            seen = sender_seen(lab, message.family)
+            whom = "the client's own address" if full(lab) else "the gateway's address"
+            checks.append((f"{where} clean message delivered through the proxy with {HEADER}, "
+                           f"from {whom} ({seen})",
                            message.status == 0 and len(arrived) == 1
                            and arrived[0].header(HEADER) is not None
-                           and arrived[0].peer[:1] == (GATEWAY_OUT[message.family],)))
+                           and arrived[0].peer[:1] == (seen,)))
             if lab.tls:
                 checks.append((f"{where} clean message reached the mail server over TLS",
                                len(arrived) == 1 and arrived[0].tls is not None))
@@ -230,6 +248,10 @@ def run_demo(lab: NetLab) -> bool:
     return all(good for _, good in checks)
 
 
+def mode(lab: NetLab) -> str:
+    return "tproxy" if full(lab) else "redirect"
+
+
 def how_to_try(lab: NetLab) -> None:
     netsetup = " ".join(netsetup_command())
     client, gateway = lab.client, lab.gateway
@@ -243,12 +265,12 @@ def how_to_try(lab: NetLab) -> None:
         f"--attach-type application/octet-stream --attach @{eicar}")
     say(f"  ip netns exec {client} {PROVISION / 'client.sh'} send --server {SERVER_V4} --eicar")
     say(f"  ip netns exec {gateway} {netsetup} status -i {lab.lab.gateway_in} "
-        f"--proxy-port {lab.proxy_port}")
+        f"--proxy-port {lab.proxy_port} --mode {mode(lab)}")
     say(f"  ip netns exec {gateway} {netsetup} disable --proxy-port {lab.proxy_port}"
         "   (then mail goes straight to the server, unscanned)")
     say(f"  ip netns exec {gateway} {PROVISION / 'gateway.sh'} up --lan-if "
         f"{lab.lab.gateway_in} --clam-address {lab.clamd_dir / 'clamd.sock'} "
-        f"--workdir {lab.gateway_dir}   (back on)")
+        f"--workdir {lab.gateway_dir} --transparent {lab.transparent}   (back on)")
     say(f"Files: {lab.workdir} (gateway/clamsmtpd.log, mailserver/received/)")
     say("clamsmtpd's log and each message the mail server receives are shown here. "
         "Stop with Ctrl-C.")
@@ -325,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT too: a shell starts background commands with SIGINT ignored, and Python keeps that
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     lab = NetLab(args.workdir, action=args.action, user=args.user,
-                 out=lambda line: say(f"  {line}"), tls=True)
+                 out=lambda line: say(f"  {line}"), tls=True,
+                 transparent="full" if args.full else "on")
     try:
         note(f"building the lab in network namespaces (work directory {lab.workdir})")
         lab.start()

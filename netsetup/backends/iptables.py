@@ -38,7 +38,11 @@ XTABLES_LOCK = "/run/xtables.lock"  # the lock iptables-legacy takes (XTABLES_LO
 LOCK_TIMEOUT = 10.0
 FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the change after N successful ones fails
 DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each kernel change
+TABLES = ("nat", "mangle")  # REDIRECT's and TPROXY's: disable looks in both
 KERNEL_MODULES = {
+    "TPROXY": "xt_TPROXY",
+    "MARK": "xt_mark",
+    "socket": "xt_socket",
     "REDIRECT": "xt_REDIRECT",
     "addrtype": "xt_addrtype",
     "owner": "xt_owner",
@@ -67,24 +71,36 @@ def rule_args(rule: Rule) -> str:
         args += ["-m", "addrtype", "--dst-type", "LOCAL"]
     if rule.uid_owner is not None:
         args += ["-m", "owner", "--uid-owner", str(rule.uid_owner)]
+    if rule.socket:
+        args += ["-m", "socket", "--transparent"]
     args += ["-j", rule.target]
-    if rule.to_port is not None:
+    mark = f"0x{rule.mark[0]:x}/0x{rule.mark[1]:x}" if rule.mark else None
+    if rule.target == "TPROXY":
+        args += ["--on-port", str(rule.to_port)]
+        if rule.on_ip:
+            args += ["--on-ip", rule.on_ip]
+        if mark:
+            args += ["--tproxy-mark", mark]
+    elif rule.target == "MARK":
+        args += ["--set-xmark", str(mark)]
+    elif rule.to_port is not None:
         args += ["--to-ports", str(rule.to_port)]
     return " ".join(args)
 
 
 @dataclass(frozen=True)
 class Op:
-    """One kernel change in the nat table of one family."""
+    """One kernel change in one table (nat, or mangle for TPROXY) of one family."""
 
     action: str  # new-chain | append | insert | delete-jump | flush | delete-chain
     family: int
     chain: str
     rule: Rule | None = None
     nonfatal: bool = field(default=False, compare=False)  # removal of what may already be gone
+    table: str = TABLE
 
     def __str__(self) -> str:
-        head = f"{_command(self.family)} -t {TABLE}"
+        head = f"{_command(self.family)} -t {self.table}"
         if self.action == "new-chain":
             return f"{head} -N {self.chain}"
         if self.action == "append":
@@ -102,7 +118,7 @@ class Op:
 
 @dataclass(frozen=True)
 class NatState:
-    """What removal needs to know about one family's legacy nat table."""
+    """What removal needs to know about one family's legacy nat (or mangle) table."""
 
     chains: frozenset[str] = frozenset()
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hook -> targets, in order
@@ -111,25 +127,26 @@ class NatState:
 def enable_ops(plan: RedirectPlan, family: int) -> list[Op]:
     """Create and fill each chain, then jump to it from position 1 of its hook."""
     ops = []
+    table = plan.table
     for hook, chain, rules in chain_layout(plan, family):
-        ops.append(Op("new-chain", family, chain))
-        ops += [Op("append", family, chain, rule) for rule in rules]
-        ops.append(Op("insert", family, hook, Rule(chain)))
+        ops.append(Op("new-chain", family, chain, table=table))
+        ops += [Op("append", family, chain, rule, table=table) for rule in rules]
+        ops.append(Op("insert", family, hook, Rule(chain), table=table))
     return ops
 
 
-def disable_ops(plan: RedirectPlan, family: int, state: NatState) -> list[Op]:
+def disable_ops(plan: RedirectPlan, family: int, state: NatState, table: str = TABLE) -> list[Op]:
     """Remove every jump to our chains from the hooks, then flush and delete our chains."""
     owned = plan.owned_chains
     ops = [
-        Op("delete-jump", family, hook, Rule(target), nonfatal=True)
+        Op("delete-jump", family, hook, Rule(target), nonfatal=True, table=table)
         for hook in HOOKS
         for target in state.jumps.get(hook, ())
         if target in owned
     ]
     present = [chain for chain in owned if chain in state.chains]
-    ops += [Op("flush", family, chain, nonfatal=True) for chain in present]
-    ops += [Op("delete-chain", family, chain) for chain in present]
+    ops += [Op("flush", family, chain, nonfatal=True, table=table) for chain in present]
+    ops += [Op("delete-chain", family, chain, table=table) for chain in present]
     return ops
 
 
@@ -189,15 +206,16 @@ class IptablesBackend(backends.Backend):
     def _kernel(self, op: Op) -> None:
         self._worker(op.family).call("apply", op)
 
-    def _read_state(self, family: int) -> NatState:
-        """Our view of one family's nat table; never creates the table just to look at it."""
-        if TABLE not in legacy_tables(family):
+    def _read_state(self, family: int, table: str = TABLE) -> NatState:
+        """Our view of one family's nat (or mangle) table; never creates the table just to
+        look at it."""
+        if table not in legacy_tables(family):
             return NatState()
-        chains, jumps = self._worker(family).call("read_state", HOOKS)
+        chains, jumps = self._worker(family).call("read_state", HOOKS, table)
         return NatState(chains, jumps)
 
-    def _rows(self, family: int, chain: str) -> list[tuple[str, int, int]]:
-        return self._worker(family).call("rows", chain)
+    def _rows(self, family: int, chain: str, table: str = TABLE) -> list[tuple[str, int, int]]:
+        return self._worker(family).call("rows", chain, table)
 
     def close(self) -> None:
         for worker in self._workers.values():
@@ -250,8 +268,10 @@ class IptablesBackend(backends.Backend):
 
     def _check_kernel(self, plan: RedirectPlan, family: int) -> None:
         if not self.dry_run:  # opening the table creates it; a dry run changes nothing
-            self._worker(family).call("open_nat")
+            self._worker(family).call("open_nat", plan.table)
         needed = {"targets": ["REDIRECT"], "matches": ["tcp", "addrtype"]}
+        if plan.table != TABLE:
+            needed = {"targets": ["TPROXY", "MARK"], "matches": ["tcp", "addrtype", "socket"]}
         if plan.local:
             needed["matches"].append("owner")
         missing = []
@@ -282,37 +302,42 @@ class IptablesBackend(backends.Backend):
         first_error: NetsetupError | None = None
         with self._locked():
             for family in plan.families:
-                try:
-                    state = self._state_or_empty(family)
-                    others = sorted(
-                        c
-                        for c in state.chains
-                        if c.startswith(CHAIN_PREFIX + "-") and c not in plan.owned_chains
-                    )
-                    if others and not set(plan.owned_chains) & state.chains:
-                        self.log(
-                            f"  (IPv{family}: none of ours, but {', '.join(others)} exist: "
-                            "installed with another --proxy-port?)"
+                # both tables, whatever the mode: a plan's chains from a run in the other mode
+                # (TransparentProxy changed since) are its own too
+                for table in sorted(TABLES, key=lambda t: t != plan.table):
+                    try:
+                        self._disable_table(plan, family, table)
+                    except NetsetupError as error:
+                        first_error = first_error or error
+                    except Exception as error:  # reading the state failed
+                        first_error = first_error or NetsetupError(
+                            f"IPv{family}: cannot read the legacy {table} table: {error}"
                         )
-                    for op in disable_ops(plan, family, state):
-                        try:
-                            self._apply(op)
-                        except OperationFailed as error:
-                            if not op.nonfatal:
-                                raise
-                            self.log(f"  (ignored: {error.reason})")
-                except NetsetupError as error:
-                    first_error = first_error or error
-                except Exception as error:  # reading the state failed
-                    first_error = first_error or NetsetupError(
-                        f"IPv{family}: cannot read the legacy nat table: {error}"
-                    )
         if first_error is not None:
             raise first_error
 
-    def _state_or_empty(self, family: int) -> NatState:
+    def _disable_table(self, plan: RedirectPlan, family: int, table: str) -> None:
+        state = self._state_or_empty(family, table)
+        others = sorted(
+            c for c in state.chains
+            if c.startswith(CHAIN_PREFIX + "-") and c not in plan.owned_chains
+        )
+        if others and not set(plan.owned_chains) & state.chains and table == plan.table:
+            self.log(
+                f"  (IPv{family}: none of ours, but {', '.join(others)} exist: "
+                "installed with another --proxy-port?)"
+            )
+        for op in disable_ops(plan, family, state, table):
+            try:
+                self._apply(op)
+            except OperationFailed as error:
+                if not op.nonfatal:
+                    raise
+                self.log(f"  (ignored: {error.reason})")
+
+    def _state_or_empty(self, family: int, table: str = TABLE) -> NatState:
         try:
-            return self._read_state(family)
+            return self._read_state(family, table)
         except Exception as error:
             if not self.dry_run:
                 raise
@@ -325,7 +350,9 @@ class IptablesBackend(backends.Backend):
     def owns_objects(self, plan: RedirectPlan) -> bool:
         try:
             return any(
-                set(plan.owned_chains) & self._read_state(family).chains for family in (4, 6)
+                set(plan.owned_chains) & self._read_state(family, table).chains
+                for family in (4, 6)
+                for table in TABLES
             )
         except Exception:
             return False
@@ -352,8 +379,8 @@ class IptablesBackend(backends.Backend):
         return lines
 
     def _family_status(self, plan: RedirectPlan, family: int) -> list[str]:
-        title = f"IPv{family} ({_command(family)}, table {TABLE})"
-        state = self._read_state(family)
+        title = f"IPv{family} ({_command(family)}, table {plan.table})"
+        state = self._read_state(family, plan.table)
         ours = [c for c in plan.owned_chains if c in state.chains]
         others = sorted(
             c for c in state.chains if c.startswith(CHAIN_PREFIX + "-") and c not in ours
@@ -369,7 +396,7 @@ class IptablesBackend(backends.Backend):
             problems = []
             body = []
             for hook in HOOKS:
-                rows = self._rows(family, hook)
+                rows = self._rows(family, hook, plan.table)
                 for number, (text, packets, nbytes) in enumerate(rows, start=1):
                     if text.split()[-1] in ours:
                         where = f"   [rule {number} of {len(rows)} in {hook}]"
@@ -379,7 +406,7 @@ class IptablesBackend(backends.Backend):
                 if jumps != 1:
                     problems.append(f"{chain} is jumped to {jumps} times, not once")
                 installed = []
-                for text, packets, nbytes in self._rows(family, chain):
+                for text, packets, nbytes in self._rows(family, chain, plan.table):
                     installed.append(f"-A {chain} {text}")
                     body.append(_counted(installed[-1], packets, nbytes))
                 if chain not in expected:
@@ -397,6 +424,11 @@ class IptablesBackend(backends.Backend):
             lines.append(
                 f"  other clamsmtp-netsetup chains here: {', '.join(others)} (other --proxy-port)"
             )
+        for table in TABLES:
+            if table != plan.table and set(plan.owned_chains) & self._read_state(family,
+                                                                                 table).chains:
+                lines.append(f"  ! our chains are also in table {table} (the other --mode): "
+                             "disable removes them, enable replaces them")
         return lines
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from netsetup import backends
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
-from netsetup.plan import HOOK_FORWARDED, RedirectPlan, Rule, chain_layout
+from netsetup.plan import HOOK_FORWARDED, Mode, RedirectPlan, Rule, chain_layout
 
 NAT_PRIORITY = -100  # dstnat
+MANGLE_PRIORITY = "mangle"  # -150: TPROXY's chain (a filter chain at the mangle priority)
 NFT = "/usr/sbin/nft"
 TIMEOUT = 30.0
 FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the transaction after N good ones fails
@@ -38,6 +39,9 @@ _COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
 # for prerouting, and stays -100 for output)
 _PLANNED_BASE = re.compile(
     rf"type nat hook (prerouting|output) priority (dstnat|{NAT_PRIORITY}); policy accept;"
+)
+_PLANNED_TPROXY_BASE = re.compile(
+    r"type filter hook prerouting priority (mangle|-150); policy accept;"
 )
 
 
@@ -59,6 +63,13 @@ def overlapping_families(plan: RedirectPlan) -> tuple[str, ...]:
     return (*(FAMILY_NAMES[f] for f in sorted(plan.families)), "inet")
 
 
+def _mark_statement(mark: tuple[int, int]) -> str:
+    """Set our bits of the packet mark, keep the others (as nft lists it back)."""
+    value, mask = mark
+    keep = (~mask & 0xFFFFFFFF) | value
+    return f"meta mark set meta mark & 0x{keep:08x} | 0x{value:08x}"
+
+
 def rule_statement(rule: Rule) -> str:
     words = []
     for key, net in (("saddr", rule.source), ("daddr", rule.destination)):
@@ -74,11 +85,19 @@ def rule_statement(rule: Rule) -> str:
         words.append("fib daddr type local")
     if rule.uid_owner is not None:
         words.append(f"meta skuid {rule.uid_owner}")
+    if rule.socket:
+        words += [f"meta l4proto {rule.protocol or 'tcp'}", "socket transparent 1"]
     words.append("counter")
     if rule.target == "RETURN":
         words.append("return")
     elif rule.target == "REDIRECT":
         words.append(f"redirect to :{rule.to_port}")
+    elif rule.target == "MARK" and rule.mark:
+        words.append(_mark_statement(rule.mark))
+    elif rule.target == "TPROXY":
+        if rule.mark:
+            words.append(_mark_statement(rule.mark))
+        words += [f"tproxy to :{rule.to_port}", "accept"]
     else:
         words.append(f"jump {rule.target}")
     return " ".join(words)
@@ -103,6 +122,12 @@ def hook_name(hook: str) -> str:
     return "prerouting" if hook == HOOK_FORWARDED else "output"
 
 
+def base_chain(plan: RedirectPlan, nft_hook: str) -> str:
+    if plan.mode is Mode.TPROXY:
+        return f"type filter hook {nft_hook} priority {MANGLE_PRIORITY}; policy accept;"
+    return f"type nat hook {nft_hook} priority {NAT_PRIORITY}; policy accept;"
+
+
 def removal_command(plan: RedirectPlan) -> str:
     return f"nft delete table {table_family(plan)} {table_name(plan)}"
 
@@ -117,7 +142,7 @@ def render_script(plan: RedirectPlan, replaces: tuple[str, ...] = ()) -> str:
     layout = chain_layout(plan, None if family == "inet" else plan.families[0])
     lines = [
         "#!/usr/sbin/nft -f",
-        f"# clamsmtp-netsetup: transparent SMTP redirect to port {plan.proxy_port}",
+        f"# clamsmtp-netsetup: transparent SMTP {plan.mode.value} to port {plan.proxy_port}",
         f"# apply: nft -f FILE    remove: {removal_command(plan)}",
     ]
     for table in (*replaces, f"{family} {name}"):
@@ -126,7 +151,7 @@ def render_script(plan: RedirectPlan, replaces: tuple[str, ...] = ()) -> str:
     for hook, _chain, rules in layout:
         nft_hook = hook_name(hook)
         lines.append(f"\tchain {nft_hook} {{")
-        lines.append(f"\t\ttype nat hook {nft_hook} priority {NAT_PRIORITY}; policy accept;")
+        lines.append(f"\t\t{base_chain(plan, nft_hook)}")
         lines += [f"\t\t{rule_statement(rule)}" for rule in rules]
         lines.append("\t}")
     lines.append("}")
@@ -352,15 +377,17 @@ class NftBackend(backends.Backend):
                 hook_name(hook): [listed_statement(r) for r in rules]
                 for hook, _chain, rules in chain_layout(plan, family)
             }
+            kind, base = ("filter", _PLANNED_TPROXY_BASE) if plan.mode is Mode.TPROXY else (
+                "nat", _PLANNED_BASE)
             for chain, statements in expected.items():
                 if chain not in listed.chains:
                     problems.append(f"chain {chain} is in the plan but not installed")
-                elif f"type nat hook {chain} " not in listed.chains[chain] + " ":
-                    problems.append(f"chain {chain} is not a nat {chain} hook")
-                elif not _PLANNED_BASE.fullmatch(listed.chains[chain]):
+                elif f"type {kind} hook {chain} " not in listed.chains[chain] + " ":
+                    problems.append(f"chain {chain} is not a {kind} {chain} hook")
+                elif not base.fullmatch(listed.chains[chain]):
                     problems.append(
-                        f"chain {chain} is `{listed.chains[chain]}`, not priority "
-                        f"{NAT_PRIORITY} (dstnat) with policy accept"
+                        f"chain {chain} is `{listed.chains[chain]}`, not "
+                        f"`{base_chain(plan, chain)}`"
                     )
                 elif [s for c, s, _p, _b in listed.rules if c == chain] != statements:
                     problems.append(f"chain {chain} differs from the plan")

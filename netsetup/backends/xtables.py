@@ -114,8 +114,19 @@ class XtablesFamily:
             entry.create_match("addrtype").dst_type = "LOCAL"
         if rule.uid_owner is not None:
             entry.create_match("owner").uid_owner = str(rule.uid_owner)
+        if rule.socket:
+            entry.create_match("socket").transparent = ""
         target = entry.create_target(rule.target)
-        if rule.to_port is not None:
+        mark = f"0x{rule.mark[0]:x}/0x{rule.mark[1]:x}" if rule.mark else None
+        if rule.target == "TPROXY":
+            target.on_port = str(rule.to_port)
+            if rule.on_ip:
+                target.on_ip = rule.on_ip
+            if mark:
+                target.tproxy_mark = mark
+        elif rule.target == "MARK":
+            target.set_xmark = mark
+        elif rule.to_port is not None:
             target.to_ports = str(rule.to_port)
         return entry
 
@@ -133,14 +144,15 @@ class XtablesFamily:
                     self.family,
                 ) from None
 
-    def open_nat(self) -> None:
-        module = "iptable_nat" if self.family == 4 else "ip6table_nat"
+    def open_nat(self, name: str = TABLE) -> None:
+        module = f"{'iptable' if self.family == 4 else 'ip6table'}_{name}"
+        config = "NF_NAT" if name == TABLE else "NF_MANGLE"
         try:
-            self.table()
+            self.table(name)
         except Exception as error:
             raise KernelSupportError(
-                f"IPv{self.family} legacy nat table unavailable ({error}): the kernel needs "
-                f"{module} (CONFIG_IP{'' if self.family == 4 else '6'}_NF_NAT)",
+                f"IPv{self.family} legacy {name} table unavailable ({error}): the kernel needs "
+                f"{module} (CONFIG_IP{'' if self.family == 4 else '6'}_{config})",
                 self.family,
             ) from None
 
@@ -149,7 +161,7 @@ class XtablesFamily:
 
     def apply(self, op) -> None:
         iptc = _iptc()
-        table = self.table()
+        table = self.table(op.table)
         if op.action == "new-chain":
             table.create_chain(op.chain)
         elif op.action == "append":
@@ -169,18 +181,18 @@ class XtablesFamily:
         else:
             raise ValueError(f"unknown action {op.action!r}")
 
-    def read_state(self, hooks: tuple[str, ...]) -> tuple[frozenset[str], dict]:
+    def read_state(self, hooks: tuple[str, ...], name: str = TABLE) -> tuple[frozenset[str], dict]:
         iptc = _iptc()
-        table = self.table()
+        table = self.table(name)
         jumps = {
             hook: tuple(r.target.name for r in iptc.Chain(table, hook).rules) for hook in hooks
         }
         return frozenset(c.name for c in table.chains), jumps
 
-    def rows(self, chain: str) -> list[tuple[str, int, int]]:
+    def rows(self, chain: str, name: str = TABLE) -> list[tuple[str, int, int]]:
         """[(rule in iptables-save syntax, packets, bytes)] of one chain, in order."""
         iptc = _iptc()
-        table = self.table()
+        table = self.table(name)
         return [
             (render_installed(rule), *rule.get_counters())
             for rule in iptc.Chain(table, chain).rules

@@ -4,6 +4,10 @@
       gateway ns: clamsmtp-netsetup REDIRECT (g0) -> clamsmtpd (TransparentProxy, clamd)
         --> mail server ns 198.51.100.25 / 2001:db8:2::25 :25 (records every message as files)
 
+The tests that use the module's lab run twice: TransparentProxy: on (netsetup --mode redirect,
+the server sees the gateway's address) and full (--mode tproxy: TPROXY, policy routing and a
+connection from the client's own address, which the server sees).
+
 The lab is `appliance.lab.netlab.NetLab`, built with the provisioning scripts of
 vagrant/provision/ run inside the namespaces: the same code as `scripts/netlab` and a Vagrant
 lab. One lab serves the module; the last tests build their own (the lab command itself, a
@@ -75,18 +79,38 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in listing.stdout.splitlines() if line.split()}
 
 
+def _full(lab: NetLab) -> bool:
+    return lab.transparent == "full"
+
+
 def _nat_rules(lab: NetLab) -> str:
+    """The legacy rules of the lab's mode (nat for REDIRECT, mangle for TPROXY), counters 0."""
     text = ""
+    table = "mangle" if _full(lab) else "nat"
     for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
-        text += nslab.run_in(lab.gateway, [tool, "-t", "nat"], check=True).stdout
+        text += nslab.run_in(lab.gateway, [tool, "-t", table], check=True).stdout
     text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     return re.sub(r"\[\d+:\d+\]", "[0:0]", text)
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with NetLab() as running:
+def _policy_routing(lab: NetLab) -> str:
+    text = ""
+    for family in ("-4", "-6"):
+        for what in (["rule"], ["route", "show", "table", str(lab.proxy_port)]):
+            result = nslab.run_in(lab.gateway, ["ip", family, *what])
+            text += result.stdout
+    return text
+
+
+@pytest.fixture(scope="module", params=["on", "full"], ids=["redirect", "tproxy"])
+def lab(request):
+    with NetLab(transparent=request.param) as running:
         yield running
+
+
+def _sender_seen(lab: NetLab, family: int) -> str:
+    """Whom the mail server sees: the gateway (REDIRECT) or the client itself (TPROXY)."""
+    return CLIENT[family] if _full(lab) else GATEWAY_OUT[family]
 
 
 @pytest.fixture
@@ -114,7 +138,7 @@ def test_clean_mail_to_the_servers_address_is_scanned_and_delivered(lab, family,
     assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
     assert message.mail_from == "alice@example.com"
     assert message.rcpt_tos == ["bob@example.com"]
-    assert message.peer[0] == GATEWAY_OUT[family]  # delivered by the gateway, not the client
+    assert message.peer[0] == _sender_seen(lab, family)  # full: the client's own address
     assert b"Hello through the gateway." in message.original_content
     log = lab.wait_log(r"status=CLEAN", since=mark)
     assert f"accepted connection from: {CLIENT[family]}\n" in log
@@ -164,7 +188,15 @@ def test_provisioning_again_changes_nothing(lab):
     assert "clamsmtpd already running with this config" in again.stdout
     assert lab.daemon_pid() == pid
     assert _nat_rules(lab) == rules
-    assert "-A CLAMSMTP-10025 -i g0 -p tcp -m tcp --dport 25 -j REDIRECT --to-ports 10025" in rules
+    if _full(lab):
+        assert ("-A CLAMSMTP-10025 -i g0 -p tcp -m tcp --dport 25 -j TPROXY --on-port 10025 "
+                "--on-ip 0.0.0.0 --tproxy-mark 0x2729/0xffff") in rules
+        routing = _policy_routing(lab)
+        assert routing.count("from all fwmark 0x2729/0xffff lookup 10025") == 2  # v4 and v6
+        assert routing.count("local default dev lo") == 2
+    else:
+        assert ("-A CLAMSMTP-10025 -i g0 -p tcp -m tcp --dport 25 -j REDIRECT --to-ports 10025"
+                in rules)
     for ns, script, workdir in ((lab.server, "mailserver.sh", lab.mail_dir),
                                 (lab.gateway, "clamd.sh", lab.clamd_dir)):
         result = lab.provision(ns, script, "up", "--workdir", str(workdir))
@@ -204,7 +236,15 @@ def test_after_netsetup_disable_mail_goes_straight_to_the_server(lab):
 @needs_lab
 def test_local_mail_of_the_gateway_is_scanned_and_the_daemon_exempt(lab):
     """netsetup --local: the gateway's own mail goes through the daemon too; the daemon's
-    connection to the server is exempt by its user (uid owner match), so it does not loop."""
+    connection to the server is exempt by its user (uid owner match), so it does not loop.
+    With TPROXY (PREROUTING only) that cannot work, and netsetup says so, changing nothing."""
+    if _full(lab):
+        rules = _nat_rules(lab)
+        with pytest.raises(netlab.LabError, match="exited 2") as failed:
+            lab.gateway_up("--", "--local", "--user", lab.user or "root")
+        assert "--local cannot work with --mode tproxy" in str(failed.value)
+        assert _nat_rules(lab) == rules
+        return
     if not lab.user:
         pytest.skip(f"needs the {netlab.DAEMON_USER} user (Debian package clamsmtp)")
     try:
@@ -236,7 +276,53 @@ def test_gateway_script_refuses_local_when_the_daemon_is_not_the_exempt_user(lab
     assert lab.daemon_running()
 
 
+@needs_lab
+def test_status_shows_the_rules_with_counters_and_the_policy_routing(lab):
+    subject = _subject("counted")
+    assert lab.send(netlab.SERVER_V4, subject=subject).status == 0
+    status = lab.status()
+    if _full(lab):
+        assert "IPv4 (iptables-legacy, table mangle): installed\n" in status, status
+        assert "policy rule IPv4: present: ip -4 rule fwmark 0x2729/0xffff lookup 10025" in status
+        assert "policy route IPv6: present: ip -6 route local ::/0 dev lo table 10025" in status
+        tproxy = re.search(r"^ +(\d+) +\d+ +-A CLAMSMTP-10025 -i g0 .* -j TPROXY", status, re.M)
+        assert tproxy and int(tproxy.group(1)) >= 1, status  # the SYN that was intercepted
+        marked = re.search(r"^ +(\d+) +\d+ +-A CLAMSMTP-10025 .*--set-xmark", status, re.M)
+        assert marked and int(marked.group(1)) >= 2, status  # the rest of both connections
+    else:
+        assert "IPv4 (iptables-legacy, table nat): installed\n" in status, status
+        assert "policy rule" not in status
+
+
 # -- the lab command and its teardown ------------------------------------------------------
+
+
+@needs_lab
+def test_netlab_demo_full_shows_the_clients_own_address_at_the_server():
+    """--full: TPROXY; the server's peer is the client, EICAR refused, nothing left after."""
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.lab.netlab", "--demo", "--full"],
+        capture_output=True, text=True, timeout=120, cwd=netlab.REPO_ROOT,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "demo: PASSED" in result.stdout
+    for line in ("peer=192.0.2.10 size=", "peer=2001:db8:1::10 size=",
+                 "from the client's own address (192.0.2.10)",
+                 "from the client's own address (2001:db8:1::10)",
+                 f"EICAR message: {BOUNCE_REPLY} (swaks exit 26)",
+                 "TransparentProxy: full: kept CAP_NET_ADMIN, and no other capability",
+                 "IPv6 (ip6tables-legacy, table mangle): installed",
+                 "policy route IPv6: present: ip -6 route local ::/0 dev lo table 10025",
+                 "ip -6 rule del fwmark 0x2729/0xffff lookup 10025 priority 9025",
+                 "ip -4 route del local 0.0.0.0/0 dev lo table 10025"):
+        assert line in output, line
+    assert "peer=198.51.100.1 " not in output and "peer=2001:db8:2::1 " not in output
+    names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)", output)
+    workdir = Path(re.search(r"\(work directory (\S+)\)", output).group(1))
+    assert not set(names.groups()) & _namespaces()
+    assert not workdir.exists()
+    assert _processes_using(workdir) == []
 
 
 @needs_lab

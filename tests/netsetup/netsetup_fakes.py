@@ -29,12 +29,17 @@ class FakeNat:
     BUILTIN = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
 
     def __init__(self):
-        self.tables = {f: {c: [] for c in self.BUILTIN} for f in (4, 6)}
+        self.tables = {f: {c: [] for c in self.BUILTIN} for f in (4, 6)}  # nat
+        self.mangle = {f: {c: [] for c in self.BUILTIN} for f in (4, 6)}  # TPROXY's
         self.fail_on: str | None = None  # str(op) that fails, like a kernel refusal
         self.race_on: str | None = None  # str(op) that someone else does first: ENOENT
 
     def snapshot(self):
-        return {f: {c: list(rules) for c, rules in t.items()} for f, t in self.tables.items()}
+        return [{f: {c: list(rules) for c, rules in t.items()} for f, t in tables.items()}
+                for tables in (self.tables, self.mangle)]
+
+    def _table(self, family: int, name: str) -> dict:
+        return (self.mangle if name == "mangle" else self.tables)[family]
 
     def apply(self, op: Op) -> None:
         if self.fail_on == str(op):
@@ -43,7 +48,7 @@ class FakeNat:
             self.race_on = None
             self.apply(op)
             raise OSError("No such file or directory")
-        table = self.tables[op.family]
+        table = self._table(op.family, op.table)
         if op.action == "new-chain":
             if op.chain in table:
                 raise OSError("File exists")
@@ -64,12 +69,42 @@ class FakeNat:
                 raise OSError("Device or resource busy")
             del table[op.chain]
 
-    def state(self, family: int) -> NatState:
-        table = self.tables[family]
+    def state(self, family: int, name: str = "nat") -> NatState:
+        table = self._table(family, name)
         return NatState(frozenset(table), {h: tuple(r.target for r in table[h]) for h in HOOKS})
 
-    def rows(self, family: int, chain: str):
-        return [(rule_args(r), 0, 0) for r in self.tables[family][chain]]
+    def rows(self, family: int, chain: str, name: str = "nat"):
+        return [(rule_args(r), 0, 0) for r in self._table(family, name)[chain]]
+
+
+class FakeRouting:
+    """TPROXY's ip rules and local routes per family, changed only by RouteOps."""
+
+    def __init__(self):
+        self.rules = {4: 0, 6: 0}
+        self.routes = {4: 0, 6: 0}
+        self.other_routes = {4: 0, 6: 0}
+        self.applied: list[str] = []
+        self.fail_on: str | None = None
+
+    def apply(self, op) -> None:
+        self.applied.append(str(op))
+        if self.fail_on == str(op):
+            raise OSError("Invalid argument")
+        store = self.rules if op.action.endswith("rule") else self.routes
+        if op.action.startswith("add"):
+            if op.action == "add-route" and store[op.family]:
+                raise OSError("File exists")
+            store[op.family] += 1
+        else:
+            if not store[op.family]:
+                raise OSError("No such file or directory")
+            store[op.family] -= 1
+
+    def state(self, family: int):
+        from netsetup.routing import RouteState
+
+        return RouteState(self.rules[family], self.routes[family], self.other_routes[family])
 
 
 def quiet(_line: str) -> None:

@@ -26,6 +26,9 @@
 #   --user USER           User: the daemon switches to after binding (default: none, it stays
 #                         root); it must reach ClamAddress [CLAMSMTPD_USER]
 #   --max-connections N   MaxConnections (default 64) [MAX_CONNECTIONS]
+#   --transparent MODE    on (default: netfilter REDIRECT, the server sees the gateway) or
+#                         full (TPROXY + policy routing: the server sees the client's own
+#                         address; netsetup --mode tproxy) [TRANSPARENT]
 #   --workdir DIR         config, spool, log, pid file (default /var/lib/clamsmtp-lab/gateway)
 #                         [GATEWAY_WORKDIR]
 #   --tls-cert FILE       ClientTLS: on with this PEM certificate (and --tls-key FILE): the
@@ -45,6 +48,7 @@ CLAM_ADDRESS="${CLAM_ADDRESS:-/var/run/clamav/clamd.ctl}"
 VIRUS_ACTION="${CLAMSMTPD_ACTION:-bounce}"
 DAEMON_USER="${CLAMSMTPD_USER:-}"
 MAX_CONNECTIONS="${MAX_CONNECTIONS:-64}"
+TRANSPARENT="${TRANSPARENT:-on}"
 WORKDIR="${GATEWAY_WORKDIR:-/var/lib/clamsmtp-lab/gateway}"
 NETSETUP_EXTRA=()
 TLS_CERT=""
@@ -58,6 +62,7 @@ while [ $# -gt 0 ]; do
         --action) VIRUS_ACTION="${2:?--action needs bounce, drop or pass}"; shift ;;
         --user) DAEMON_USER="${2?--user needs a user name}"; shift ;;
         --max-connections) MAX_CONNECTIONS="${2:?--max-connections needs a number}"; shift ;;
+        --transparent) TRANSPARENT="${2:?--transparent needs on or full}"; shift ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
         --tls-cert) TLS_CERT="${2:?--tls-cert needs a file}"; shift ;;
         --tls-key) TLS_KEY="${2:?--tls-key needs a file}"; shift ;;
@@ -70,6 +75,11 @@ done
 [[ "$PROXY_PORT" =~ ^[0-9]+$ ]] && [ "$PROXY_PORT" -ge 1 ] && [ "$PROXY_PORT" -le 65535 ] \
     || die "--proxy-port: invalid port '$PROXY_PORT'"
 case "$VIRUS_ACTION" in bounce|drop|pass) ;; *) die "--action: bounce, drop or pass" ;; esac
+case "$TRANSPARENT" in
+    on) MODE=redirect ;;
+    full) MODE=tproxy ;;
+    *) die "--transparent: on or full" ;;
+esac
 need_root
 NETSETUP="$(tool clamsmtp-netsetup)"
 
@@ -105,7 +115,8 @@ if [ "$ACTION" = down ]; then
 fi
 [ "${#LAN_IFS[@]}" -gt 0 ] || die "--lan-if IFACE is required (the interface clients' mail comes in on)"
 if [ "$ACTION" = status ]; then
-    exec "$NETSETUP" status "${IFACE_ARGS[@]}" --proxy-port "$PROXY_PORT" "${NETSETUP_EXTRA[@]}"
+    exec "$NETSETUP" status "${IFACE_ARGS[@]}" --proxy-port "$PROXY_PORT" --mode "$MODE" \
+        "${NETSETUP_EXTRA[@]}"
 fi
 
 # 1. routing
@@ -133,9 +144,10 @@ else
 fi
 NEW_CONF="$(cat <<EOF
 # clamsmtpd.conf written by vagrant/provision/gateway.sh (rewritten on every run)
-# Transparent mode: the firewall REDIRECTs port 25 here; the next hop is where the client
-# was going (SO_ORIGINAL_DST), so there is no OutAddress.
-TransparentProxy: on
+# Transparent mode: the firewall REDIRECTs (on) or TPROXYs (full) port 25 here; the next hop
+# is where the client was going, so there is no OutAddress. With full the mail server sees
+# the client's own address (clamsmtpd keeps CAP_NET_ADMIN for that).
+TransparentProxy: $TRANSPARENT
 # A bare port: every address, IPv4 and IPv6 ([::] dual-stack). Not 127.0.0.1: REDIRECT
 # delivers forwarded mail to the address of the interface it came in on.
 Listen: $PROXY_PORT
@@ -172,5 +184,6 @@ else
 fi
 
 # 4. the redirect
-"$NETSETUP" enable "${IFACE_ARGS[@]}" --proxy-port "$PROXY_PORT" "${NETSETUP_EXTRA[@]}"
-say "gateway up: TCP 25 arriving on ${LAN_IFS[*]} goes through clamsmtpd on port $PROXY_PORT"
+"$NETSETUP" enable "${IFACE_ARGS[@]}" --proxy-port "$PROXY_PORT" --mode "$MODE" \
+    "${NETSETUP_EXTRA[@]}"
+say "gateway up: TCP 25 arriving on ${LAN_IFS[*]} goes through clamsmtpd on port $PROXY_PORT ($MODE)"
