@@ -307,6 +307,7 @@ def test_netlab_demo_full_shows_the_clients_own_address_at_the_server():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "demo: PASSED" in result.stdout
+    assert output.count("demo: ok ") == 9, output
     for line in ("peer=192.0.2.10 size=", "peer=2001:db8:1::10 size=",
                  "from the client's own address (192.0.2.10)",
                  "from the client's own address (2001:db8:1::10)",
@@ -334,12 +335,14 @@ def test_netlab_demo_runs_green_and_leaves_nothing_behind():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "demo: PASSED" in result.stdout
-    assert output.count("demo: ok ") == 6
+    # 2 families x (clean delivered, clean over TLS, EICAR refused), 2 destinations, TLS logged
+    assert output.count("demo: ok ") == 9, output
     for line in ("clean message: 250 2.0.0 OK queued as lab (swaks exit 0)",
                  f"EICAR message: {BOUNCE_REPLY} (swaks exit 26)",
                  "original destination: 198.51.100.25:25",
                  "original destination: [2001:db8:2::25]:25",
-                 "X-Virus-Scanned='ClamAV using ClamSMTP' subject='netlab demo: clean (IPv6)'",
+                 "X-Virus-Scanned='ClamAV using ClamSMTP' tls=TLSv1.",
+                 "subject='netlab demo: clean (IPv6)'",
                  "IPv6 (ip6tables-legacy, table nat): installed"):
         assert line in output
     names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)", output)
