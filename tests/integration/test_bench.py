@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import socketserver
@@ -264,3 +265,17 @@ def test_main_makes_the_plan_once(monkeypatch, capsys):
     assert cli.main(["--quick", "--scenarios", "1k"]) == 1
     assert "could not start the lab: not started" in capsys.readouterr().err
     assert len(made) == 1
+
+
+@as_root
+@pytest.mark.skipif(shutil.which("clamd") is None and not os.path.exists(bench.CLAMD_BINARY),
+                    reason="needs clamd (scripts/setup installs it)")
+def test_the_tls_row_measures_both_legs_tls_against_clear(tmp_path, capsys):
+    """`scripts/bench --tls --quick`: every message accepted in both rows, the TLS row really
+    over TLS on both legs (a clear next-hop leg counts as a failure), and the cost line."""
+    status = bench.main(["--tls", "--quick", "--workdir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(r"1 KB x\d+  TLS/TLS .* 60/60 accepted", out), out
+    assert re.search(r"100 KB x\d+  clear .* 30/30 accepted", out), out
+    assert "1 KB: TLS rate" in out and "100 KB: TLS rate" in out

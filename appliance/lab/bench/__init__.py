@@ -10,6 +10,7 @@ and how: __main__.py; the columns: docs/performance.md.
 - results.py: Run, Summary, summarize().
 - runs.py: one measurement per target, scenario and round; execute().
 - report.py: the tables as text and markdown, the result line, JSON (Report).
+- tlsrow.py: the TLS row (--tls): its own client and next hop, TLS on both legs vs clear.
 - cli.py: the options, run_benchmark() and main().
 
 A module imports only modules above it in this list.

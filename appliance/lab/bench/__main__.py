@@ -31,6 +31,7 @@ tools are missing or not run as root.
     python -m appliance.lab.bench              # full run, a few minutes
     python -m appliance.lab.bench --quick      # under a minute
     python -m appliance.lab.bench --scenarios 1k --targets ours --rounds 1   # what to profile
+    python -m appliance.lab.bench --tls        # the TLS row: both legs TLS against clear
 
 scripts/bench runs scripts/setup first; docs/performance.md explains the columns.
 """

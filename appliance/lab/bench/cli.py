@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..clamd import ClamdError
+from . import tlsrow
 from .lab import BenchError
 from .procstat import busy_cpu_seconds, load_average, machine_info, own_cpu_seconds
 from .report import Report
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float,
                         help="seconds allowed per run (default: 120 or 180 per load; "
                         "--quick: 20 or 60)")
+    parser.add_argument("--tls", action="store_true",
+                        help="only the TLS row: ours with TLS on both legs against the same "
+                        "load in clear, 1 KB and 100 KB (--quick: fewer messages)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results as markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     parser.add_argument("--workdir", metavar="DIR",
@@ -140,8 +144,29 @@ def run_benchmark(args: argparse.Namespace, say=print, plan: Plan | None = None)
     return Report(started, seconds, mode, machine, plan, runs, summaries)
 
 
+def _tls_row(args: argparse.Namespace) -> int:
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    own_workdir = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clamsmtp-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = tlsrow.run_tls_comparison(workdir, quick=args.quick, say=say)
+    except (ClamdError, BenchError) as error:
+        say(f"bench: could not start the lab: {error}")
+        return 1
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(tlsrow.table(runs), flush=True)
+    return 0 if tlsrow.ok(runs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tls:
+        return _tls_row(args)
     plan = make_plan(args)
     problems = check_tools(plan)
     if problems:
