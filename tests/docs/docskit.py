@@ -389,6 +389,14 @@ MAPPED: dict[str, str] = {
         "tests/integration/test_labkit.py::test_lab_demo_with_this_projects_daemon",
     r"scripts/netlab --demo":
         "tests/e2e/test_transparent.py::test_netlab_demo_runs_green_and_leaves_nothing_behind",
+    r"scripts/netlab --demo --full": "tests/e2e/test_transparent.py::"
+        "test_netlab_demo_full_shows_the_clients_own_address_at_the_server",
+    r"clamsmtp-netsetup (enable|disable|status)( -i eth1)?( --proxy-port 10025)? --mode tproxy"
+    r"( --backend nft)?( --dry-run)?": "tests/netsetup/test_tproxy_faults.py::"
+        "test_enable_twice_is_one_enable_and_status_lists_rules_routes_counters",
+    r"ip -[46] (rule|route) (add|del) .+":
+        "tests/netsetup/test_tproxy_faults.py::"
+        "test_a_hand_deleted_object_shows_in_status_and_enable_puts_it_back",
     r"scripts/netlab": "tests/e2e/test_transparent.py::test_netlab_stays_up_until_ctrl_c",
     r"scripts/bench( --quick| --markdown \S+| --json \S+)?|smtp-source -A .+|smtp-sink .+"
     r"|scripts/bench --scenarios \S+ --targets \S+ --sessions \d+ --rounds \d+":

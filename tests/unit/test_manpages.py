@@ -343,8 +343,9 @@ def test_every_option_of_every_netsetup_command_is_in_options():
     for command in netsetup_commands():
         text = help_text("netsetup.cli", command)
         wanted |= help_options(text)
-        for choices in re.findall(r"\{([\w,]+)\}", text):  # --backend {auto,iptables,nft}
-            tag = next(t for t in tags(sections(NETSETUP_PAGE)["OPTIONS"]) if "--backend" in t)
+        # --backend {auto,iptables,nft}, --mode {redirect,tproxy}
+        for option, choices in re.findall(r"(--[\w-]+) \{([\w,]+)\}", text):
+            tag = next(t for t in tags(sections(NETSETUP_PAGE)["OPTIONS"]) if option in t)
             assert set(choices.split(",")) <= set(re.split(r"[\s|]", tag)), tag
     assert documented == wanted
 
