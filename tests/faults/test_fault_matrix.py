@@ -489,6 +489,34 @@ def test_next_hop_closing(how, client_leg, appliance, next_hop):
     assert_still_serving(appliance, next_hop)
 
 
+STARTTLS_EHLO = ("250-fake.test", "250-STARTTLS", "250 8BITMIME")
+
+
+@pytest.mark.parametrize("out_tls", [
+    pytest.param("may", marks=pytest.mark.appliance_config(OutTLS="may", TimeOut=3)),
+    pytest.param("encrypt", marks=pytest.mark.appliance_config(OutTLS="encrypt", TimeOut=3)),
+])
+@pytest.mark.fake_next_hop(ehlo=STARTTLS_EHLO)
+def test_next_hop_dropping_the_connection_mid_handshake(out_tls, appliance, next_hop):
+    """The next hop offers STARTTLS, says 220, then drops the connection instead of doing the
+    handshake. OutTLS: may connects again in clear and delivers (logged); encrypt tells the
+    client 421 at its EHLO and sends nothing, in clear or otherwise."""
+    # (STARTTLS is not a verb the fake knows: its "*" entry)
+    next_hop.arm({"*": ThenClose("220 2.0.0 Ready to start TLS")})
+    replies = transaction(appliance, clean_message(f"tls-{out_tls}"))
+    log = appliance.wait_log("TLS handshake with server")
+    if out_tls == "may":
+        assert final_reply(replies).startswith("250 2.0.0 Ok: queued as FAKE"), replies
+        assert len(next_hop.delivered()) == 1
+        assert "connecting again, in clear" in log
+    else:
+        assert replies[1] == R.NEXT_HOP_INSECURE, replies
+        assert next_hop.transactions(complete_only=False) == []
+        assert_nothing_delivered(next_hop)
+        assert appliance.proc.poll() is None
+    assert_no_spool_files(appliance)
+
+
 @pytest.mark.parametrize("stage", ["greeting", "EHLO", "MAIL", "RCPT", "DOT"])
 @pytest.mark.fake_next_hop()
 def test_next_hop_hanging_up_right_after_a_positive_reply(stage, appliance, next_hop):

@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import pytest
@@ -412,3 +413,30 @@ def test_metrics_count_sessions_per_leg_and_mode(appliance, next_hop):
     send(appliance)  # client in clear, next hop over TLS
     expected = [before[0] + 1, before[1] + 1, before[2] + 2]
     wait_until(lambda: counted() == expected, what=f"{names} == {expected}")
+
+
+# -- --check-config -------------------------------------------------------------------------------
+
+
+def _check_config(conf) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "--check-config", "-f",
+                           str(conf)], capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_prints_the_tls_settings_and_loads_the_certificate(tmp_path, tls_certs):
+    conf = tmp_path / "c.conf"
+    key = tmp_path / "key.pem"
+    key.write_bytes(tls_certs.proxy.key.read_bytes())
+    key.chmod(0o644)
+    conf.write_text(f"OutAddress: mail.example.org\nOutTLS: verify\nClientTLS: on\n"
+                    f"TLSCertificate: {tls_certs.proxy.cert}\nTLSKey: {key}\n")
+    result = _check_config(conf)
+    assert result.returncode == 0, result.stderr
+    assert "OutTLS: verify\n" in result.stdout and "ClientTLS: on\n" in result.stdout
+    assert f"TLSCertificate: {tls_certs.proxy.cert}\n" in result.stdout
+    assert "# OutTLSName: not set (next hop's name: mail.example.org)" in result.stdout
+    assert f"TLSKey: {key} is readable by every user of this machine" in result.stderr
+    conf.write_text(f"OutAddress: 10025\nClientTLS: on\nTLSCertificate: {tmp_path}/none.pem\n")
+    result = _check_config(conf)
+    assert result.returncode == 2
+    assert f"{conf}:0: TLSCertificate: {tmp_path}/none.pem: no such file" in result.stderr
