@@ -389,6 +389,25 @@ def test_the_documented_low_port_drop_in_verifies(dev_units):
     assert "✗ CapabilityBoundingSet=~CAP_NET_(BIND_SERVICE" in result.stdout, result.stdout
 
 
+@needs_systemd_analyze
+def test_the_documented_full_transparency_drop_in_verifies(dev_units):
+    """docs/transparent.md's drop-in for TransparentProxy: full gives CAP_NET_ADMIN, and the
+    unit without it gives none (the daemon then refuses to start in full mode)."""
+    text = (REPO / "docs" / "transparent.md").read_text()
+    [drop_in] = [b for b in re.findall(r"^```ini\n(.*?)^```", text, flags=re.M | re.S)
+                 if "CAP_NET_ADMIN" in b]
+    units = dev_units
+    before = run([SYSTEMD_ANALYZE, "security", "--offline=true", units[0]], timeout=60).stdout
+    assert "✓ CapabilityBoundingSet=~CAP_NET_ADMIN" in before, before
+    drop_in_dir = units[0].parent / "clamsmtpd.service.d"
+    drop_in_dir.mkdir()
+    (drop_in_dir / "transparent-full.conf").write_text(drop_in)
+    assert _verify(units) == []
+    after = run([SYSTEMD_ANALYZE, "security", "--offline=true", units[0]], timeout=60).stdout
+    assert "✗ CapabilityBoundingSet=~CAP_NET_ADMIN" in after, after
+    assert "✓ CapabilityBoundingSet=~CAP_SYS_ADMIN" in after  # nothing else comes with it
+
+
 # -- the default install (venv in /opt/clamsmtp), one fake root for the whole flow -----------
 
 
