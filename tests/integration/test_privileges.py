@@ -223,3 +223,56 @@ def test_full_transparency_without_cap_net_admin_refuses_to_start(tmp_path, nobo
     )
     assert result.returncode == 1, result.stderr
     assert "needs CAP_NET_ADMIN" in result.stderr, result.stderr
+
+
+# -- ClientTLS: the key is read as root, before the privilege drop ------------------------------
+
+
+def test_tls_key_readable_by_root_only_works_after_the_drop_and_a_reload_keeps_it(
+        tmp_path, nobody, next_hop, clamd, tls_certs):
+    """A key of mode 0600 root: read at start, before becoming nobody, so STARTTLS works. On
+    SIGHUP nobody cannot read it again: the reload is refused with the reason, the daemon keeps
+    the old certificate and goes on serving TLS."""
+    from tlskit import client_context
+
+    shared = tempfile.mkdtemp(prefix="clamsmtpd-tls-privileges-")
+    os.chmod(shared, 0o755)
+    try:
+        spool = Path(shared) / "spool"
+        spool.mkdir(mode=0o700)
+        os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+        key = Path(shared) / "key.pem"
+        key.write_bytes(tls_certs.proxy.key.read_bytes())
+        key.chmod(0o600)  # root's alone
+        cert = Path(shared) / "cert.pem"
+        cert.write_bytes(tls_certs.proxy.cert.read_bytes())
+        port = free_port()
+        proc = _start(Path(shared), (  # (the configuration must stay readable for nobody)
+            f"Listen: 127.0.0.1:{port}\nOutAddress: 127.0.0.1:{next_hop.port}\n"
+            f"ClamAddress: 127.0.0.1:{clamd.tcp_port}\nTempDirectory: {spool}\n"
+            f"User: nobody\nClientTLS: on\nTLSCertificate: {cert}\nTLSKey: {key}\n"))
+        address = type("A", (), {"host": "127.0.0.1", "port": port})
+
+        def send_over_tls() -> None:
+            with smtp_client(address) as client:
+                client.ehlo()
+                client.starttls(context=client_context(tls_certs))
+                client.sendmail("a@example.com", ["b@example.com"], b"Subject: t\r\n\r\nt\r\n")
+
+        try:
+            wait_until(lambda: _accepts(port), timeout=15,
+                       what=f"the daemon on port {port}; log: {_stderr(Path(shared))}")
+            assert _status(proc.pid)["Uid"].split() == [str(nobody.pw_uid)] * 4
+            send_over_tls()
+            assert len(next_hop.wait_for(1)) == 1
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "SIGHUP: configuration not reloaded" in _stderr(Path(shared)),
+                       what="the refused reload")
+            assert f"TLSKey: cannot load {cert} / {key}" in _stderr(Path(shared))
+            send_over_tls()  # the old certificate and key, still in memory
+            assert len(next_hop.wait_for(2)) == 2
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+    finally:
+        shutil.rmtree(shared)
