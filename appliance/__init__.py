@@ -1,3 +1,3 @@
 """clamsmtp for Python: a clamsmtpd-compatible SMTP proxy that scans mail with clamd."""
 
-__version__ = "0.1.0"
+__version__ = "2.0.0"

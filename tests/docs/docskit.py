@@ -413,6 +413,11 @@ MAPPED: dict[str, str] = {
         "tests/netsetup/test_nft_netns.py::test_nft_failure_half_way_changes_nothing",
     r"(clamd|mailserver|gateway|client)\.sh .+|clamsmtp-netsetup enable -i IF --proxy-port P":
         "tests/e2e/test_transparent.py::test_provisioning_again_changes_nothing",
+    r"scripts/build-deb": "tests/debian/test_deb.py::test_lintian_is_clean",
+    r"apt-get install \./dist/clamsmtp_[0-9.]+-[0-9]+_all\.deb":
+        "tests/debian/test_deb.py::test_new_install_then_purge_leaves_nothing",
+    r"apt-get (remove|purge) clamsmtp": "tests/debian/test_deb.py::"
+        "test_upgrade_from_debians_clamsmtp_keeps_the_edited_config_then_remove_and_purge",
 }
 
 #: Not complete commands (usage lines, a program named in prose): only checked against the
@@ -448,7 +453,6 @@ CANNOT_RUN_HERE: dict[str, str] = {
     r"swaks --server 127\.0\.0\.1:25 .+": "needs the whole Postfix path of postfix.md running "
                                           "on port 25; the swaks commands to clamsmtpd run here",
     r"adduser .+": "creates an account or changes group membership on this machine",
-    r"apt-get purge clamsmtp": "removes a package from this machine",
     r"runuser -u clamsmtp -- clamdscan .+": "needs the system's clamd (/etc/clamav/clamd.conf), "
                                             "which scripts/setup stops; the tests use a "
                                             "private clamd",
