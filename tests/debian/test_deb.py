@@ -7,8 +7,9 @@ copy per run), where apt fetches the dependencies from Debian's mirror, so these
 (a few minutes each) and skip where that root cannot be made:
 
 - a new install: the commands, the shipped config passes --check-config, the manual pages, the
-  user, the spool, the units (clamsmtpd enabled, clamsmtp-netsetup not); then purge: nothing of
-  the package is left (dpkg's list of its files, looked at one by one), the user stays;
+  user, the spool, the units (clamsmtpd enabled, clamsmtp-netsetup not), the daemon starts and
+  greets as user clamsmtp; then purge: nothing of the package is left (dpkg's list of its
+  files, looked at one by one), the user stays;
 - the upgrade from Debian's own clamsmtp 1.10 with an edited /etc/clamsmtpd.conf: the edit is
   kept and passes --check-config, the user is the same, the init script is gone; then remove
   (config and spool stay) and purge (they go; clamav is taken out of the clamsmtp group).
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from freshroot import needs_fresh, run_fresh
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_DEB = REPO / "scripts" / "build-deb"
@@ -36,6 +38,18 @@ DEB_IN_ROOT = f"/root/files/{DEB_NAME}"
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
                                 reason="needs dpkg (a Debian machine)")
+
+
+def _inside_a_fresh_root() -> bool:
+    try:  # scripts/fresh names its roots so
+        return Path("/etc/hostname").read_text().strip() == "fresh-debian"
+    except OSError:
+        return False
+
+
+not_nested = pytest.mark.skipif(
+    _inside_a_fresh_root(), reason="already in a scripts/fresh root (scripts/fresh running the "
+    "suite): a root in it would debootstrap again (minutes, 2 GB); the host's run checks this")
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +167,25 @@ check "spool 0700 clamsmtp"
 [ "$(systemctl is-enabled clamsmtp-netsetup.service || true)" = disabled ] \
     || fail "clamsmtp-netsetup: $(systemctl is-enabled clamsmtp-netsetup.service || true)"
 check "clamsmtpd.service enabled, clamsmtp-netsetup.service installed, not enabled"
+# started as root without systemd, as docs/install.md says: it detaches once it serves, as
+# User: clamsmtp (on a free port of the host's network namespace, which the root shares)
+# with aiosmtpd's own debugging server (a dependency) as the next hop
+python3 -m aiosmtpd -n -l 127.0.0.1:@PORT2@ >/dev/null 2>&1 &
+sed -e 's/^Listen: .*/Listen: 127.0.0.1:@PORT@/' -e 's/^OutAddress: .*/OutAddress: @PORT2@/' \
+    /etc/clamsmtpd.conf > /etc/clamsmtpd-test.conf
+install -d -o clamsmtp -g clamsmtp /run/clamsmtp
+clamsmtpd -f /etc/clamsmtpd-test.conf || fail "clamsmtpd did not start"
+greeting="$(python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", @PORT@), 10)
+print(s.recv(512).decode().strip())')" || fail "no greeting"
+[[ "$greeting" == "220 "* ]] || fail "greeting: $greeting"
+pid="$(cat /run/clamsmtp/clamsmtpd.pid)"
+euid="$(awk '/^Uid:/ { print $3 }' "/proc/$pid/status")"
+[ "$euid" = "$(id -u clamsmtp)" ] || fail "the daemon runs as uid $euid"
+check "clamsmtpd started from the package, as clamsmtp: $greeting"
+kill "$pid"
+for _ in $(seq 50); do [ -e "/proc/$pid" ] || break; sleep 0.2; done
+rm /etc/clamsmtpd-test.conf
+kill %1
 dpkg -L clamsmtp > /root/listed
 apt-get purge -y -q clamsmtp >/dev/null
 dpkg-query -W -f='${db:Status-Abbrev}' clamsmtp 2>/dev/null | grep -q '^i' && fail "still installed"
@@ -219,6 +252,7 @@ echo ALL-CHECKS-PASSED
 
 def in_fresh_root(script: str, deb: Path) -> str:
     script = script.replace("@DEB@", DEB_IN_ROOT).replace("@VERSION@", VERSION)
+    script = script.replace("@PORT@", str(free_port())).replace("@PORT2@", str(free_port()))
     result = run_fresh(script, copy=[deb], checkout=False, timeout=1800)
     log = result.logs[0] if result.logs else ""
     assert result.returncode == 0 and "ALL-CHECKS-PASSED" in log, \
@@ -228,6 +262,7 @@ def in_fresh_root(script: str, deb: Path) -> str:
 
 @pytest.mark.root
 @needs_fresh
+@not_nested
 def test_new_install_then_purge_leaves_nothing(deb):
     log = in_fresh_root(NEW_INSTALL, deb)
     assert "CHECK every file dpkg listed is gone" in log
@@ -235,6 +270,7 @@ def test_new_install_then_purge_leaves_nothing(deb):
 
 @pytest.mark.root
 @needs_fresh
+@not_nested
 def test_upgrade_from_debians_clamsmtp_keeps_the_edited_config_then_remove_and_purge(deb):
     log = in_fresh_root(UPGRADE, deb)
     assert "CHECK the edited /etc/clamsmtpd.conf is kept" in log
