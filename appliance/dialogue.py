@@ -5,10 +5,15 @@ Pure functions on bytes, so each rule is a one-line test.
 
 from __future__ import annotations
 
-#: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original).
+#: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original
+#: did, and PIPELINING too; the relay reads pipelined groups now, RFC 2920, so it stays).
 FILTERED_EXTENSIONS = frozenset(
-    {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+    {b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
 )
+#: Commands that may be followed by more in a pipelined group (RFC 2920 3.1): the relay sends a
+#: run of these to a pipelining next hop in one write. Every other verb ends a group (DATA,
+#: EHLO, QUIT, NOOP, AUTH, STARTTLS...) and is relayed on its own, after the group's replies.
+GROUPED_VERBS = frozenset({b"MAIL", b"RCPT", b"RSET"})
 
 
 def filter_ehlo(lines: tuple[bytes, ...], add: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
@@ -48,6 +53,11 @@ def ehlo_size(lines: tuple[bytes, ...]) -> int | None:
         if len(words) == 2 and words[0].upper() == b"SIZE" and words[1].isdigit():
             return int(words[1]) or None  # SIZE 0 means no fixed limit
     return None
+
+
+def advertises(lines: tuple[bytes, ...], keyword: bytes) -> bool:
+    """Whether an EHLO reply lists `keyword` (its first word, any case)."""
+    return any((line[4:].split(None, 1) or [b""])[0].upper() == keyword for line in lines[1:])
 
 
 def xforward_attributes(line: bytes) -> dict[str, str]:

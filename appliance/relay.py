@@ -28,6 +28,8 @@ from .addresses import Address, plain_ip
 from .config import Config, Transparency
 from .containment import REPLY_BLOCKED, InfectedHosts
 from .dialogue import (
+    GROUPED_VERBS,
+    advertises,
     command_verb,
     ehlo_size,
     envelope_address,
@@ -60,6 +62,10 @@ REPLY_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 #: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
 MAX_RECIPIENTS = 1000
+#: Commands of one pipelined group sent to the next hop in one write. Only lines already read
+#: from the client are taken, and the next group is read after this one's replies went out:
+#: 1000 commands in one write cost this many lines of memory, not 1000.
+MAX_GROUP = 100
 REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"
@@ -126,6 +132,8 @@ class RelaySessionState(Session):
         self.authenticated = False  # the next hop accepted the client's AUTH (235)
         self.blocked = False  # InfectedHostLimit blocked this client during the session
         self.passthrough = False  # the client's STARTTLS went to the next hop: spliced
+        #: the next hop's last EHLO reply offered PIPELINING (and so the client was offered it)
+        self.pipelining = False
 
     @property
     def tls_summary(self) -> str | None:
@@ -371,6 +379,10 @@ class RelaySession(MessageFlow, SMTP):
                     and self.config.out_tls in ("encrypt", "verify")):
                 await self.push(REPLY_SEND_EHLO_FIRST)  # nothing goes to the next hop in clear
                 continue
+            if (session.pipelining and verb in GROUPED_VERBS and self._buffered_line()
+                    and (verb != b"RCPT" or len(self.envelope.rcpt_tos) < MAX_RECIPIENTS)):
+                await self._relay_group(line, verb)
+                continue
             handler = _VERBS.get(verb, RelaySession._relay)
             await handler(self, line, verb)
 
@@ -451,6 +463,90 @@ class RelaySession(MessageFlow, SMTP):
             except asyncio.LimitOverrunError as e:
                 await self._reader.readexactly(e.consumed)
 
+    # -- pipelining (RFC 2920) --------------------------------------------------------------
+
+    def _buffered_line(self) -> bytes | None:
+        """The next whole command line the client already sent (with its LF), not consumed;
+        None if no whole line is buffered."""
+        buffer = self._reader._buffer  # type: ignore[attr-defined]  (as _unread: no public peek)
+        end = buffer.find(b"\n", 0, MAX_LINE)
+        return bytes(buffer[:end + 1]) if end >= 0 else None
+
+    def _next_grouped(self, rcpts: int) -> bytes | None:
+        """Take the next buffered line if it may join the group: a clean command line (every
+        refusal of _read_command still applies to it, on its own, after the group) whose verb
+        may be followed by more, and an RCPT only while the envelope has room."""
+        raw = self._buffered_line()
+        if raw is None or len(raw) >= MAX_LINE:
+            return None
+        line = raw.rstrip(b"\r\n")
+        if b"\r" in line or b"\0" in line:
+            return None
+        verb = command_verb(line)
+        if verb not in GROUPED_VERBS or (verb == b"RCPT" and rcpts >= MAX_RECIPIENTS):
+            return None
+        del self._reader._buffer[:len(raw)]  # type: ignore[attr-defined]
+        self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        self._debug_lines("CLIENT < ", (line,))
+        return line
+
+    async def _relay_group(self, line: bytes, verb: bytes) -> None:
+        """A pipelined group (MAIL, RCPT, RSET already sent by the client): one write to the
+        next hop, then its replies relayed in order, verbatim, each tracked as if alone. The
+        group ends at any other verb (DATA ends it, and its 354 is the proxy's as ever)."""
+        await self._introduce_before(verb)
+        session = self.session
+        group = [(line, verb)]
+        # recipients the envelope may hold once the group is through (if all are accepted)
+        rcpts = 0 if verb in (b"MAIL", b"RSET") else len(self.envelope.rcpt_tos) + 1
+        while len(group) < MAX_GROUP:
+            more = self._next_grouped(rcpts)
+            if more is None:
+                break
+            more_verb = command_verb(more)
+            rcpts = 0 if more_verb in (b"MAIL", b"RSET") else rcpts + 1
+            group.append((more, more_verb))
+        upstream = session.upstream
+        owed = len(group)
+        try:
+            await upstream.send(b"".join(one + b"\r\n" for one, _ in group))
+            for one, one_verb in group:
+                reply = await upstream.read_reply()
+                owed -= 1
+                if reply.positive:
+                    self._track(one, one_verb)
+                await self._push_reply(reply)
+                if reply.code == 421 or (owed and upstream.at_eof):
+                    break
+        except UpstreamError as e:
+            session.log.error("%s (%d pipelined command(s) unanswered)", e, owed)
+            metrics.NEXT_HOP_ERRORS.labels("session").inc()
+            await self._owe(owed)
+            return
+        if owed:
+            session.log.error("SERVER: connection closed mid-group (%d command(s) unanswered)",
+                              owed)
+            metrics.NEXT_HOP_ERRORS.labels("session").inc()
+            await self._owe(owed)
+            return
+        await self._end_if_next_hop_left(reply)
+
+    async def _owe(self, owed: int) -> None:
+        """The next hop is gone with `owed` commands of a group unanswered: each gets our 421,
+        and so do the commands the client already sent behind the group, up to its DATA (none
+        of them reached a message: DATA is never in a group); then the session ends."""
+        while owed < MAX_GROUP:
+            raw = self._buffered_line()
+            if raw is None:
+                break
+            del self._reader._buffer[:len(raw)]  # type: ignore[attr-defined]
+            owed += 1
+            if command_verb(raw) == b"DATA":
+                break  # what follows is its body, not commands
+        with contextlib.suppress(ClientGone):
+            await self._send((REPLY_NEXT_HOP_LOST + "\r\n").encode() * owed)
+        self.close()
+
     # -- commands ---------------------------------------------------------------------------
 
     async def _relay(self, line: bytes, verb: bytes) -> None:
@@ -510,8 +606,11 @@ class RelaySession(MessageFlow, SMTP):
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
             self.session.extended_smtp = verb == b"EHLO"
             self.session.size_limit = ehlo_size(reply.lines)
+            self.session.pipelining = verb == b"EHLO" and advertises(reply.lines, b"PIPELINING")
             if self.config.xclient and not self.session.introduced:
                 reply = await self._introduce_after_greeting(line, verb, reply)
+            # (after XCLIENT the second EHLO's reply is the one the client sees)
+            self.session.pipelining = verb == b"EHLO" and advertises(reply.lines, b"PIPELINING")
         if reply.positive:
             self._debug_lines("SERVER > ", reply.lines)
             offer = (b"STARTTLS",) if verb == b"EHLO" and self._offers_starttls(reply) else ()
@@ -549,7 +648,7 @@ class RelaySession(MessageFlow, SMTP):
 
     def _offers_starttls(self, reply: Reply) -> bool:
         if self.config.client_tls == "passthrough":
-            return _advertises(reply.lines, b"STARTTLS")  # the next hop's own, passed on
+            return advertises(reply.lines, b"STARTTLS")  # the next hop's own, passed on
         return self.context.tls.server is not None and self.session.client_tls is None
 
     async def _secure_next_hop(self, line: bytes, verb: bytes) -> Reply | None:
@@ -562,7 +661,7 @@ class RelaySession(MessageFlow, SMTP):
         mode = self.config.out_tls
         probe = line if verb == b"EHLO" else b"EHLO " + line[5:].strip()
         reply = await upstream.command(probe)
-        if reply.code != 250 or not _advertises(reply.lines, b"STARTTLS"):
+        if reply.code != 250 or not advertises(reply.lines, b"STARTTLS"):
             why = "no STARTTLS offered" if reply.code == 250 else f"EHLO refused: {reply.text}"
             if mode in ("encrypt", "verify"):
                 return await self._insecure(why)
@@ -694,6 +793,7 @@ class RelaySession(MessageFlow, SMTP):
         self.envelope = self._create_envelope()
         session.host_name = None
         session.extended_smtp = False
+        session.pipelining = False
 
     async def _pass_starttls(self, line: bytes) -> None:
         """ClientTLS: passthrough: the next hop answers the client's STARTTLS; after its 220 the
@@ -740,10 +840,6 @@ class RelaySession(MessageFlow, SMTP):
     async def smtp_XCLIENT(self, line: bytes, verb: bytes) -> None:
         self.session.log.warning("client attempted use of privileged XCLIENT feature")
         await self.push(REPLY_XCLIENT)
-
-
-def _advertises(lines: tuple[bytes, ...], keyword: bytes) -> bool:
-    return any(line[4:].split(None, 1)[:1] == [keyword] for line in lines[1:])
 
 
 # Our verbs only: aiosmtpd's own smtp_* methods take other arguments and are not used.

@@ -62,6 +62,7 @@ class Transaction:
 class Session:
     index: int
     raw: bytearray = field(default_factory=bytearray)  # every byte received, in order
+    reads: list[bytes] = field(default_factory=list)  # the same, as each recv() returned it
     commands: list[bytes] = field(default_factory=list)  # command lines, without line ending
     transactions: list[Transaction] = field(default_factory=list)
     ended: str = ""  # "quit", "peer closed", "we closed", "stopped"
@@ -302,6 +303,7 @@ class FakeSMTPServer(_Listening):
             raise _Closed("peer closed")
         with self._cond:
             session.raw += chunk
+            session.reads.append(chunk)
         buf += chunk
 
     def _line(self, conn, session, buf) -> tuple[bytes, bytes]:

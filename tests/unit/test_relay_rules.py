@@ -1,6 +1,6 @@
 """The relay's rewriting rules, as the C original applies them (clamsmtp-behaviour.md 5.2-5.4)."""
 
-from appliance.dialogue import envelope_address, filter_ehlo, xforward_attributes
+from appliance.dialogue import advertises, envelope_address, filter_ehlo, xforward_attributes
 from appliance.maillog import MAX_SUMMARY, summary
 
 
@@ -8,8 +8,16 @@ def test_ehlo_first_line_and_filtered_extensions():
     lines = (b"250-mx.example.org", b"250-PIPELINING", b"250-SIZE 1000", b"250-STARTTLS",
              b"250-8BITMIME", b"250-xclient ADDR NAME", b"250-DSN", b"250 CHUNKING")
     assert filter_ehlo(lines) == (
-        b"250-smtp.passthru", b"250-SIZE 1000", b"250-8BITMIME", b"250-DSN", b"250 XFILTERED",
+        b"250-smtp.passthru", b"250-PIPELINING", b"250-SIZE 1000", b"250-8BITMIME", b"250-DSN",
+        b"250 XFILTERED",
     )
+
+
+def test_advertises_reads_the_keyword_in_any_case():
+    lines = (b"250-mx", b"250-pipelining", b"250 SIZE 10")
+    assert advertises(lines, b"PIPELINING") and advertises(lines, b"SIZE")
+    assert not advertises((b"250-PIPELINING", b"250 SIZE 10"), b"PIPELINING")  # a greeting
+    assert not advertises((b"250-mx", b"250 XPIPELINING"), b"PIPELINING")
 
 
 def test_ehlo_keeps_last_line_when_allowed():
