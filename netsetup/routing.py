@@ -167,6 +167,9 @@ class PolicyRouting:
                 try:
                     self._apply(op)
                 except OperationFailed as error:
+                    if not error.reason.startswith("No such"):  # not "gone meanwhile"
+                        first = first or error
+                        continue
                     self.log(f"  (ignored: {error.reason})")
         if first is not None:
             raise first
@@ -177,6 +180,10 @@ class PolicyRouting:
             state = self.read(plan, family)
             rule, route = (str(op) for op in enable_ops(plan, family)[::-1])
             wanted = plan.mode is Mode.TPROXY
+            if wanted and not (state.rules or state.routes):
+                lines.append(f"  policy routing IPv{family}: not installed ({rule}; {route})"
+                             .replace(" add ", " "))
+                continue
             for what, count, text in (("rule", state.rules, rule), ("route", state.routes,
                                                                       route)):
                 shown = text.replace(" add ", " ", 1)

@@ -166,3 +166,23 @@ def test_where_tproxy_cannot_work_it_is_refused_and_nothing_changes(host, capsys
     assert message in capsys.readouterr().err
     assert host.snapshot() == FakeNat().snapshot()
     assert host.routing.applied == []
+
+
+def test_status_before_enable_says_not_installed(host, capsys):
+    assert cli.main(["status", "-f", host.config, "-i", "lan0", "--ipv4"]) == 0
+    out = capsys.readouterr().out
+    assert "  policy routing IPv4: not installed (ip -4 rule fwmark 0x2729/0xffff lookup 10025 " \
+           "priority 9025; ip -4 route local 0.0.0.0/0 dev lo table 10025)" in out
+    assert "MISSING" not in out
+
+
+def test_a_refused_route_removal_fails_disable_but_a_vanished_one_does_not(host, capsys):
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0", "--ipv4"]) == 0
+    host.routing.fail_on = "ip -4 route del local 0.0.0.0/0 dev lo table 10025"
+    assert cli.main(["disable", "-f", host.config, "--ipv4"]) == ExitCode.FAILED
+    assert "Invalid argument" in capsys.readouterr().err
+    assert host.routing.routes == {4: 1, 6: 0}  # still there, and said so
+    host.routing.fail_on = None
+    host.routing.routes[4] = 0  # gone by hand meanwhile, the rule still there
+    assert cli.main(["disable", "-f", host.config, "--ipv4"]) == 0
+    assert host.routing.rules == {4: 0, 6: 0}
