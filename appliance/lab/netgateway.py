@@ -88,7 +88,9 @@ class NetLab:
     `workdir`: where configs, logs and the mail server's records go (kept); default a temporary
     directory removed by `stop()`. `user`: the daemon's User (default `default_user()`; it
     must be able to reach the work directory, where clamd's socket is). `out`: called with
-    each line worth showing (provisioning output); default silent.
+    each line worth showing (provisioning output); default silent. `transparent`: the daemon's
+    TransparentProxy, "on" (netsetup --mode redirect) or "full" (--mode tproxy: the mail
+    server sees the client's own address).
     """
 
     def __init__(
