@@ -21,6 +21,7 @@ import os
 import pwd
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,34 @@ def test_after_netsetup_disable_mail_goes_straight_to_the_server(lab):
     assert lab.send(netlab.SERVER_V6, subject=subject).status == 0
     [message] = lab.received_with(subject)
     assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+
+
+@needs_lab
+def test_the_nft_backend_carries_the_mail_as_well(lab):
+    """The same mail through the nft backend's rules (tproxy: its mangle-priority chain, socket
+    match and `tproxy to`, with the same policy routing); then back to iptables."""
+    if not (shutil.which("nft") or os.access("/usr/sbin/nft", os.X_OK)):
+        pytest.skip("no nft command (Debian package nftables)")
+    port = str(lab.proxy_port)
+    assert lab.netsetup("disable", "--proxy-port", port).returncode == 0
+    try:
+        lab.gateway_up("--", "--backend", "nft")
+        listed = nslab.run_in(lab.gateway, ["nft", "list", "table", "inet", f"clamsmtp-{port}"],
+                              check=True).stdout
+        assert ("tproxy to :10025" if _full(lab) else "redirect to :10025") in listed, listed
+        for family in (4, 6):
+            subject = _subject(f"nft IPv{family}")
+            sent = lab.send(SERVER[family], subject=subject)
+            assert sent.status == 0, sent.transcript
+            assert PROXY_GREETING in sent.transcript
+            [message] = lab.received_with(subject)
+            assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+            assert message.peer[0] == _sender_seen(lab, family)
+        assert lab.send(netlab.SERVER_V4, eicar=True).reply == BOUNCE_REPLY
+    finally:
+        lab.netsetup("disable", "--proxy-port", port)
+        lab.gateway_up()
+    assert "clamsmtp" not in nslab.run_in(lab.gateway, ["nft", "list", "ruleset"]).stdout
 
 
 @needs_lab
