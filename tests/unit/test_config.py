@@ -698,7 +698,7 @@ _VALID_LINES = st.one_of(
     st.builds("InfectedHostBlock: {}".format, st.integers(1, 604800)),
     st.builds("VirusAllow: {}".format, st.lists(st.from_regex(r"\A[!-+\--~]{1,20}\Z"), max_size=3)
               .filter(lambda ps: all(p.strip("*?") for p in ps)).map(" ".join)),
-    st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{1,30}\Z")),
+    st.builds("RejectMessage: 5{}".format, st.from_regex(r"\A[0-9]{2} [ -~]{0,29}[!-~]\Z")),
 )  # fmt: skip
 
 
