@@ -90,6 +90,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _print_to_stdout(text: str) -> int:
+    """Print for a pipe that may close early (`--check-config | head`): no traceback then."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the broken pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
@@ -108,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for warning in (*config.warnings, *tls.warnings, *private_tmp_warnings(config)):
             print(f"clamsmtpd: warning: {warning}", file=sys.stderr)
-        print(describe(config))
-        return 0
+        return _print_to_stdout(describe(config))
 
     held = process.HeldSignals(_HANDLED_SIGNALS)
     target = None

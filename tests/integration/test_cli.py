@@ -119,6 +119,20 @@ def test_check_config_prints_the_effective_configuration(tmp_path):
     assert result.returncode == 2 and "no OutAddress specified" in result.stderr
 
 
+def test_check_config_into_a_pipe_closed_early_is_not_an_error(tmp_path):
+    """`clamsmtpd --check-config | head -1` is how an admin glances at it: no traceback."""
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text("OutAddress: 10025\n")
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the daemon prints a line
+    with os.fdopen(writer, "w") as out:
+        result = subprocess.run([*DAEMON, "--check-config", "-f", str(conf)], stdout=out,
+                                stderr=subprocess.PIPE, text=True, timeout=20,
+                                stdin=subprocess.DEVNULL)
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
 def test_check_config_warns_about_what_private_tmp_hides(tmp_path):
     conf = tmp_path / "clamsmtpd.conf"
     conf.write_text("OutAddress: 10025\nClamAddress: /tmp/clamd.sock\n")
