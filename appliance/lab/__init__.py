@@ -3,6 +3,7 @@
 - `PrivateClamd` (clamd.py): clamd with a one-line EICAR database on a private socket.
 - `RecordingNextHop` (sink.py): an aiosmtpd server that records what it receives and can be
   scripted to refuse.
+- `DelayLine` (delayline.py): a TCP relay holding each chunk N ms each way, a WAN on loopback.
 - `daemon_argv()`: how to start the daemon under test in the foreground.
 - `python -m appliance.lab` / `clamsmtp-lab` (__main__.py): all of it wired together.
 - `python -m appliance.lab.clamdrun` / `.sinkrun`: PrivateClamd and a RecordingNextHop that

@@ -404,6 +404,8 @@ MAPPED: dict[str, str] = {
         "test_a_tiny_benchmark_measures_every_target_and_every_message_is_accepted",
     r"scripts/bench --tls( --quick)?":
         "tests/integration/test_bench.py::test_the_tls_row_measures_both_legs_tls_against_clear",
+    r"scripts/bench --wan( --quick)?":
+        "tests/integration/test_bench.py::test_the_wan_row_counts_round_trips",
     r"clamsmtp-netsetup (enable|disable|status) --backend nft( --dry-run)?|nft list ruleset":
         "tests/netsetup/test_nft_netns.py::"
         "test_nft_enable_twice_status_and_disable_restores_the_exact_ruleset",

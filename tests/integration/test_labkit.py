@@ -341,3 +341,31 @@ def test_lab_demo_with_this_projects_daemon(tmp_path, capsys):
     """What README's `scripts/lab --demo` promises."""
     assert lab_main(_demo_args(tmp_path)) == 0
     assert "demo: PASSED" in capsys.readouterr().out
+
+
+def test_delay_line_holds_each_chunk_in_each_direction():
+    """The lab's WAN delay line: an SMTP round trip through it costs at least 2 x delay, the
+    bytes pass unchanged and in order, and a pipelined group crosses as one chunk."""
+    import socket
+    import time
+
+    from appliance.lab.delayline import DelayLine
+
+    with RecordingNextHop("127.0.0.1", 0) as hop, \
+            DelayLine("127.0.0.1", hop.port, delay=0.05) as line:
+        line.trace = []
+        with socket.create_connection(line.address, timeout=10) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+            started = time.monotonic()
+            sock.sendall(b"HELO client.test\r\n")
+            assert reader.readline().startswith(b"250")
+            assert time.monotonic() - started >= 0.1
+            sock.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+                         b"DATA\r\n")
+            assert [reader.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            sock.sendall(b"Subject: x\r\n\r\nthrough the line\r\n.\r\nQUIT\r\n")
+            assert reader.readline().startswith(b"250")
+        assert hop.wait_for(1)[0].original_content.endswith(b"through the line\r\n")
+        ups = [chunk for _, direction, chunk in line.trace if direction == "up"]
+        assert b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" in ups

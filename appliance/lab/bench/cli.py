@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..clamd import ClamdError
-from . import tlsrow
+from . import tlsrow, wanrow
 from .lab import BenchError
 from .procstat import busy_cpu_seconds, load_average, machine_info, own_cpu_seconds
 from .report import Report
 from .results import summarize
 from .runs import execute
 from .tools import check_tools
-from .workload import SCENARIO_KEYS, SCENARIOS, TARGETS, Plan
+from .workload import DIRECT, OURS, SCENARIO_KEYS, SCENARIOS, TARGETS, C, Plan
 
 
 def _csv(choices: Sequence[str], name: str):
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true",
                         help="only the TLS row: ours with TLS on both legs against the same "
                         "load in clear, 1 KB and 100 KB (--quick: fewer messages)")
+    parser.add_argument("--wan", action="store_true",
+                        help="the WAN row: one pipelining session of 20 messages, the next hop "
+                             "25 ms away each way (a delay line): direct, ours, the C one")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results as markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     parser.add_argument("--workdir", metavar="DIR",
@@ -163,10 +166,37 @@ def _tls_row(args: argparse.Namespace) -> int:
     return 0 if tlsrow.ok(runs) else 1
 
 
+def _wan_row(args: argparse.Namespace) -> int:
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    problems = check_tools(make_plan(args))
+    if problems:
+        for problem in problems:
+            print(f"bench: {problem}", file=sys.stderr)
+        return 2
+    own_workdir = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clamsmtp-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    targets = tuple(t for t in (DIRECT, OURS, C) if t in args.targets)
+    try:
+        runs = wanrow.run_wan_comparison(workdir, quick=args.quick, targets=targets, say=say)
+    except (ClamdError, BenchError) as error:
+        say(f"bench: could not start the lab: {error}")
+        return 1
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(wanrow.table(runs), flush=True)
+    return 0 if wanrow.ok(runs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tls:
         return _tls_row(args)
+    if args.wan:
+        return _wan_row(args)
     plan = make_plan(args)
     problems = check_tools(plan)
     if problems:
