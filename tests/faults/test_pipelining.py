@@ -9,23 +9,29 @@ group in one write, as Postfix's smtp client does.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
 import replies as R
 from faultkit import CLOSE, assert_no_spool_files, assert_still_serving
-from helpers import EICAR, read_reply
+from helpers import EICAR, read_reply, starttls
 
 PIPELINING_EHLO = ("250-fake.test", "250-PIPELINING", "250-8BITMIME", "250 SIZE 200000000")
 BODY = b"Subject: pipelined\r\n\r\nhello\r\n.\r\n"
 
 
-def session(appliance, writes: list[tuple[bytes, int]], *, ehlo: bool = True) -> list[str]:
-    """Greeting (and EHLO), then each write in one sendall, reading `n` replies after it."""
-    with socket.create_connection(appliance.address, timeout=15) as sock:
+def session(appliance, writes: list[tuple[bytes, int]], *, ehlo: bool = True,
+            tls: bool = False) -> list[str]:
+    """Greeting (and EHLO), then each write in one sendall, reading `n` replies after it.
+    `tls`: STARTTLS first (the appliance marked client_tls), the rest inside it."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection(appliance.address, timeout=15))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray()
         got = [read_reply(sock, buf)]
+        if tls:
+            sock = stack.enter_context(starttls(sock, buf))
         if ehlo:
             sock.sendall(b"EHLO client.test\r\n")
             got.append(read_reply(sock, buf))
@@ -143,8 +149,10 @@ def test_client_vanishing_mid_group(appliance, next_hop):
     assert_still_serving(appliance, next_hop)
 
 
+@pytest.mark.parametrize("next_hop_options", [{}, {"mode": "lf"}, {"mode": "any"}],
+                         ids=["strict", "splits-on-LF", "splits-on-CR-or-LF"])
 @pytest.mark.fake_next_hop(ehlo=PIPELINING_EHLO)
-def test_smuggling_in_one_packet_with_pipelining(appliance, next_hop):
+def test_smuggling_in_one_packet_with_pipelining(next_hop_options, appliance, next_hop):
     """MAIL, RCPT, DATA, a body hiding a second transaction behind `<LF>.<LF>`, the end, QUIT:
     all in one write. The next hop gets one message with the smuggled text inside it."""
     next_hop.arm()
@@ -234,3 +242,59 @@ def test_next_hop_offering_nothing(appliance, next_hop):
     hop = next_hop.wait_ended(next_hop.armed_session().index)
     assert not reads_holding(hop, b"RCPT TO") or all(
         b"MAIL" not in r for r in reads_holding(hop, b"RCPT TO"))
+
+
+@pytest.mark.fake_next_hop(ehlo=PIPELINING_EHLO)
+@pytest.mark.client_tls
+def test_group_inside_client_tls(appliance, next_hop):
+    """ClientTLS: on: PIPELINING is offered again in the EHLO after STARTTLS, and a group sent
+    in one TLS write reaches the next hop in one write."""
+    next_hop.arm()
+    got = session(appliance, [
+        (group("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>",
+               "RCPT TO:<c@example.com>", "DATA"), 4),
+        (BODY, 1), (b"QUIT\r\n", 1)], tls=True)
+    assert "250-PIPELINING" in got[1].splitlines(), got
+    assert got[2:6] == ["250 2.1.0 OK", "250 2.1.5 OK", "250 2.1.5 OK", R.START_DATA], got
+    assert got[6].startswith("250"), got
+    hop = next_hop.wait_ended(next_hop.armed_session().index)
+    first = reads_holding(hop, b"MAIL FROM")
+    assert len(first) == 1 and first[0].count(b"RCPT TO") == 2, hop.reads
+    assert len(next_hop.delivered()) == 1
+
+
+@pytest.mark.appliance_config(XClient="on")
+@pytest.mark.next_hop_replies(ehlo_extensions=["PIPELINING", "XCLIENT ADDR NAME HELO PROTO"])
+def test_group_after_xclient(appliance, next_hop):
+    """XClient: on: XCLIENT and the repeated EHLO come first, then the group; the next hop's
+    access rules judged the client's address, and the message went through once."""
+    got = session(appliance, [
+        (group("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>", "DATA"), 3),
+        (BODY, 1), (b"QUIT\r\n", 1)])
+    assert "250-PIPELINING" in got[1].splitlines() and "XCLIENT" not in got[1], got
+    assert got[4] == R.START_DATA and got[5].startswith("250"), got
+    [received] = next_hop.wait_for(1)
+    assert received.xclient_addr == "127.0.0.1"
+    events = next_hop.event_names()
+    assert events[:3] == ["EHLO client.test",
+                          "XCLIENT ADDR=127.0.0.1 NAME=localhost HELO=client.test PROTO=ESMTP",
+                          "EHLO client.test"], events
+
+
+@pytest.mark.fake_next_hop(ehlo=("250-fake.test", "250-PIPELINING", "250 SIZE 200"))
+def test_over_the_next_hops_size_in_a_pipelined_session(appliance, next_hop):
+    """A body over the next hop's SIZE: the proxy's 552 after it (nothing of it sent on), the
+    next hop's transaction ended with RSET, and the next group, sent right behind the dot in
+    the same write, goes through."""
+    next_hop.arm()
+    big = b"Subject: big\r\n\r\n" + b"x" * 400 + b"\r\n.\r\n"
+    got = session(appliance, [
+        (group("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>", "DATA"), 3),
+        (big + group("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.com>", "DATA"), 4),
+        (BODY + b"QUIT\r\n", 2)])
+    assert got[5] == "552 5.3.4 Message size exceeds fixed maximum message size", got
+    assert got[6:9] == ["250 2.1.0 OK", "250 2.1.5 OK", R.START_DATA], got
+    assert got[9].startswith("250") and got[10].startswith("221"), got
+    hop = next_hop.wait_ended(next_hop.armed_session().index)
+    assert len(next_hop.delivered()) == 1 and b"x" * 400 not in bytes(hop.raw)
+    assert b"RSET" in hop.commands
