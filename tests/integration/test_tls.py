@@ -398,6 +398,15 @@ def _metric(appliance, name: str) -> float:
     return scrape(port).get(name, 0.0)
 
 
+def _metrics_up(appliance) -> bool:
+    port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.next_hop_tls
 @pytest.mark.appliance_config(**CLIENT_TLS, MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
 def test_metrics_count_sessions_per_leg_and_mode(appliance, next_hop):
@@ -408,6 +417,8 @@ def test_metrics_count_sessions_per_leg_and_mode(appliance, next_hop):
     def counted():
         return [_metric(appliance, name) for name in names]
 
+    # (the SMTP listener may accept before the metrics socket is bound: wait for it)
+    wait_until(lambda: _metrics_up(appliance), what="the metrics endpoint")
     before = counted()
     send(appliance, starttls_context=client_context(next_hop.certs))
     send(appliance)  # client in clear, next hop over TLS
