@@ -39,6 +39,7 @@ class DelayLine:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         #: with trace=True: (time read, "up" or "down", chunk) of every chunk, for a test or
         #: a look at how a dialogue is batched into writes
         self.trace: list[tuple[float, str, bytes]] | None = None
@@ -83,6 +84,9 @@ class DelayLine:
         self._ready.set()
         try:
             loop.run_forever()
+            for writer in list(self._writers):  # every socket closed before the loop is
+                writer.close()
+            loop.run_until_complete(asyncio.sleep(0.01))
         finally:
             loop.close()
 
@@ -99,6 +103,7 @@ class DelayLine:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(client_w)
         self.connections += 1
         try:
             try:
@@ -106,6 +111,7 @@ class DelayLine:
                     asyncio.open_connection(*self.target), 10)
             except (OSError, TimeoutError):
                 return
+            self._writers.add(server_w)
             for writer in (client_w, server_w):
                 sock = writer.get_extra_info("socket")
                 if sock is not None:

@@ -284,20 +284,17 @@ def test_the_tls_row_measures_both_legs_tls_against_clear(tmp_path, capsys):
 @as_root
 @with_tools
 def test_the_wan_row_counts_round_trips(tmp_path, capsys):
-    """`scripts/bench --wan --quick`: the three rows, every message accepted; a round trip costs
-    50 ms, so direct needs about 2 per message, ours 3 (pipelined), the C one 4 (it hides
-    PIPELINING). The bounds are loose: the machine is shared; the counts are what is checked."""
-    from appliance.lab.bench import wanrow
-
+    """`scripts/bench --wan --quick`: the three rows, every message accepted, and the writes
+    that crossed the delay line towards the next hop per message (each waits for a reply: the
+    round trips): direct 2, ours 3 (the group, DATA after the scan, the body), the C one at
+    least 4 (it hides PIPELINING); EHLO and QUIT add 0.1 over 20 messages. Counted, not
+    timed: speed is the benchmark's to report."""
     status = bench.main(["--wan", "--quick", "--workdir", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert status == 0, out
-    rows = {m[1]: float(m[2]) for m in re.finditer(r"  (direct|ours|C clamsmtpd) +([\d.]+) ms",
-                                                  out)}
-    assert set(rows) == {"direct", "ours", "C clamsmtpd"}, out
+    rows = {m[1]: float(m[2]) for m in re.finditer(
+        r"  (direct|ours|C clamsmtpd) .* ([\d.]+) next-hop writes/msg", out)}
+    assert (rows["direct"], rows["ours"]) == (2.1, 3.1), out
+    assert rows["C clamsmtpd"] >= 4.1, out  # (it also writes a message in several pieces)
     assert re.search(r"ours .* pipelined +20/20 accepted", out), out
     assert re.search(r"C clamsmtpd .* one command at a time +20/20 accepted", out), out
-    rtt = 2 * wanrow.DELAY * 1000
-    assert 2 * rtt <= rows["direct"] < 2.8 * rtt, out
-    assert 3 * rtt <= rows["ours"] < 3.8 * rtt, out  # 4 round trips before PIPELINING
-    assert rows["C clamsmtpd"] >= 4 * rtt, out

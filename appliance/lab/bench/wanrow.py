@@ -15,6 +15,7 @@ trips each path needs per message: direct 2, ours 3 (docs/dev/pipelining.md), th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,15 @@ class WANRun:
     accepted: int = 0
     pipelined: bool = False  # the client was offered PIPELINING
     failures: dict[str, int] = field(default_factory=dict)
+    #: per round: the writes that crossed the delay line towards the next hop, EHLO and QUIT
+    #: included. Each one waits for a reply, so per message it counts the round trips.
+    writes: list[int] = field(default_factory=list)
+
+    @property
+    def writes_per_message(self) -> float | None:
+        if not self.writes:
+            return None
+        return sorted(self.writes)[len(self.writes) // 2] / self.messages
 
     @property
     def ms_per_message(self) -> float | None:
@@ -94,11 +104,15 @@ async def _session(port: int, messages: int, timeout: float) -> tuple[int, bool]
             return accepted, pipelining
         finally:
             writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()  # (else the socket outlives asyncio.run, unclosed)
 
 
-def _measure(run: WANRun, port: int, rounds: int) -> None:
+def _measure(run: WANRun, port: int, rounds: int, line: DelayLine) -> None:
     asyncio.run(_session(port, 2, 30.0))  # warm-up: imports, clamd's first scan
     for _ in range(rounds):
+        time.sleep(0.2)  # the warm-up's (or last round's) QUIT has crossed the line
+        line.trace = []
         start = time.perf_counter()
         try:
             accepted, run.pipelined = asyncio.run(_session(port, run.messages, 60.0))
@@ -108,6 +122,9 @@ def _measure(run: WANRun, port: int, rounds: int) -> None:
             continue
         run.seconds.append(time.perf_counter() - start)
         run.accepted += accepted
+        time.sleep(0.2)  # the QUIT crosses the line too
+        run.writes.append(sum(1 for _, way, chunk in line.trace if way == "up" and chunk))
+        line.trace = None
 
 
 def run_wan_comparison(workdir: Path, *, quick: bool = False, targets=(DIRECT, OURS, C),
@@ -123,12 +140,12 @@ def run_wan_comparison(workdir: Path, *, quick: bool = False, targets=(DIRECT, O
             for target in targets:
                 run = WANRun(target, MESSAGES)
                 if target == DIRECT:
-                    _measure(run, line.port, rounds)
+                    _measure(run, line.port, rounds, line)
                 else:
                     notes: list[str] = []
                     proc, port, _, _ = lab.start_proxy(target, notes)
                     try:
-                        _measure(run, port, rounds)
+                        _measure(run, port, rounds, line)
                     finally:
                         stop_process(proc)
                 runs.append(run)
@@ -145,6 +162,8 @@ def row(run: WANRun, direct: WANRun | None = None) -> str:
         text += f"  {ms / direct.ms_per_message:4.2f}x direct"
     elif direct is run:
         text += "  1.00x direct"
+    writes = run.writes_per_message
+    text += f"  {writes:.2f} next-hop writes/msg" if writes is not None else "  ? writes/msg"
     text += f"  {'pipelined' if run.pipelined else 'one command at a time'}"
     text += f"  {run.accepted}/{run.messages * len(run.seconds)} accepted"
     if run.failures:
