@@ -38,6 +38,7 @@ from helpers import (
     read_reply,
     send_raw,
     start_daemon,
+    starttls,
     wait_until,
     write_appliance_config,
 )
@@ -63,8 +64,20 @@ def transaction(appliance, message: bytes, *, timeout: float = 30.0,
                     tls=tls)
 
 
-#: Rows run twice: in clear, and inside a TLS session the proxy terminates (ClientTLS: on)
-CLIENT_LEG = pytest.mark.parametrize("client_leg", ["clear", "tls"])
+#: Rows run twice: in clear (as ever, ClientTLS off), and inside a TLS session the proxy
+#: terminates (ClientTLS: on, the whole dialogue after STARTTLS). Every row whose client speaks
+#: SMTP to the proxy has it. Rows without it, and why:
+#:   test_next_hop_refusing_connections_then_back, test_next_hop_resetting_right_after_accepting,
+#:   test_next_hop_that_never_greets, test_next_hop_closing_before_greeting_gets_421, and the
+#:   "greeting"/"EHLO" stages of test_next_hop_hanging_up_right_after_a_positive_reply: the
+#:   fault comes before (or as the answer to) the client's first EHLO, so there is no STARTTLS
+#:   to run it inside;
+#:   test_next_hop_dropping_the_connection_mid_handshake: the TLS under test is the next hop's;
+#:   test_unusable_temp_directory_is_reported_at_start_up, ..._on_reload: no client at all;
+#:   test_flood_of_twice_max_connections: the fault is at accept (half the burst gets 421 as
+#:   its greeting); the served half is a clear transaction like the other rows.
+CLIENT_LEG = pytest.mark.parametrize(
+    "client_leg", ["clear", pytest.param("tls", marks=pytest.mark.client_tls)])
 
 
 def final_reply(replies: list[str]) -> str:
@@ -74,9 +87,10 @@ def final_reply(replies: list[str]) -> str:
     return replies[5] if len(replies) > 5 else ""
 
 
-def timed_transaction(appliance, message: bytes) -> tuple[list[str], float]:
+def timed_transaction(appliance, message: bytes, *,
+                      tls: bool = False) -> tuple[list[str], float]:
     started = time.monotonic()
-    replies = transaction(appliance, message)
+    replies = transaction(appliance, message, tls=tls)
     return replies, time.monotonic() - started
 
 
@@ -85,11 +99,19 @@ def assert_nothing_delivered(hop) -> None:
     assert delivered_contents(hop) == []
 
 
-def open_session(appliance, timeout: float = 10.0) -> tuple[socket.socket, bytearray]:
-    """A raw client socket past EHLO, MAIL and RCPT."""
+def connect(appliance, timeout: float = 10.0, *,
+            tls: bool = False) -> tuple[socket.socket, bytearray]:
+    """A raw client socket past the greeting; `tls`: and past STARTTLS (ClientTLS: on)."""
     sock = socket.create_connection(appliance.address, timeout=timeout)
     buf = bytearray()
     assert read_reply(sock, buf) == R.GREETING
+    return (starttls(sock, buf) if tls else sock), buf
+
+
+def open_session(appliance, timeout: float = 10.0, *,
+                 tls: bool = False) -> tuple[socket.socket, bytearray]:
+    """A raw client socket past EHLO, MAIL and RCPT (`tls`: all inside STARTTLS)."""
+    sock, buf = connect(appliance, timeout, tls=tls)
     for command in ENVELOPE:
         sock.sendall(command.encode() + b"\r\n")
         assert read_reply(sock, buf)[:1] == "2", command
@@ -99,12 +121,14 @@ def open_session(appliance, timeout: float = 10.0) -> tuple[socket.socket, bytea
 # -- clamd -------------------------------------------------------------------------------------
 
 
-def test_clamd_stopped_then_back_without_restarting_the_daemon(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_stopped_then_back_without_restarting_the_daemon(client_leg, appliance, next_hop,
+                                                               own_clamd):
     """clamd not running (stopped cleanly: its socket file is gone) -> 451; once clamd is back,
     the same daemon scans and delivers again."""
     own_clamd.stop()
     assert not os.path.exists(own_clamd.socket_path)
-    replies = transaction(appliance, clean_message("clamd-down"))
+    replies = transaction(appliance, clean_message("clamd-down"), tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert replies[6].startswith("221")  # the session went on
     assert "status=CLAMAV-ERROR" in appliance.wait_log("status=CLAMAV-ERROR")
@@ -116,9 +140,11 @@ def test_clamd_stopped_then_back_without_restarting_the_daemon(appliance, next_h
 
 @pytest.mark.appliance_config(TimeOut=2)
 @pytest.mark.fake_clamd(behaviour="silent")
-def test_clamd_that_never_answers(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_that_never_answers(client_leg, appliance, next_hop, own_clamd):
     """clamd takes the whole stream and never answers -> 451 after about TimeOut."""
-    replies, took = timed_transaction(appliance, clean_message("silent-clamd"))
+    replies, took = timed_transaction(appliance, clean_message("silent-clamd"),
+                                      tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert 1.5 < took < 2 * 2 + 5 + 2, took
     assert own_clamd.scans == 1
@@ -130,8 +156,9 @@ def test_clamd_that_never_answers(appliance, next_hop, own_clamd):
 
 @pytest.mark.appliance_config(TimeOut=2)
 @pytest.mark.fake_clamd(behaviour="silent")
-def test_scanner_hangs_up_on_a_clamd_that_timed_out(appliance, next_hop, own_clamd):
-    replies = transaction(appliance, clean_message("silent-clamd"))
+@CLIENT_LEG
+def test_scanner_hangs_up_on_a_clamd_that_timed_out(client_leg, appliance, next_hop, own_clamd):
+    replies = transaction(appliance, clean_message("silent-clamd"), tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert own_clamd.scans == 1
     assert own_clamd.faulty_done.wait(2), "the daemon still holds its connection to clamd"
@@ -140,9 +167,11 @@ def test_scanner_hangs_up_on_a_clamd_that_timed_out(appliance, next_hop, own_cla
 
 @pytest.mark.appliance_config(TimeOut=2)
 @pytest.mark.fake_clamd(behaviour="slow", delay=5.0, reply=b"stream: OK\n")
-def test_clamd_answering_after_timeout(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_answering_after_timeout(client_leg, appliance, next_hop, own_clamd):
     """clamd answers "OK", but only after TimeOut -> 451; the late OK is never taken."""
-    replies, took = timed_transaction(appliance, clean_message("late-clamd"))
+    replies, took = timed_transaction(appliance, clean_message("late-clamd"),
+                                      tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert own_clamd.scans == 1
     assert took < 5.0, f"the proxy waited for the late answer ({took:.1f} s)"
@@ -153,10 +182,12 @@ def test_clamd_answering_after_timeout(appliance, next_hop, own_clamd):
 
 @pytest.mark.appliance_config(TimeOut=3)
 @pytest.mark.fake_clamd(behaviour="slow", delay=1.0, reply=b"stream: OK\n")
-def test_clamd_slow_but_within_timeout_is_fine(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_slow_but_within_timeout_is_fine(client_leg, appliance, next_hop, own_clamd):
     """The control for the row above: a slow clamd inside TimeOut is waited for."""
     token = f"slow-ok-{time.time_ns()}"
-    replies, took = timed_transaction(appliance, clean_message(token))
+    replies, took = timed_transaction(appliance, clean_message(token),
+                                      tls=client_leg == "tls")
     assert final_reply(replies).startswith("250 2.0.0"), replies
     assert took >= 1.0 and own_clamd.scans == 1
     [content] = delivered_contents(next_hop)
@@ -165,10 +196,13 @@ def test_clamd_slow_but_within_timeout_is_fine(appliance, next_hop, own_clamd):
 
 @pytest.mark.appliance_config(TimeOut=10, ScanTimeout=3)
 @pytest.mark.fake_clamd(behaviour="trickle", delay=1.0, reply=b"stream: OK\n")
-def test_clamd_trickling_its_answer_is_cut_at_scan_timeout(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_trickling_its_answer_is_cut_at_scan_timeout(client_leg, appliance, next_hop,
+                                                           own_clamd):
     """clamd answers one byte a second (each read well inside TimeOut) -> 451 after
     ScanTimeout, not after TimeOut nor after the 11 s the whole "stream: OK" would take."""
-    replies, took = timed_transaction(appliance, clean_message("trickling-clamd"))
+    replies, took = timed_transaction(appliance, clean_message("trickling-clamd"),
+                                      tls=client_leg == "tls")
     assert final_reply(replies) == R.LOCAL_ERROR
     assert 2.5 < took < 6, took
     assert "did not finish within ScanTimeout (3 s)" in appliance.wait_log("ScanTimeout (3 s)")
@@ -185,11 +219,12 @@ def test_clamd_trickling_its_answer_is_cut_at_scan_timeout(appliance, next_hop, 
 ])
 @pytest.mark.appliance_config(TimeOut=10, ScanTimeout=10)
 @pytest.mark.fake_clamd(behaviour="trickle", delay=0.05)
-def test_clamd_answer_in_pieces_is_read_whole(clamd_options, final, appliance, next_hop,
+@CLIENT_LEG
+def test_clamd_answer_in_pieces_is_read_whole(client_leg, clamd_options, final, appliance, next_hop,
                                               own_clamd):
     """A reply that arrives in pieces (as a clamd on another host may send it over TCP) is
     one answer, not a garbled one: a piece of a line is never taken for the whole line."""
-    replies = transaction(appliance, clean_message("in-pieces"))
+    replies = transaction(appliance, clean_message("in-pieces"), tls=client_leg == "tls")
     assert own_clamd.scans == 1
     assert final_reply(replies).startswith(final), replies
     assert len(delivered_contents(next_hop)) == (final != R.DISCARDED)
@@ -201,7 +236,6 @@ def test_clamd_answer_in_pieces_is_read_whole(clamd_options, final, appliance, n
     pytest.param({"tcp": True, "reset": True}, id="tcp-rst"),
 ])
 @pytest.mark.fake_clamd(behaviour="close_mid", after=1 << 16)
-@pytest.mark.client_tls
 @CLIENT_LEG
 def test_clamd_dying_mid_stream(clamd_options, client_leg, appliance, next_hop, own_clamd):
     """clamd goes away after 64 KiB of an 8 MiB INSTREAM -> 451, nothing delivered.
@@ -227,12 +261,13 @@ def test_clamd_dying_mid_stream(clamd_options, client_leg, appliance, next_hop, 
                  id="mid-stream-tcp"),
 ])
 @pytest.mark.fake_clamd(behaviour="close_at_end")
-def test_clamd_dying_after_the_stream_before_answering(clamd_options, appliance, next_hop,
-                                                       own_clamd):
+@CLIENT_LEG
+def test_clamd_dying_after_the_stream_before_answering(client_leg, clamd_options, appliance,
+                                                       next_hop, own_clamd):
     """clamd hangs up without a verdict, and the daemon's writes all went through (the whole
     stream was read, or still fitted in the socket buffers) -> 451, never 250: only clamd's
     explicit "stream: OK" is clean, never its silence."""
-    replies = transaction(appliance, big_message(1 << 20))
+    replies = transaction(appliance, big_message(1 << 20), tls=client_leg == "tls")
     assert own_clamd.faulty_done.wait(5) and own_clamd.client_gave_up == [False]
     assert final_reply(replies) == R.LOCAL_ERROR
     assert_nothing_delivered(next_hop)
@@ -240,7 +275,8 @@ def test_clamd_dying_after_the_stream_before_answering(clamd_options, appliance,
     assert_still_serving(appliance, next_hop)
 
 
-def test_clamd_sigkilled_while_the_daemon_streams_to_it(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_sigkilled_while_the_daemon_streams_to_it(client_leg, appliance, next_hop, own_clamd):
     """A real clamd, SIGKILLed while a 4 MiB INSTREAM to it is in progress -> 451; clamd
     restarted -> the same daemon delivers again.
 
@@ -254,7 +290,8 @@ def test_clamd_sigkilled_while_the_daemon_streams_to_it(appliance, next_hop, own
     try:
         message = big_message(4 << 20)
         result: list = []
-        client = threading.Thread(target=lambda: result.append(transaction(appliance, message)))
+        client = threading.Thread(target=lambda: result.append(
+            transaction(appliance, message, tls=client_leg == "tls")))
         client.start()
         # the whole body is spooled once the spool file holds it all; the scan starts right then
         wait_until(lambda: any(size >= len(message) - 4096 for size in appliance.spool_sizes()),
@@ -286,10 +323,11 @@ def test_clamd_sigkilled_while_the_daemon_streams_to_it(appliance, next_hop, own
     pytest.param(b"PONG\n", id="wrong-answer"),
 ])
 @pytest.mark.fake_clamd(behaviour="reply")
-def test_clamd_answering_garbage(reply, appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_clamd_answering_garbage(client_leg, reply, appliance, next_hop, own_clamd):
     """clamd's answer to INSTREAM is not "stream: OK" nor "stream: NAME FOUND" -> 451."""
     own_clamd.reply = reply
-    replies = transaction(appliance, clean_message("garbage-clamd"))
+    replies = transaction(appliance, clean_message("garbage-clamd"), tls=client_leg == "tls")
     assert own_clamd.faulty_done.wait(5) and own_clamd.scans >= 1
     assert final_reply(replies) == R.LOCAL_ERROR, replies
     assert_nothing_delivered(next_hop)
@@ -298,9 +336,10 @@ def test_clamd_answering_garbage(reply, appliance, next_hop, own_clamd):
 
 
 @pytest.mark.fake_clamd(behaviour="reply", reply=b"stream: Eicar-Test-Signature FOUNDX\n")
-def test_infected_message_never_passes_a_confused_clamd(appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_infected_message_never_passes_a_confused_clamd(client_leg, appliance, next_hop, own_clamd):
     message = b"Subject: eicar\r\n\r\n" + EICAR + b"\r\n"
-    replies = transaction(appliance, message)
+    replies = transaction(appliance, message, tls=client_leg == "tls")
     assert own_clamd.faulty_done.wait(5)
     assert final_reply(replies)[:1] == "4", replies
     time.sleep(0.2)
@@ -382,7 +421,6 @@ def test_next_hop_closing_before_greeting_gets_421(appliance, next_hop):
 @pytest.mark.parametrize("reply", ["451 4.3.0 Try again later", "554 5.7.1 Go away"],
                          ids=["4xx", "5xx"])
 @pytest.mark.fake_next_hop()
-@pytest.mark.client_tls
 @CLIENT_LEG
 def test_next_hop_refusing_at_each_stage(stage, reply, client_leg, appliance, next_hop):
     """The next hop's refusal at MAIL, RCPT, the DATA command or the end of data reaches the
@@ -411,7 +449,8 @@ def test_next_hop_refusing_at_each_stage(stage, reply, client_leg, appliance, ne
 
 @pytest.mark.parametrize("stage", ["DATA", "DOT"])
 @pytest.mark.fake_next_hop()
-def test_same_session_goes_on_after_a_refused_message(stage, appliance, next_hop):
+@CLIENT_LEG
+def test_same_session_goes_on_after_a_refused_message(client_leg, stage, appliance, next_hop):
     """RFC 5321 4.1.1.4: after the reply to the end of data the transaction is over, failed or
     not; the client's next MAIL in the same session (no RSET) must work."""
     next_hop.arm({stage: "554 5.7.1 Not this one"})
@@ -419,7 +458,7 @@ def test_same_session_goes_on_after_a_refused_message(stage, appliance, next_hop
     replies = send_raw(appliance.host, appliance.port, [
         *ENVELOPE, "DATA", (clean_message("first") + b".\r\n", 1),
         "MAIL FROM:<carol@example.com>", "RCPT TO:<dave@example.com>", "DATA",
-        (second + b".\r\n", 1), "QUIT"])
+        (second + b".\r\n", 1), "QUIT"], tls=client_leg == "tls")
     assert replies[5] == "554 5.7.1 Not this one"
     assert replies[6:9] == ["250 2.1.0 OK", "250 2.1.5 OK", R.START_DATA], replies
     assert replies[9].startswith("250 2.0.0 Ok: queued as FAKE"), replies
@@ -431,15 +470,15 @@ def test_same_session_goes_on_after_a_refused_message(stage, appliance, next_hop
 @pytest.mark.appliance_config(TimeOut=2)
 @pytest.mark.parametrize("stage", ["MAIL", "DATA", "DOT"])
 @pytest.mark.fake_next_hop()
-def test_next_hop_hanging(stage, appliance, next_hop):
+@CLIENT_LEG
+def test_next_hop_hanging(client_leg, stage, appliance, next_hop):
     """The next hop stops answering (at MAIL, at the DATA command, after the final dot) -> the
     client gets a 4xx after about TimeOut, not a hang: 421 between commands, the original's 451
     as the answer to a message; nothing is delivered."""
     next_hop.arm({stage: HANG})
     started = time.monotonic()
-    with socket.create_connection(appliance.address, timeout=20) as sock:
-        buf = bytearray()
-        assert read_reply(sock, buf) == R.GREETING
+    sock, buf = connect(appliance, 20, tls=client_leg == "tls")
+    with sock:
         sock.sendall(b"EHLO client.test\r\n")
         assert read_reply(sock, buf).startswith("250")
         for command in ENVELOPE[1:] + ["DATA"]:
@@ -472,7 +511,6 @@ def test_next_hop_hanging(stage, appliance, next_hop):
     pytest.param({"script": {"DOT": CLOSE}}, id="after-dot-without-reply"),
 ])
 @pytest.mark.fake_next_hop()
-@pytest.mark.client_tls
 @CLIENT_LEG
 def test_next_hop_closing(how, client_leg, appliance, next_hop):
     """The next hop drops the connection (FIN or RST) anywhere -> the client gets a 4xx and is
@@ -517,9 +555,14 @@ def test_next_hop_dropping_the_connection_mid_handshake(out_tls, appliance, next
     assert_no_spool_files(appliance)
 
 
-@pytest.mark.parametrize("stage", ["greeting", "EHLO", "MAIL", "RCPT", "DOT"])
+@pytest.mark.parametrize(("stage", "client_leg"), [
+    *[(stage, "clear") for stage in ("greeting", "EHLO", "MAIL", "RCPT", "DOT")],
+    # (not "greeting" nor "EHLO" inside TLS: that fault answers the client's first EHLO)
+    *[pytest.param(stage, "tls", marks=pytest.mark.client_tls)
+      for stage in ("MAIL", "RCPT", "DOT")],
+])
 @pytest.mark.fake_next_hop()
-def test_next_hop_hanging_up_right_after_a_positive_reply(stage, appliance, next_hop):
+def test_next_hop_hanging_up_right_after_a_positive_reply(stage, client_leg, appliance, next_hop):
     """The next hop answers (220, 250, 250 to the message) and closes at once -> the client
     gets that reply, then the proxy's 421, never a connection dropped without a word. A
     message it said 250 to was delivered once."""
@@ -528,9 +571,9 @@ def test_next_hop_hanging_up_right_after_a_positive_reply(stage, appliance, next
     next_hop.arm({stage: ThenClose(replies[stage])})
     steps = [*ENVELOPE, "DATA", clean_message("hang-up").decode() + "."]
     stop = {"greeting": 0, "EHLO": 1, "MAIL": 2, "RCPT": 3, "DOT": 5}[stage]
-    with socket.create_connection(appliance.address, timeout=20) as sock:
-        buf = bytearray()
-        said = [read_reply(sock, buf)]
+    sock, buf = connect(appliance, 20, tls=client_leg == "tls")
+    with sock:
+        said = [R.GREETING]
         for command in steps[:stop]:
             sock.sendall(command.encode() + b"\r\n")
             said.append(read_reply(sock, buf))
@@ -559,7 +602,8 @@ def _umount(path) -> None:
 
 
 @pytest.mark.root
-def test_temp_directory_full(appliance, next_hop):
+@CLIENT_LEG
+def test_temp_directory_full(client_leg, appliance, next_hop):
     """A 1 MiB TempDirectory and a 2 MiB message -> 451 (the whole body is still read, so the
     session stays in step); a small one in the same session then goes through."""
     spool = appliance.spool_dir
@@ -569,7 +613,8 @@ def test_temp_directory_full(appliance, next_hop):
         token = f"fits-{time.time_ns()}"
         replies = send_raw(appliance.host, appliance.port, [
             *ENVELOPE, "DATA", (message + b".\r\n", 1),
-            *ENVELOPE[1:], "DATA", (clean_message(token) + b".\r\n", 1), "QUIT"])
+            *ENVELOPE[1:], "DATA", (clean_message(token) + b".\r\n", 1), "QUIT"],
+            tls=client_leg == "tls")
         assert replies[5] == R.LOCAL_ERROR, replies[:6]
         assert replies[6:9] == ["250 2.1.0 OK", "250 2.1.5 OK", R.START_DATA]
         assert replies[9].startswith("250 2.0.0"), replies
@@ -583,7 +628,8 @@ def test_temp_directory_full(appliance, next_hop):
 
 
 @pytest.mark.parametrize("how", ["missing", "not-a-directory", "read-only"])
-def test_temp_directory_unusable(how, appliance, next_hop):
+@CLIENT_LEG
+def test_temp_directory_unusable(client_leg, how, appliance, next_hop):
     """TempDirectory missing, a file, or read-only: a body too big to keep in memory -> 451 and
     the session goes on; a small one in the same session never needed the disk and is delivered;
     once the directory is fixed the same daemon spools big ones again."""
@@ -604,7 +650,8 @@ def test_temp_directory_unusable(how, appliance, next_hop):
     try:
         replies = send_raw(appliance.host, appliance.port, [
             *ENVELOPE, "DATA", (big + b".\r\n", 1),
-            *ENVELOPE[1:], "DATA", (clean_message(token) + b".\r\n", 1), "QUIT"])
+            *ENVELOPE[1:], "DATA", (clean_message(token) + b".\r\n", 1), "QUIT"],
+            tls=client_leg == "tls")
         assert replies[5] == R.LOCAL_ERROR, replies[:6]
         assert replies[6:9] == ["250 2.1.0 OK", "250 2.1.5 OK", R.START_DATA]
         assert replies[9].startswith("250 2.0.0"), replies
@@ -621,7 +668,7 @@ def test_temp_directory_unusable(how, appliance, next_hop):
                 spool.unlink()
             spool.mkdir(mode=0o700)
     next_hop.clear()
-    replies = transaction(appliance, big)
+    replies = transaction(appliance, big, tls=client_leg == "tls")
     assert final_reply(replies).startswith("250 2.0.0"), replies
     assert_still_serving(appliance, next_hop)
 
@@ -658,11 +705,12 @@ def test_unusable_temp_directory_is_reported_on_reload(appliance, tmp_path):
 
 
 @pytest.mark.fake_next_hop()
-def test_client_resetting_mid_data(appliance, next_hop):
+@CLIENT_LEG
+def test_client_resetting_mid_data(client_leg, appliance, next_hop):
     """The client sends half a body, then an RST (SO_LINGER 0): nothing is delivered, the spool
     is cleaned up at once (not at shutdown), the next hop is hung up on, the daemon serves on."""
     next_hop.arm()
-    sock, _ = open_session(appliance)
+    sock, _ = open_session(appliance, tls=client_leg == "tls")
     sock.sendall(b"DATA\r\n")
     assert sock.recv(100).startswith(b"354")
     sock.sendall(b"Subject: half\r\n\r\n" + base64.b64encode(os.urandom(300_000)))
@@ -678,14 +726,16 @@ def test_client_resetting_mid_data(appliance, next_hop):
 @pytest.mark.appliance_config(TimeOut=5)
 @pytest.mark.fake_clamd(behaviour="slow", delay=1.0, reply=b"stream: OK\n")
 @pytest.mark.fake_next_hop()
-def test_client_leaving_while_its_message_is_scanned(close, appliance, next_hop, own_clamd):
+@CLIENT_LEG
+def test_client_leaving_while_its_message_is_scanned(client_leg, close, appliance, next_hop,
+                                                     own_clamd):
     """The client sends the whole message, then leaves while clamd is still busy. It was never
     told 250, so it will send again: the message may be delivered once (today: after a FIN the
     proxy finishes the job, an RST cancels the session) or dropped, never twice; nothing is
     left behind."""
     next_hop.arm()
     token = f"orphan-{time.time_ns()}".encode()
-    sock, _ = open_session(appliance)
+    sock, _ = open_session(appliance, tls=client_leg == "tls")
     sock.sendall(b"DATA\r\n")
     assert sock.recv(100).startswith(b"354")
     sock.sendall(clean_message(token.decode()) + b".\r\n")
@@ -769,13 +819,13 @@ def _drip(sock: socket.socket, data: bytes, gap: float) -> None:
 
 
 @pytest.mark.appliance_config(TimeOut=1)
-def test_slow_drip_command_within_timeout(appliance, next_hop):
+@CLIENT_LEG
+def test_slow_drip_command_within_timeout(client_leg, appliance, next_hop):
     """A command dripped one byte every 0.2 s (TimeOut 1 s; the whole line takes 2.8 s) is
     accepted, since the client is never silent for TimeOut."""
-    with socket.create_connection(appliance.address, timeout=10) as sock:
+    sock, buf = connect(appliance, tls=client_leg == "tls")
+    with sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = bytearray()
-        assert read_reply(sock, buf) == R.GREETING
         sock.sendall(b"HELO client.test\r\n")
         assert read_reply(sock, buf).startswith("250")
         _drip(sock, b"MAIL FROM:<>\r\n", 0.2)
@@ -785,10 +835,11 @@ def test_slow_drip_command_within_timeout(appliance, next_hop):
 
 
 @pytest.mark.appliance_config(TimeOut=1)
-def test_slow_drip_body_within_timeout(appliance, next_hop):
+@CLIENT_LEG
+def test_slow_drip_body_within_timeout(client_leg, appliance, next_hop):
     """A body dripped one byte every 0.2 s (TimeOut 1 s; 3 s in all) is delivered intact."""
     body = b"S: d\r\n\r\nhi\r\n"
-    sock, buf = open_session(appliance)
+    sock, buf = open_session(appliance, tls=client_leg == "tls")
     with sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"DATA\r\n")
@@ -805,10 +856,11 @@ def test_slow_drip_body_within_timeout(appliance, next_hop):
 
 @pytest.mark.appliance_config(TimeOut=2)
 @pytest.mark.fake_next_hop()
-def test_client_stalling_mid_command(appliance, next_hop):
+@CLIENT_LEG
+def test_client_stalling_mid_command(client_leg, appliance, next_hop):
     """Half a command, then silence past TimeOut -> the 421 timeout reply, the connection is
     closed, and the half command never reaches the next hop."""
-    sock, buf = open_session(appliance)
+    sock, buf = open_session(appliance, tls=client_leg == "tls")
     with sock:
         sock.sendall(b"DATA\r\n")
         assert read_reply(sock, buf) == R.START_DATA
