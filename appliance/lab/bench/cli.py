@@ -147,46 +147,46 @@ def run_benchmark(args: argparse.Namespace, say=print, plan: Plan | None = None)
     return Report(started, seconds, mode, machine, plan, runs, summaries)
 
 
-def _tls_row(args: argparse.Namespace) -> int:
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
+
+def _compare_in_workdir(args: argparse.Namespace, compare) -> list | None:
+    """Run one comparison (`compare(workdir)`) in --workdir or a temporary directory removed
+    after; None, said on stderr, when its lab could not start."""
     own_workdir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clamsmtp-bench-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        runs = tlsrow.run_tls_comparison(workdir, quick=args.quick, say=say)
+        return compare(workdir)
     except (ClamdError, BenchError) as error:
-        say(f"bench: could not start the lab: {error}")
-        return 1
+        _say(f"bench: could not start the lab: {error}")
+        return None
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tls_row(args: argparse.Namespace) -> int:
+    runs = _compare_in_workdir(
+        args, lambda workdir: tlsrow.run_tls_comparison(workdir, quick=args.quick, say=_say))
+    if runs is None:
+        return 1
     print(tlsrow.table(runs), flush=True)
     return 0 if tlsrow.ok(runs) else 1
 
 
 def _wan_row(args: argparse.Namespace) -> int:
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     problems = check_tools(make_plan(args))
     if problems:
         for problem in problems:
             print(f"bench: {problem}", file=sys.stderr)
         return 2
-    own_workdir = args.workdir is None
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clamsmtp-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     targets = tuple(t for t in (DIRECT, OURS, C) if t in args.targets)
-    try:
-        runs = wanrow.run_wan_comparison(workdir, quick=args.quick, targets=targets, say=say)
-    except (ClamdError, BenchError) as error:
-        say(f"bench: could not start the lab: {error}")
+    runs = _compare_in_workdir(args, lambda workdir: wanrow.run_wan_comparison(
+        workdir, quick=args.quick, targets=targets, say=_say))
+    if runs is None:
         return 1
-    finally:
-        if own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(wanrow.table(runs), flush=True)
     return 0 if wanrow.ok(runs) else 1
 
