@@ -162,16 +162,22 @@ def test_listen_address_in_use(tmp_path, next_hop):
     del port
 
 
+def _detached_conf(tmp_path: Path, next_hop, clam_address: str, port: int, pid_file: Path,
+                   temp_directory: Path | None = None, extra: str = "") -> Path:
+    """The config the detached-daemon tests start: Listen on `port`, the next hop, clamd."""
+    conf = tmp_path / "clamsmtpd.conf"
+    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
+                    f"ClamAddress: {clam_address}\nTempDirectory: {temp_directory or tmp_path}\n"
+                    f"{extra}PidFile: {pid_file}\n")
+    return conf
+
+
 def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd):
     port = free_port()
     pid_file = tmp_path / "clamsmtpd.pid"
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(
-        f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
-        f"ClamAddress: {clamd.socket_path}\nTempDirectory: {spool}\nPidFile: {pid_file}\n"
-    )
+    conf = _detached_conf(tmp_path, next_hop, clamd.socket_path, port, pid_file, spool)
     code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr")  # no -d: it forks,
     assert code == 0, stderr  # and the first process returns once the daemon serves
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
@@ -260,10 +266,7 @@ def test_with_no_syslog_it_says_so_once_and_logs_to_stderr(tmp_path, next_hop, c
     localhost:514, where nothing listens. It says so once, and its stderr gets the log."""
     pid_file = tmp_path / "clamsmtpd.pid"
     port = free_port()
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n"
-                    f"PidFile: {pid_file}\n")
+    conf = _detached_conf(tmp_path, next_hop, clamd.socket_path, port, pid_file)
     stderr = tmp_path / "stderr"
     try:
         code, said = run_detached("-f", str(conf), stderr=stderr,
@@ -286,10 +289,7 @@ def test_with_journald_but_no_syslog_it_logs_to_journald(tmp_path, next_hop, cla
 
     pid_file = tmp_path / "clamsmtpd.pid"
     port = free_port()
-    conf = tmp_path / "clamsmtpd.conf"
-    conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n"
-                    f"PidFile: {pid_file}\n")
+    conf = _detached_conf(tmp_path, next_hop, clamd.socket_path, port, pid_file)
     journal = tmp_path / "journal.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journald:
         journald.bind(str(journal))
@@ -360,10 +360,8 @@ def test_daemon_mode_does_not_wait_for_a_silent_clamd(tmp_path, next_hop):
     pid_file = tmp_path / "clamsmtpd.pid"
     port = free_port()
     with _silent_clamd(tmp_path / "clamd.ctl") as clamd_path:
-        conf = tmp_path / "clamsmtpd.conf"
-        conf.write_text(f"OutAddress: 127.0.0.1:{next_hop.port}\nListen: 127.0.0.1:{port}\n"
-                        f"ClamAddress: {clamd_path}\nTempDirectory: {tmp_path}\nTimeOut: 60\n"
-                        f"PidFile: {pid_file}\n")
+        conf = _detached_conf(tmp_path, next_hop, clamd_path, port, pid_file,
+                              extra="TimeOut: 60\n")
         started = time.monotonic()
         try:
             code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr")
