@@ -69,6 +69,14 @@ def own_clamd(tmp_path_factory):
         yield daemon
 
 
+@pytest.fixture
+def small_clamd(tmp_path_factory):
+    """A private clamd whose StreamMaxLength is 100K: what clamd refuses as too big to scan."""
+    with PrivateClamd(tmp_path_factory.mktemp("small-clamd"),
+                      settings={"StreamMaxLength": "100K"}) as daemon:
+        yield daemon
+
+
 # -- next hop -------------------------------------------------------------------------------
 
 
@@ -197,9 +205,11 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
 
     On teardown it is stopped (SIGTERM, then SIGKILL) and its spool must be empty.
     """
-    # a test (or module) that asks for `own_clamd`, or defines `appliance_clamd`, gets it here
+    # a test that asks for `own_clamd` or `small_clamd`, or a module that defines
+    # `appliance_clamd`, gets it here
     clamd_fixture = next(
-        (name for name in ("own_clamd", "appliance_clamd") if name in request.fixturenames),
+        (name for name in ("own_clamd", "small_clamd", "appliance_clamd")
+         if name in request.fixturenames),
         "clamd",
     )
     scanner: PrivateClamd = request.getfixturevalue(clamd_fixture)

@@ -9,8 +9,6 @@ import signal
 import pytest
 from helpers import send_raw, smtp_client, wait_until
 
-from appliance.lab import PrivateClamd
-
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
 
 
@@ -32,23 +30,9 @@ def test_sighup_does_not_break_sessions_already_open(appliance, next_hop):
     assert len(next_hop.wait_for(2)) == 2
 
 
-@pytest.fixture
-def small_clamd(tmp_path_factory):
-    with PrivateClamd(tmp_path_factory.mktemp("small-clamd"),
-                      settings={"StreamMaxLength": "100K"}) as clamd:
-        yield clamd
-
-
-@pytest.fixture
-def appliance_clamd(request):
-    """The clamd `appliance` uses in this module: the small one where a test asks for it."""
-    name = "small_clamd" if "small_clamd" in request.fixturenames else "clamd"
-    return request.getfixturevalue(name)
-
-
 @pytest.mark.parametrize("size", [150_000, 5_000_000])
 def test_message_over_clamds_stream_limit_is_deferred_with_the_reason(
-    small_clamd, appliance_clamd, appliance, next_hop, size
+    small_clamd, appliance, next_hop, size
 ):
     with smtp_client(appliance) as client:
         client.ehlo()

@@ -24,7 +24,6 @@ from helpers import (
 )
 
 from appliance.dotstuff import stuff
-from appliance.lab import PrivateClamd
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -190,23 +189,9 @@ def test_oversize_defer(appliance, next_hop):
     assert len(next_hop.messages) == 1
 
 
-@pytest.fixture
-def small_clamd(tmp_path_factory):
-    with PrivateClamd(tmp_path_factory.mktemp("small-clamd"),
-                      settings={"StreamMaxLength": "100K"}) as clamd:
-        yield clamd
-
-
-@pytest.fixture
-def appliance_clamd(request):
-    """The clamd `appliance` uses in this module: the small one where a test asks for it."""
-    name = "small_clamd" if "small_clamd" in request.fixturenames else "clamd"
-    return request.getfixturevalue(name)
-
-
 @pytest.mark.appliance_config(OversizeAction="pass")
 def test_too_big_for_clamd_is_passed_with_oversize_pass(
-    small_clamd, appliance_clamd, appliance, next_hop
+    small_clamd, appliance, next_hop
 ):
     assert send(appliance, big_message(300_000)).startswith("250 ")
     [received] = next_hop.wait_for(1)
@@ -217,14 +202,14 @@ def test_too_big_for_clamd_is_passed_with_oversize_pass(
 
 @pytest.mark.appliance_config(OversizeAction="reject")
 def test_too_big_for_clamd_is_rejected_with_oversize_reject(
-    small_clamd, appliance_clamd, appliance, next_hop
+    small_clamd, appliance, next_hop
 ):
     assert send(appliance, big_message(300_000)) == "552 5.3.4 Message too big to be scanned"
     assert next_hop.messages == []
 
 
 def test_too_big_for_clamd_without_the_directives_is_a_scan_error_as_before(
-    small_clamd, appliance_clamd, appliance, next_hop
+    small_clamd, appliance, next_hop
 ):
     assert send(appliance, big_message(300_000)) == R.LOCAL_ERROR
     assert "status=CLAMAV-ERROR" in appliance.wait_log("status=")
