@@ -12,7 +12,9 @@ Imported as ``from netsetup_fakes import ...`` (this folder is on sys.path, as f
 from __future__ import annotations
 
 import ipaddress
+import os
 
+from netsetup import discovery
 from netsetup.backends.iptables import HOOKS, NatState, Op, rule_args
 from netsetup.discovery import HostFacts, Interface, NftTable
 from netsetup.plan import RedirectPlan
@@ -164,3 +166,15 @@ FACTS = HostFacts(
     forwarding={4: True, 6: False},
     ipv6=True,
 )
+
+
+def fake_root_host(nat, monkeypatch, tmp_path, config_text: str):
+    """Root, the interfaces of FACTS, no nftables rules, and a clamsmtpd.conf of `config_text`
+    that `nat` (a FakeNat) names as the command's config."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(discovery, "discover", lambda: FACTS)
+    monkeypatch.setattr(discovery, "nft_tables", lambda: ())
+    config = tmp_path / "clamsmtpd.conf"
+    config.write_text(config_text)
+    nat.config = str(config)
+    return nat

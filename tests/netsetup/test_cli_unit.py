@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 import pytest
-from netsetup_fakes import FACTS, NFT_HOST, FakeNat, FakeNft, quiet
+from netsetup_fakes import FACTS, NFT_HOST, FakeNat, FakeNft, fake_root_host, quiet
 
 from netsetup import cli, discovery
 from netsetup.backends.iptables import FAIL_AFTER_ENV, IptablesBackend, enable_ops
@@ -19,13 +19,7 @@ from netsetup.plan import RedirectPlan
 @pytest.fixture
 def host(nat, monkeypatch, tmp_path):
     """Root, the interfaces above, no nftables rules, a config with Listen: 10030."""
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(discovery, "discover", lambda: FACTS)
-    monkeypatch.setattr(discovery, "nft_tables", lambda: ())
-    config = tmp_path / "clamsmtpd.conf"
-    config.write_text("OutAddress: 10025\nListen: 10030\n")
-    nat.config = str(config)
-    return nat
+    return fake_root_host(nat, monkeypatch, tmp_path, "OutAddress: 10025\nListen: 10030\n")
 
 
 def test_cli_enable_dry_run_prints_plan_and_commands(host, capsys):

@@ -3,12 +3,10 @@ the CLI around them: exact ordered operations, as for REDIRECT (no root, no kern
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from netsetup_fakes import FACTS, FakeNat
+from netsetup_fakes import FakeNat, fake_root_host
 
-from netsetup import cli, discovery
+from netsetup import cli
 from netsetup.backends.iptables import enable_ops
 from netsetup.backends.nft import render_script
 from netsetup.errors import ExitCode
@@ -66,13 +64,7 @@ def test_nft_tproxy_script_is_one_mangle_priority_filter_chain():
 
 @pytest.fixture
 def host(nat, monkeypatch, tmp_path):
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(discovery, "discover", lambda: FACTS)
-    monkeypatch.setattr(discovery, "nft_tables", lambda: ())
-    config = tmp_path / "clamsmtpd.conf"
-    config.write_text("TransparentProxy: full\nListen: 10025\n")
-    nat.config = str(config)
-    return nat
+    return fake_root_host(nat, monkeypatch, tmp_path, "TransparentProxy: full\nListen: 10025\n")
 
 
 def _commands(out: str) -> list[str]:
