@@ -19,6 +19,7 @@ from typing import Any
 
 from appliance.addresses import Address, parse_address
 from appliance.header import template_problems
+from appliance.replies import REPLY_REJECTED
 
 DEFAULT_CONFIG_PATH = "/etc/clamsmtpd.conf"
 DEFAULT_HEADER = "X-Virus-Scanned: ClamAV using ClamSMTP"
@@ -29,7 +30,7 @@ OVERSIZE_ACTIONS = ("pass", "defer", "reject")
 MAX_SCAN_SIZE = 4 << 30
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: The original's reply to an infected message with Action: bounce; RejectMessage replaces it.
-DEFAULT_REJECT_MESSAGE = "550 Virus Detected; Content Rejected"
+DEFAULT_REJECT_MESSAGE = REPLY_REJECTED
 MAX_VIRUS_PATTERN = 200
 DEFAULT_INFECTED_HOST_BLOCK = 3600
 MAX_INFECTED_COUNT = 1000

@@ -18,7 +18,6 @@ from .maillog import log
 
 #: The most addresses tracked (with recent infections), and the most blocked at once.
 MAX_HOSTS = 10000
-REPLY_BLOCKED = "421 4.7.0 Too many infected messages from your address; try again later"
 
 
 class InfectedHosts:

@@ -5,6 +5,11 @@ Pure functions on bytes, so each rule is a one-line test.
 
 from __future__ import annotations
 
+from .replies import PASSTHRU_NAME, XFILTERED
+
+_PASSTHRU = PASSTHRU_NAME.encode()
+_XFILTERED = b" " + XFILTERED.encode()
+
 #: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original
 #: did, and PIPELINING too; the relay reads pipelined groups now, RFC 2920, so it stays).
 FILTERED_EXTENSIONS = frozenset(
@@ -27,13 +32,13 @@ def filter_ehlo(lines: tuple[bytes, ...], add: tuple[bytes, ...] = ()) -> tuple[
     last = len(lines) - 1
     first = lines[0]
     cont = first[3:4] == b"-"
-    out = [first[:3] + (b"-" if cont else b" ") + b"smtp.passthru"]
+    out = [first[:3] + (b"-" if cont else b" ") + _PASSTHRU]
     for i, line in enumerate(lines[1:], start=1):
         words = line[4:].split(None, 1)
         keyword = words[0].upper() if words else b""  # (a line of only blanks is kept)
         if keyword in FILTERED_EXTENSIONS:
             if i == last:
-                out.append(line[:3] + b" XFILTERED")
+                out.append(line[:3] + _XFILTERED)
             continue
         out.append(line)
     if add:

@@ -17,12 +17,18 @@ from .actions import VirusEvent, quarantine
 from .dotstuff import DataDecoder, Stuffer, stuff
 from .header import expand_header
 from .maillog import summary
+from .replies import (
+    REPLY_LOCAL_ERROR,
+    REPLY_NEED_RCPT,
+    REPLY_START_DATA,
+    REPLY_TIMEOUT,
+    REPLY_TOO_BIG,
+)
 from .scanner import ERROR, OVERSIZE, ScanResult
 from .spool import Spool, SpoolError
 from .upstream import Reply, UpstreamError
 from .verdict import (
     FORWARD,
-    REPLY_LOCAL_ERROR,
     STATUS_ALLOWED,
     Policy,
     Verdict,
@@ -32,10 +38,6 @@ from .verdict import (
 )
 
 DATA_CHUNK = 1 << 18
-REPLY_START_DATA = "354 Start mail input; end with <CRLF>.<CRLF>"
-REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
-REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing connection"
-REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
 class ClientGone(Exception):

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from . import origdst
 from .addresses import Address
 from .config import Config, Transparency
-from .relay import REPLY_LOOP, DestinationError
+from .relay import DestinationError
+from .replies import REPLY_LOOP
 
 Destination = Callable[[str, object], Address]
 

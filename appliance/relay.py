@@ -27,7 +27,7 @@ from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
 from .config import Config, Transparency
-from .containment import REPLY_BLOCKED, InfectedHosts
+from .containment import InfectedHosts
 from .dialogue import (
     GROUPED_VERBS,
     advertises,
@@ -39,46 +39,50 @@ from .dialogue import (
     xforward_attributes,
 )
 from .maillog import ConnectionLog, next_connection_id, summary
-from .message import REPLY_TIMEOUT, ClientGone, MessageFlow, NextHopLostInMessage
+from .message import ClientGone, MessageFlow, NextHopLostInMessage
+from .replies import (
+    PASSTHRU_NAME,
+    REPLY_AUTH_LINE_TOO_LONG,
+    REPLY_AUTH_NEEDS_TLS,
+    REPLY_BARE_CR,
+    REPLY_BLOCKED,
+    REPLY_GREETING,
+    REPLY_LINE_TOO_LONG,
+    REPLY_LOCAL_ERROR,
+    REPLY_LOOP,
+    REPLY_NEXT_HOP_DOWN,
+    REPLY_NEXT_HOP_INSECURE,
+    REPLY_NEXT_HOP_LOST,
+    REPLY_NOT_IMPLEMENTED,
+    REPLY_NUL,
+    REPLY_SEND_EHLO_FIRST,
+    REPLY_SHUTDOWN,
+    REPLY_TIMEOUT,
+    REPLY_TLS_ACTIVE,
+    REPLY_TLS_IN_TRANSACTION,
+    REPLY_TLS_READY,
+    REPLY_TLS_SYNTAX,
+    REPLY_TOO_MANY_RECIPIENTS,
+    REPLY_XCLIENT,
+    REPLY_XCLIENT_FAILED,
+)
 from .scanner import Scanner
 from .splice import splice
 from .tls import TLSContexts
 from .upstream import HandshakeError, OwnConnections, Reply, Upstream, UpstreamError
-from .verdict import REPLY_LOCAL_ERROR, Unscanned
+from .verdict import Unscanned
 
 T = TypeVar("T")
 
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
 MAX_LINE = 4222
 
-REPLY_GREETING = b"220 smtp.passthru"
-REPLY_LINE_TOO_LONG = "500 Line too long"
-REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
-REPLY_XCLIENT = "554 Insufficient authorization"
-REPLY_NEXT_HOP_DOWN = "421 4.4.1 Local Error, cannot connect to next hop; try again later"
-REPLY_NEXT_HOP_LOST = "421 4.4.2 Local Error, connection to next hop lost; try again later"
-REPLY_BARE_CR = "500 5.5.2 Error: bare CR in command line"
-REPLY_NUL = "500 5.5.2 Error: NUL character in command line"
-REPLY_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
-REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 #: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
 MAX_RECIPIENTS = 1000
 #: Commands of one pipelined group sent to the next hop in one write. Only lines already read
 #: from the client are taken, and the next group is read after this one's replies went out:
 #: 1000 commands in one write cost this many lines of memory, not 1000.
 MAX_GROUP = 100
-REPLY_LOOP = "421 4.4.6 Local Error, mail loop detected"
-REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
-REPLY_XCLIENT_FAILED = "421 4.7.0 Local Error, the next hop did not accept XCLIENT; try again later"
-REPLY_NEXT_HOP_INSECURE = (
-    "421 4.7.0 Local Error, cannot encrypt the connection to next hop; try again later"
-)
-REPLY_SEND_EHLO_FIRST = "503 5.5.1 Error: send HELO/EHLO first"
-REPLY_TLS_READY = "220 2.0.0 Ready to start TLS"
-REPLY_TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
-REPLY_TLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
-REPLY_TLS_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
-REPLY_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"
 #: Before the next hop's leg is encrypted (OutTLS: encrypt, verify) only these are relayed.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"QUIT", b"NOOP", b"RSET"})
 
@@ -177,7 +181,7 @@ class RelaySession(MessageFlow, SMTP):
         )
         self.loop = loop
         self.event_handler = _NO_HOOKS
-        self.hostname = "smtp.passthru"
+        self.hostname = PASSTHRU_NAME
         self._timeout_duration = context.config.timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
         self._original_transport = None
@@ -368,7 +372,7 @@ class RelaySession(MessageFlow, SMTP):
             return
         if greeting.code == 220 and len(greeting.lines) == 1:
             self._debug_lines("SERVER > ", greeting.lines)
-            greeting = Reply(220, (REPLY_GREETING,))
+            greeting = Reply(220, (REPLY_GREETING.encode(),))
         await self._push_reply(greeting)
         await self._end_if_next_hop_left(greeting)
         while not self._closing:

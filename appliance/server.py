@@ -22,13 +22,14 @@ from .containment import InfectedHosts
 from .maillog import log
 from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
+from .replies import REPLY_BUSY
 from .scanner import Scanner
 from .spool import MEMORY_LIMIT, check_directory
 from .tls import TLSContexts
 from .tls import load as load_tls
 from .upstream import OwnConnections, set_transparent
 
-REPLY_BUSY = b"421 Server busy, too many connections\r\n"
+_BUSY = (REPLY_BUSY + "\r\n").encode()
 #: The original's listen backlog was 5; a burst of clients deserves a real queue.
 BACKLOG = 128
 #: Scans run at most this many at once (clamd's default MaxThreads is 10).
@@ -121,7 +122,7 @@ class _Busy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.error("too many connections open (max %d). sent busy response", self.limit)
-        transport.write(REPLY_BUSY)  # type: ignore[attr-defined]
+        transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
 
 

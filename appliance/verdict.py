@@ -13,17 +13,18 @@ import fnmatch
 import ipaddress
 from dataclasses import dataclass
 
-from .config import DEFAULT_REJECT_MESSAGE, Config, IPNetwork
+from .config import Config, IPNetwork
+from .replies import (
+    REPLY_DISCARDED,
+    REPLY_LOCAL_ERROR,
+    REPLY_OVERSIZE_DEFERRED,
+    REPLY_OVERSIZE_REJECTED,
+    REPLY_REJECTED,
+)
 from .scanner import CLEAN, OVERSIZE, VIRUS, ScanResult
 
 FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
 
-# The C original's exact reply strings (clamsmtp-behaviour.md 5.10).
-REPLY_DISCARDED = "250 Virus Detected; Discarded Email"
-REPLY_REJECTED = DEFAULT_REJECT_MESSAGE
-REPLY_LOCAL_ERROR = "451 Local Error"
-REPLY_OVERSIZE_REJECTED = "552 5.3.4 Message too big to be scanned"
-REPLY_OVERSIZE_DEFERRED = "451 4.3.4 Message too big to be scanned; try again later"
 #: The log status of a message delivered because its virus is in VirusAllow: ALLOWED:<name>
 STATUS_ALLOWED = "ALLOWED"
 #: The log status of a message refused or deferred because it is too big to scan.

@@ -37,3 +37,15 @@ TLS_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required"
 #: a command line with a NUL: never relayed (a C next hop would read `DATA\0x` as DATA)
 NUL = "500 5.5.2 Error: NUL character in command line"
+TLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+#: the message grew past the next hop's SIZE
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+OVERSIZE_REJECTED = "552 5.3.4 Message too big to be scanned"
+OVERSIZE_DEFERRED = "451 4.3.4 Message too big to be scanned; try again later"
+#: InfectedHostLimit: the client's address is blocked
+BLOCKED = "421 4.7.0 Too many infected messages from your address; try again later"
+#: transparent mode found the proxy itself (or the client) as the destination
+LOOP = "421 4.4.6 Local Error, mail loop detected"
+SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
