@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
 MAX_CLAMDS = 32  # ClamAddress: more is surely a mistake
+MAX_WORKERS = 64  # Workers: more processes than this is surely a mistake
 DEFAULT_SCAN_TIMEOUT = 120.0  # ScanTimeout: clamav-milter's ReadTimeout
 
 OUT_PORT, LISTEN_PORT, CLAM_PORT, METRICS_PORT = 25, 10025, 3310, 9330
@@ -89,6 +91,11 @@ class Config:
     """The effective configuration; constructing one validates it."""
 
     @property
+    def worker_count(self) -> int:
+        """The processes that serve: `Workers`, with auto resolved to the number of CPUs."""
+        return self.workers or len(os.sched_getaffinity(0)) or 1
+
+    @property
     def effective_oversize_action(self) -> str | None:
         """OversizeAction as it applies: pass by default once MaxScanSize is set; None (a
         message too big for clamd is a scan error, as in 1.10) when neither is set."""
@@ -107,6 +114,7 @@ class Config:
     virus_action: str | None = None
     virus_action_as_root: bool = False
     max_connections: int = 64
+    workers: int = 1  # worker processes; 0: auto (one per CPU), see .worker_count
     timeout: float = 180.0
     scan_timeout: float = DEFAULT_SCAN_TIMEOUT
     keepalives: int = 0
@@ -143,6 +151,8 @@ class Config:
             raise ValueError(f"invalid action {self.action!r} (expected drop, bounce or pass)")
         if not 1 <= self.max_connections <= MAX_CONNECTIONS:
             raise ValueError(f"max_connections must be 1 to {MAX_CONNECTIONS}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 0 (auto) to {MAX_WORKERS}")
         if not 0 < self.timeout <= MAX_SECONDS:
             raise ValueError(f"timeout must be more than 0 and at most {MAX_SECONDS} seconds")
         if not 0 < self.scan_timeout <= MAX_SECONDS:
@@ -312,6 +322,8 @@ def describe(config: Config) -> str:
         f"VirusAction: {config.virus_action or ''}".rstrip(),
         f"VirusActionAsRoot: {_onoff(config.virus_action_as_root)}",
         f"MaxConnections: {config.max_connections}",
+        *([f"# Workers: auto is {config.worker_count} here (the number of CPUs)", "Workers: auto"]
+          if config.workers == 0 else [f"Workers: {config.workers}"]),
         f"TimeOut: {config.timeout:g}",
         f"ScanTimeout: {config.scan_timeout:g}",
         f"KeepAlives: {config.keepalives}",
@@ -614,6 +626,17 @@ def _infected_host_limit(value: str, values: dict[str, Any]) -> list[str]:
     return []
 
 
+def _workers(value: str, values: dict[str, Any]) -> list[str]:
+    if value.lower() == "auto":
+        values["workers"] = 0
+        return []
+    try:
+        return _int_handler("workers", 1, MAX_WORKERS, "processes")(value, values)
+    except ValueError:
+        raise ValueError(f"invalid value '{_show(value)}' (expected auto, or a whole number of "
+                         f"processes from 1 to {MAX_WORKERS})") from None
+
+
 def _user(value: str, values: dict[str, Any]) -> list[str]:
     if not value or any(char.isspace() or char == ":" for char in value):
         shown = f"invalid value '{_show(value)}'" if value else "empty value"
@@ -637,6 +660,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("VirusAction", _string_handler("virus_action", None)),
         ("VirusActionAsRoot", _bool_handler("virus_action_as_root")),
         ("MaxConnections", _int_handler("max_connections", 1, MAX_CONNECTIONS, "connections")),
+        ("Workers", _workers),
         ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
         ("ScanTimeout", _int_handler("scan_timeout", 1, MAX_SECONDS, "seconds", float)),
         ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),

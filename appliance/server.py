@@ -129,6 +129,7 @@ class _Busy(asyncio.Protocol):
 #: Directives a running daemon cannot take over on SIGHUP.
 RESTART_ONLY = {
     "listen": "Listen", "user": "User", "pid_file": "PidFile", "metrics_listen": "MetricsListen",
+    "workers": "Workers",
 }
 
 

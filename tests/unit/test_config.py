@@ -30,7 +30,7 @@ DIRECTIVES = [
     "VirusAction", "MaxConnections", "TimeOut", "KeepAlives", "XClient", "TransparentProxy",
     "User", "PidFile", "ScanErrorAction", "RejectMessage", "MaxScanSize", "OversizeAction",
     "SkipNetworks", "SkipAuthenticated", "VirusAllow", "InfectedHostLimit", "InfectedHostBlock",
-    "ScanTimeout",
+    "ScanTimeout", "Workers",
 ]  # fmt: skip
 
 
@@ -133,6 +133,8 @@ def test_default_config_path() -> None:
           Address(host="clamd.lan", port=3310),
           Address(host="127.0.0.1", port=3312, port_only=True))),
         ("ScanTimeout: 30", "scan_timeout", 30.0),
+        ("Workers: 4", "workers", 4),
+        ("Workers: AUTO", "workers", 0),
         ("Header: X-AV: checked by %l", "header", "X-AV: checked by %l"),
         ("Header:", "header", ""),
         ("Header: X-A: 1\\r\\n\\tfolded", "header", "X-A: 1\r\n\tfolded"),
@@ -402,6 +404,10 @@ def test_header_length_limit_is_1024_bytes() -> None:
         (["ClamAddress: ,"], 2, "ClamAddress", "empty value (expected one or more of"),
         ([f"ClamAddress: {' '.join(str(p) for p in range(3000, 3033))}"], 2, "ClamAddress",
          "33 addresses (at most 32)"),
+        (["Workers: 0"], 2, "Workers",
+         "invalid value '0' (expected auto, or a whole number of processes from 1 to 64)"),
+        (["Workers: many"], 2, "Workers", "invalid value 'many' (expected auto, or a whole"),
+        (["Workers: 65"], 2, "Workers", "invalid value '65'"),
         (["ScanTimeout: 0"], 2, "ScanTimeout",
          "invalid value '0' (expected a whole number of seconds from 1 to 86400)"),
         (["Listen: host name"], 2, "Listen", "invalid host name 'host name' (expected letters"),
@@ -554,6 +560,7 @@ Action: pass
 Quarantine: yes
 VirusAction: /usr/local/bin/virus.sh
 MaxConnections: 200
+Workers: 3
 TimeOut: 30
 ScanTimeout: 20
 KeepAlives: 10
@@ -592,6 +599,16 @@ def test_describe_parses_back_to_an_equal_config(text: str) -> None:
     again = parse_config(described, "described")
     assert without_location(again) == without_location(config)
     assert not [w for w in again.warnings if "DebugFiles" not in w]
+
+
+def test_workers_auto_is_shown_resolved_and_parses_back() -> None:
+    config = parse("Workers: auto")
+    assert config.workers == 0 and config.worker_count == len(os.sched_getaffinity(0))
+    described = describe(config)
+    assert f"# Workers: auto is {config.worker_count} here (the number of CPUs)\nWorkers: auto\n" \
+        in described
+    assert parse_config(described, "described").workers == 0
+    assert parse().worker_count == 1  # the default: one process, as the original
 
 
 def test_describe_names_every_directive() -> None:
@@ -678,6 +695,7 @@ _VALID_LINES = st.one_of(
         min_size=1, max_size=4, unique=True).map(", ".join)),
     st.builds("KeepAlives: {}".format, st.integers(0, 86400)),
     st.builds("MaxConnections: {}".format, st.integers(1, 10240)),
+    st.builds("Workers: {}".format, st.one_of(st.integers(1, 64), st.just("auto"))),
     st.builds("{}: {}".format, st.sampled_from(["OutAddress", "Listen", "ClamAddress"]),
               st.sampled_from(["1", "127.0.0.1", "10.0.0.1:2525", "[::1]", "::", "/run/x",
                                "mail.example.org", "Mail.Example.Org:26"])),
