@@ -89,12 +89,3 @@ def restrict_to(caps: frozenset[int]) -> None:
         )
     _prctl(libc, _PR_SET_KEEPCAPS, 0)
     _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-
-
-def effective() -> int:
-    """The effective set of this process, as /proc/self/status shows it (CapEff)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0

@@ -33,8 +33,6 @@ OVERSIZE = "OVERSIZE"
 CHUNK = 1 << 18
 #: A reply line longer than this is not clamd's (its longest is a path plus a signature name).
 MAX_REPLY = 4096
-#: The string clamd answers when a body is over its StreamMaxLength.
-SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded. ERROR"
 
 
 @dataclass(frozen=True, slots=True)

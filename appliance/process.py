@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import os
 import pwd
 import signal
@@ -72,17 +71,6 @@ def keep_only(caps: frozenset[int]) -> None:
         capabilities.restrict_to(caps)
     except capabilities.CapabilityError as e:
         raise ProcessError(str(e)) from None
-
-
-def current_groups() -> tuple[int, ...]:
-    return tuple(sorted({os.getgid(), *os.getgroups()}))
-
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def read_pid_file(path: str) -> str | None:
