@@ -98,33 +98,34 @@ class VirusActions:
         self.command = command
         self.timeout = timeout
         self._slots = asyncio.Semaphore(MAX_RUNNING)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, event: VirusEvent, prefix: str = "") -> None:
-        if not self.command:
+        command = self.command
+        if not command:
             return
         if len(self._tasks) >= MAX_PENDING:
             log.error("%sVirusAction skipped: %d already running or waiting", prefix, MAX_PENDING)
             return
-        task = asyncio.get_running_loop().create_task(self._run(event, prefix))
+        task = asyncio.get_running_loop().create_task(self._run(command, event, prefix))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, event: VirusEvent, prefix: str) -> None:
+    async def _run(self, command: str, event: VirusEvent, prefix: str) -> None:
         async with self._slots:
             recipients_file = _recipients_file(event, prefix) if event.recipients_cut else None
             try:
-                await self._run_script(event, recipients_file, prefix)
+                await self._run_script(command, event, recipients_file, prefix)
             finally:
                 if recipients_file is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(recipients_file)
 
-    async def _run_script(self, event: VirusEvent, recipients_file: str | None,
+    async def _run_script(self, command: str, event: VirusEvent, recipients_file: str | None,
                           prefix: str) -> None:
         try:
             proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", self.command,
+                "/bin/sh", "-c", command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -135,6 +136,7 @@ class VirusActions:
         except OSError as e:
             log.error("%scouldn't run VirusAction: %s", prefix, e.strerror or e)
             return
+        assert proc.stdout is not None  # stdout=PIPE
         try:
             async with asyncio.timeout(self.timeout):
                 output = await proc.stdout.read(MAX_OUTPUT)

@@ -10,7 +10,10 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from . import __version__, process
 from .capabilities import CAP_NET_ADMIN
@@ -47,7 +50,7 @@ _LEGACY = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit 2 with the original's usage line
+    def error(self, message: str) -> NoReturn:  # exit 2 with the original's usage line
         self.print_usage(sys.stderr)
         self.exit(2, f"clamsmtpd: {message}\n")
 
@@ -227,15 +230,18 @@ def _account_to_become(config: Config) -> process.Account | None:
 
 
 async def _serve(
-    args: argparse.Namespace, config: Config, sock, metrics_sock, ready_fd: int | None,
+    args: argparse.Namespace, config: Config, sock: socket.socket,
+    metrics_sock: socket.socket | None, ready_fd: int | None,
     held: process.HeldSignals, tls: TLSContexts, to_stderr: bool,
 ) -> None:
     try:
         appliance = Appliance(config, sock, metrics_sock, tls)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
-                    signal.SIGHUP: lambda: _reload(args, appliance)}
+        handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+            signal.SIGHUP: lambda: _reload(args, appliance),
+        }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
         for signum in held.take():  # arrived while starting: acted on now

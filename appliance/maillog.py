@@ -17,8 +17,9 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 LOGGER_NAME = "clamsmtpd"
 NOTICE = 25
@@ -44,14 +45,15 @@ def next_connection_id() -> int:
     return next(_ids) & 0xFFFFFFFF or next(_ids)
 
 
-class ConnectionLog(logging.LoggerAdapter):
+class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
     """A logger that prefixes every line with the connection id."""
 
     def __init__(self, conn_id: int) -> None:
         super().__init__(log, {})
         self.prefix = f"{conn_id:06X}: "
 
-    def process(self, msg, kwargs):
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]
+                ) -> tuple[str, MutableMapping[str, Any]]:
         return self.prefix + str(msg), kwargs
 
 
@@ -124,9 +126,9 @@ def setup_logging(
     """Foreground (`-d N`): stderr. Daemon: `target` (default `choose_target()`), debug
     suppressed as the original; `syslog_address` forces a syslog socket (tests)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     # aiosmtpd logs every connection at INFO under "mail.log"; our own lines say it better.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
@@ -156,13 +158,19 @@ def _stderr_handler() -> logging.Handler:
 
 
 def _syslog_handler(address: str | None = None) -> logging.Handler:
-    handler = logging.handlers.SysLogHandler(
+    handler = _MailSysLogHandler(
         address=address or SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
     )
     handler.ident = f"clamsmtpd[{os.getpid()}]: "
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.mapPriority = _map_priority  # type: ignore[method-assign]
     return handler
+
+
+class _MailSysLogHandler(logging.handlers.SysLogHandler):
+    """SysLogHandler whose NOTICE level maps to syslog's notice (the stdlib has no NOTICE)."""
+
+    def mapPriority(self, levelName: str) -> str:
+        return _map_priority(levelName)
 
 
 class JournaldHandler(logging.Handler):

@@ -76,7 +76,7 @@ async def verified_name(addr: str) -> str:
     wanted = ipaddress.ip_address(addr)
     for info in infos:
         try:
-            if ipaddress.ip_address(info[4][0].split("%")[0]) == wanted:
+            if ipaddress.ip_address(str(info[4][0]).split("%")[0]) == wanted:
                 return name
         except ValueError:
             continue
@@ -99,7 +99,8 @@ def own_name() -> str:
 
 
 async def introduce(upstream: Upstream, ehlo: Reply | None, *, client_ip: str,
-                    helo: str | None, proto: str, log: logging.LoggerAdapter) -> None:
+                    helo: str | None, proto: str,
+                    log: logging.LoggerAdapter[logging.Logger]) -> None:
     """Send XCLIENT for this client; raise XclientError unless the next hop answered 220.
 
     `ehlo` is the next hop's reply to an EHLO in this session, if there was one; without it
