@@ -142,8 +142,9 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.transparent_proxy, bool):  # Config(transparent_proxy=True) as before
-            mode = Transparency.ON if self.transparent_proxy else Transparency.OFF
+        given: object = self.transparent_proxy  # a bool too: Config(transparent_proxy=True)
+        if isinstance(given, bool):  # as before
+            mode = Transparency.ON if given else Transparency.OFF
             object.__setattr__(self, "transparent_proxy", mode)
         if self.out_address is None and not self.transparent_proxy:
             raise ValueError("no OutAddress specified (required unless TransparentProxy is on)")
@@ -180,12 +181,12 @@ class Config:
             raise ValueError(f"reject_message: {problem}")
         if self.out_tls not in OUT_TLS_MODES or self.client_tls not in CLIENT_TLS_MODES:
             raise ValueError(f"invalid TLS mode {self.out_tls!r}/{self.client_tls!r}")
-        problem = tls_problem(
+        tls = tls_problem(
             self.out_tls, self.client_tls, hostname=self.out_tls_hostname,
             transparent=bool(self.transparent_proxy), certificate=self.tls_certificate,
         )
-        if problem:
-            raise ValueError(problem[1])
+        if tls:
+            raise ValueError(tls[1])
 
     @property
     def out_tls_hostname(self) -> str | None:
@@ -397,7 +398,7 @@ def _clam_addresses(value: str, values: dict[str, Any]) -> list[str]:
         raise ValueError(f"{len(parts)} addresses (at most {MAX_CLAMDS})")
     one = _address_handler("clam_address", CLAM_HOST, CLAM_PORT)
     addresses: list[Address] = []
-    seen: set[tuple] = set()
+    seen: set[tuple[str | None, int | None, str | None]] = set()
     for part in parts:
         one(part, values)
         address = values.pop("clam_address")

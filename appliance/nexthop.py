@@ -3,7 +3,9 @@ transparent mode) the destination the client dialled before the firewall redirec
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 from collections.abc import Callable
 
 from . import origdst
@@ -12,7 +14,7 @@ from .config import Config, Transparency
 from .relay import DestinationError
 from .replies import REPLY_LOOP
 
-Destination = Callable[[str, object], Address]
+Destination = Callable[[str, asyncio.BaseTransport], Address]
 
 
 def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) -> Destination:
@@ -33,7 +35,8 @@ def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) 
 
 
 def _original(
-    transport, listen_ports: frozenset[int], lookup: Callable | None = None
+    transport: asyncio.BaseTransport, listen_ports: frozenset[int],
+    lookup: Callable[[socket.socket], tuple[str, int]] | None = None,
 ) -> Address:
     lookup = lookup or origdst.original_addr
     if lookup is None:

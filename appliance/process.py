@@ -13,9 +13,15 @@ import os
 import pwd
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from . import capabilities
+
+#: What signal.signal() takes and gives back.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class ProcessError(Exception):
@@ -224,7 +230,7 @@ class HeldSignals:
         self.received: list[int] = []
         self.stop_grace = stop_grace
         self._armed = False
-        self._alarm_handler: object = None  # SIGALRM's handler before the timer
+        self._alarm_handler: SignalHandler = None  # SIGALRM's handler before the timer
         for signum in signums:
             signal.signal(signum, self._hold)
 

@@ -87,7 +87,7 @@ class Spool:
         self._to_file(self._memory)
         self._release_memory()
 
-    def _to_file(self, data: bytes) -> None:
+    def _to_file(self, data: bytes | bytearray) -> None:
         assert self._file is not None
         try:
             self._file.write(data)
