@@ -24,9 +24,6 @@ from appliance.replies import REPLY_REJECTED
 
 DEFAULT_CONFIG_PATH = "/etc/clamsmtpd.conf"
 DEFAULT_HEADER = "X-Virus-Scanned: ClamAV using ClamSMTP"
-ACTIONS = ("drop", "bounce", "pass")
-SCAN_ERROR_ACTIONS = ("defer", "pass")
-OVERSIZE_ACTIONS = ("pass", "defer", "reject")
 #: MaxScanSize's bounds and units (K, M, G are powers of 1024, as clamd.conf's StreamMaxLength)
 MAX_SCAN_SIZE = 4 << 30
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -37,8 +34,6 @@ DEFAULT_INFECTED_HOST_BLOCK = 3600
 MAX_INFECTED_COUNT = 1000
 MAX_BLOCK_SECONDS = 7 * 86400
 MAX_REJECT_MESSAGE = 400  # an SMTP reply line is at most 512 bytes, the virus name included
-OUT_TLS_MODES = ("none", "may", "encrypt", "verify")
-CLIENT_TLS_MODES = ("off", "on", "passthrough")
 MAX_HEADER_BYTES = 1024
 MAX_CONNECTIONS = 10240
 MAX_SECONDS = 86400  # TimeOut / KeepAlives upper bound: one day
@@ -56,6 +51,53 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ADDRESS_FORMS = "PORT, IPv4[:PORT], [IPv6][:PORT], HOST[:PORT] or /unix/socket/path"
 
 
+# The choices of the directives that take a word. StrEnums: a member is the very string the
+# file, the log and --check-config show, so `f"{config.action}"` prints `drop` as before.
+
+
+class Action(enum.StrEnum):
+    """`Action`: what an infected message gets."""
+
+    DROP = "drop"  # the client is told it was taken (250), nothing is delivered
+    BOUNCE = "bounce"  # RejectMessage (a 5xx) to the client
+    PASS = "pass"  # delivered with X-Virus-Infected
+
+
+class ScanErrorAction(enum.StrEnum):
+    """`ScanErrorAction`: what a message that could not be scanned gets."""
+
+    DEFER = "defer"  # 451, the client retries
+    PASS = "pass"  # delivered unscanned, with X-Virus-Not-Scanned
+
+
+class OversizeAction(enum.StrEnum):
+    """`OversizeAction`: what a message too big to scan gets."""
+
+    PASS = "pass"
+    DEFER = "defer"
+    REJECT = "reject"
+
+
+class OutTLS(enum.StrEnum):
+    """`OutTLS`: STARTTLS towards the next hop."""
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+    VERIFY = "verify"
+
+
+class ClientTLS(enum.StrEnum):
+    """`ClientTLS`: STARTTLS towards clients."""
+
+    OFF = "off"
+    ON = "on"
+    PASSTHROUGH = "passthrough"
+
+
+ACTIONS = tuple(Action)
+
+
 class Transparency(enum.Enum):
     """`TransparentProxy`: off, on (the destination the client dialled, from our address) or
     full (that destination, from the client's own address: TPROXY and IP_TRANSPARENT).
@@ -70,6 +112,14 @@ class Transparency(enum.Enum):
 
     def __bool__(self) -> bool:
         return self is not Transparency.OFF
+
+
+#: The Config fields that hold a word, and its enum: a plain string given to Config() is turned
+#: into the member (so Config(action="bounce") and replace(config, out_tls="none") still work).
+_WORDS: dict[str, type[enum.StrEnum]] = {
+    "action": Action, "scan_error_action": ScanErrorAction, "oversize_action": OversizeAction,
+    "out_tls": OutTLS, "client_tls": ClientTLS,
+}
 
 
 class ConfigError(Exception):
@@ -96,12 +146,12 @@ class Config:
         return self.workers or len(os.sched_getaffinity(0)) or 1
 
     @property
-    def effective_oversize_action(self) -> str | None:
+    def effective_oversize_action(self) -> OversizeAction | None:
         """OversizeAction as it applies: pass by default once MaxScanSize is set; None (a
         message too big for clamd is a scan error, as in 1.10) when neither is set."""
         if self.oversize_action is not None:
             return self.oversize_action
-        return "pass" if self.max_scan_size is not None else None
+        return OversizeAction.PASS if self.max_scan_size is not None else None
 
     path: str
     out_address: Address | None
@@ -109,7 +159,7 @@ class Config:
     clam_addresses: tuple[Address, ...] = (Address(path="/var/run/clamav/clamd"),)
     header: str = DEFAULT_HEADER
     temp_directory: str = "/tmp"
-    action: str = "drop"
+    action: Action = Action.DROP
     quarantine: bool = False
     virus_action: str | None = None
     virus_action_as_root: bool = False
@@ -123,14 +173,14 @@ class Config:
     user: str | None = None
     pid_file: str | None = None
     metrics_listen: Address | None = None  # opt-in Prometheus endpoint
-    scan_error_action: str = "defer"  # what a scan that could not be done gets
+    scan_error_action: ScanErrorAction = ScanErrorAction.DEFER  # a scan that could not be done
     reject_message: str = DEFAULT_REJECT_MESSAGE  # Action: bounce's reply, %v = the virus name
     max_scan_size: int | None = None  # bytes; a bigger message is not scanned (OversizeAction)
-    oversize_action: str | None = None  # None: pass with MaxScanSize, else a scan error (1.10)
-    out_tls: str = "may"                   # STARTTLS towards the next hop (OUT_TLS_MODES)
+    oversize_action: OversizeAction | None = None  # None: see effective_oversize_action
+    out_tls: OutTLS = OutTLS.MAY           # STARTTLS towards the next hop
     out_tls_name: str | None = None        # name the next hop's certificate must carry (verify)
     tls_ca_file: str | None = None         # CAs for verify; None: the system store
-    client_tls: str = "off"                # STARTTLS towards clients (CLIENT_TLS_MODES)
+    client_tls: ClientTLS = ClientTLS.OFF  # STARTTLS towards clients
     tls_certificate: str | None = None     # PEM certificate (chain) shown to clients
     tls_key: str | None = None             # PEM private key; None: in the certificate file
     skip_networks: tuple[IPNetwork, ...] = ()  # clients whose mail is relayed unscanned
@@ -146,10 +196,16 @@ class Config:
         if isinstance(given, bool):  # as before
             mode = Transparency.ON if given else Transparency.OFF
             object.__setattr__(self, "transparent_proxy", mode)
+        for field, kind in _WORDS.items():  # Config(action="bounce") as before
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, field, kind(value))
+                except ValueError:
+                    raise ValueError(f"invalid {field} {value!r} (expected "
+                                     f"{_alternatives(tuple(kind))})") from None
         if self.out_address is None and not self.transparent_proxy:
             raise ValueError("no OutAddress specified (required unless TransparentProxy is on)")
-        if self.action not in ACTIONS:
-            raise ValueError(f"invalid action {self.action!r} (expected drop, bounce or pass)")
         if not 1 <= self.max_connections <= MAX_CONNECTIONS:
             raise ValueError(f"max_connections must be 1 to {MAX_CONNECTIONS}")
         if not 0 <= self.workers <= MAX_WORKERS:
@@ -164,8 +220,6 @@ class Config:
             raise ValueError(f"keepalives must be 0 to {MAX_SECONDS} seconds")
         if not self.temp_directory:
             raise ValueError("empty temp_directory")
-        if self.scan_error_action not in SCAN_ERROR_ACTIONS:
-            raise ValueError(f"invalid scan_error_action {self.scan_error_action!r}")
         if self.infected_host_limit is not None:
             count, seconds = self.infected_host_limit
             if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
@@ -174,13 +228,9 @@ class Config:
             raise ValueError(f"infected_host_block must be 1 to {MAX_BLOCK_SECONDS} seconds")
         if self.max_scan_size is not None and not 1 <= self.max_scan_size <= MAX_SCAN_SIZE:
             raise ValueError(f"max_scan_size must be 1 to {MAX_SCAN_SIZE} bytes")
-        if self.oversize_action is not None and self.oversize_action not in OVERSIZE_ACTIONS:
-            raise ValueError(f"invalid oversize_action {self.oversize_action!r}")
         problem = reject_message_problem(self.reject_message)
         if problem:
             raise ValueError(f"reject_message: {problem}")
-        if self.out_tls not in OUT_TLS_MODES or self.client_tls not in CLIENT_TLS_MODES:
-            raise ValueError(f"invalid TLS mode {self.out_tls!r}/{self.client_tls!r}")
         tls = tls_problem(
             self.out_tls, self.client_tls, hostname=self.out_tls_hostname,
             transparent=bool(self.transparent_proxy), certificate=self.tls_certificate,
@@ -202,19 +252,19 @@ def out_tls_hostname(name: str | None, out: Address | None) -> str | None:
     return out.host
 
 
-def tls_problem(out_tls: str, client_tls: str, *, hostname: str | None, transparent: bool,
+def tls_problem(out_tls: OutTLS, client_tls: ClientTLS, *, hostname: str | None, transparent: bool,
                 certificate: str | None) -> tuple[str, str] | None:
     """(directive, reason) when the TLS directives do not fit together, else None."""
-    if out_tls == "verify" and hostname is None:
+    if out_tls == OutTLS.VERIFY and hostname is None:
         if transparent:
             return ("OutTLS", "verify needs OutTLSName: in transparent mode the proxy knows "
                     "only the next hop's IP address, not the name its certificate must carry")
         return ("OutTLS", "verify needs OutTLSName: OutAddress is not a host name, so there "
                 "is no name to check the next hop's certificate against")
-    if client_tls == "on" and not certificate:
+    if client_tls == ClientTLS.ON and not certificate:
         return ("ClientTLS", "on needs TLSCertificate: (and TLSKey:), the certificate shown "
                 "to clients")
-    if client_tls == "passthrough" and out_tls in ("encrypt", "verify"):
+    if client_tls == ClientTLS.PASSTHROUGH and out_tls in (OutTLS.ENCRYPT, OutTLS.VERIFY):
         return ("ClientTLS", f"passthrough cannot be combined with OutTLS: {out_tls} "
                 "(the next hop's TLS is then the client's own; use OutTLS: may or none)")
     return None
@@ -286,7 +336,7 @@ def parse_config(text: str, path: str) -> Config:
         reason = "no OutAddress specified (required unless TransparentProxy is on)"
         raise ConfigError(path, 0, "OutAddress", reason)
     problem = tls_problem(
-        values.get("out_tls", "may"), values.get("client_tls", "off"),
+        values.get("out_tls", OutTLS.MAY), values.get("client_tls", ClientTLS.OFF),
         hostname=out_tls_hostname(values.get("out_tls_name"), values.get("out_address")),
         transparent=bool(values.get("transparent_proxy")),
         certificate=values.get("tls_certificate"),
@@ -458,22 +508,21 @@ def _optional(field: str, handler: _Handler) -> _Handler:
     return handle
 
 
-def _action(value: str, values: dict[str, Any]) -> list[str]:
-    if value.lower() not in ACTIONS:
-        raise ValueError(f"invalid value '{_show(value)}' (expected drop, bounce or pass)")
-    values["action"] = value.lower()
-    return []
-
-
-def _choice(field: str, choices: tuple[str, ...]) -> _Handler:
+def _choice(field: str, kind: type[enum.StrEnum]) -> _Handler:
     def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if value.lower() not in choices:
-            expected = ", ".join(choices[:-1]) + " or " + choices[-1]
-            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
-        values[field] = value.lower()
+        try:
+            values[field] = kind(value.lower())
+        except ValueError:
+            expected = _alternatives(tuple(kind))
+            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})") from None
         return []
 
     return handle
+
+
+def _alternatives(choices: tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def _tls_name(value: str, values: dict[str, Any]) -> list[str]:
@@ -486,7 +535,7 @@ def _tls_name(value: str, values: dict[str, Any]) -> list[str]:
 
 def _bounce(value: str, values: dict[str, Any]) -> list[str]:
     if _parse_bool(value):
-        values["action"] = "bounce"
+        values["action"] = Action.BOUNCE
     return ['please use "Action" option instead of "Bounce"']
 
 
@@ -655,7 +704,7 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("Header", _header),
         ("ScanHeader", _scan_header),
         ("TempDirectory", _string_handler("temp_directory", "a directory path")),
-        ("Action", _action),
+        ("Action", _choice("action", Action)),
         ("Bounce", _bounce),
         ("Quarantine", _bool_handler("quarantine")),
         ("VirusAction", _string_handler("virus_action", None)),
@@ -672,17 +721,17 @@ _DIRECTIVES: dict[str, tuple[str, _Handler]] = {
         ("MetricsListen", _optional(
             "metrics_listen", _address_handler("metrics_listen", LISTEN_HOST, METRICS_PORT)
         )),
-        ("OutTLS", _choice("out_tls", OUT_TLS_MODES)),
+        ("OutTLS", _choice("out_tls", OutTLS)),
         ("OutTLSName", _tls_name),
         ("TLSCAFile", _string_handler("tls_ca_file", None)),
-        ("ClientTLS", _choice("client_tls", CLIENT_TLS_MODES)),
+        ("ClientTLS", _choice("client_tls", ClientTLS)),
         ("TLSCertificate", _string_handler("tls_certificate", None)),
         ("TLSKey", _string_handler("tls_key", None)),
         ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
-        ("ScanErrorAction", _choice("scan_error_action", SCAN_ERROR_ACTIONS)),
+        ("ScanErrorAction", _choice("scan_error_action", ScanErrorAction)),
         ("RejectMessage", _reject_message),
         ("MaxScanSize", _max_scan_size),
-        ("OversizeAction", _choice("oversize_action", OVERSIZE_ACTIONS)),
+        ("OversizeAction", _choice("oversize_action", OversizeAction)),
         ("SkipNetworks", _skip_networks),
         ("SkipAuthenticated", _bool_handler("skip_authenticated")),
         ("VirusAllow", _virus_allow),

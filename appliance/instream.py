@@ -17,6 +17,7 @@ another host can send, was misread); its network class is IPv4-only.
 
 from __future__ import annotations
 
+import enum
 import socket
 import time
 from dataclasses import dataclass
@@ -26,9 +27,19 @@ import pyclamd
 
 from .addresses import Address
 
-CLEAN, VIRUS, ERROR = "CLEAN", "VIRUS", "ERROR"
-#: Too big to scan: clamd refused it (over its StreamMaxLength), or it is over MaxScanSize.
-OVERSIZE = "OVERSIZE"
+
+class ScanStatus(enum.StrEnum):
+    """What one scan found (the verdict's input; the log's `status=` is made from it)."""
+
+    CLEAN = "CLEAN"
+    VIRUS = "VIRUS"
+    ERROR = "ERROR"  # the scan could not be done
+    #: Too big to scan: clamd refused it (over its StreamMaxLength), or it is over MaxScanSize.
+    OVERSIZE = "OVERSIZE"
+
+
+CLEAN, VIRUS, ERROR, OVERSIZE = (
+    ScanStatus.CLEAN, ScanStatus.VIRUS, ScanStatus.ERROR, ScanStatus.OVERSIZE)
 #: clamd accepts INSTREAM chunks up to StreamMaxLength; 256 KiB keeps syscalls few and memory low.
 CHUNK = 1 << 18
 #: A reply line longer than this is not clamd's (its longest is a path plus a signature name).
@@ -44,7 +55,7 @@ class ScanResult:
     is ever clean, nor a virus.
     """
 
-    status: str  # CLEAN | VIRUS | ERROR | OVERSIZE
+    status: ScanStatus
     virus: str | None = None  # the signature name, for VIRUS
     detail: str = ""  # what clamd (or the connection) said, for ERROR and OVERSIZE
     clamd: str = ""  # the clamd that gave this result (or failed last), for logs
@@ -272,7 +283,7 @@ class Clamd:
         result = ScanResult(ERROR, detail=detail, clamd=self.name)
         return Outcome(result, clamd_failed=True, sent=sent)
 
-    def _refused(self, detail: str, status: str = ERROR) -> Outcome:
+    def _refused(self, detail: str, status: ScanStatus = ERROR) -> Outcome:
         return Outcome(ScanResult(status, detail=detail, clamd=self.name))
 
     def ping(self, timeout: float | None = None) -> bool:

@@ -24,11 +24,11 @@ from typing import TypeVar
 
 from . import metrics
 from .addresses import Address
-from .instream import CLEAN, ERROR, OVERSIZE, VIRUS, Clamd, Outcome, ScanResult
+from .instream import CLEAN, ERROR, OVERSIZE, VIRUS, Clamd, Outcome, ScanResult, ScanStatus
 from .maillog import log as daemon_log
 from .spool import Spool
 
-__all__ = ["CLEAN", "ERROR", "OVERSIZE", "VIRUS", "ScanResult", "Scanner"]
+__all__ = ["CLEAN", "ERROR", "OVERSIZE", "VIRUS", "ScanResult", "ScanStatus", "Scanner"]
 
 #: First and longest wait between two PINGs to a clamd that is out of the pool.
 PROBE_FIRST, PROBE_MAX = 1.0, 15.0

@@ -12,7 +12,7 @@ import ssl
 import stat
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
+from .config import ClientTLS, Config, ConfigError, OutTLS
 
 
 class TLSError(ConfigError):
@@ -37,9 +37,9 @@ def load(config: Config) -> TLSContexts:
     cannot be used (the message names the directive and the file)."""
     warnings: list[str] = []
     server = None
-    if config.client_tls == "on":
+    if config.client_tls is ClientTLS.ON:
         server = _server_context(config, warnings)
-    client = None if config.out_tls == "none" else _client_context(config)
+    client = None if config.out_tls is OutTLS.NONE else _client_context(config)
     return TLSContexts(server, client, config.out_tls_hostname, tuple(warnings))
 
 
@@ -72,7 +72,7 @@ def _server_context(config: Config, warnings: list[str]) -> ssl.SSLContext:
 
 def _client_context(config: Config) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if config.out_tls != "verify":
+    if config.out_tls is not OutTLS.VERIFY:
         # may / encrypt: encryption without authentication, as Postfix's levels of those names
         # (a next hop's self-signed certificate is the common case on an internal relay)
         context.check_hostname = False

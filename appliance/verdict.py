@@ -13,7 +13,7 @@ import fnmatch
 import ipaddress
 from dataclasses import dataclass
 
-from .config import Config, IPNetwork
+from .config import Action, Config, IPNetwork, OversizeAction, ScanErrorAction
 from .replies import (
     REPLY_DISCARDED,
     REPLY_LOCAL_ERROR,
@@ -23,7 +23,17 @@ from .replies import (
 )
 from .scanner import CLEAN, OVERSIZE, VIRUS, ScanResult
 
-FORWARD, DISCARD, REJECT, TEMPFAIL = "forward", "discard", "reject", "tempfail"
+
+class Kind(enum.StrEnum):
+    """What happens to the message."""
+
+    FORWARD = "forward"  # to the next hop, whose reply the client gets
+    DISCARD = "discard"  # nobody gets it; the client is told it was taken (Action: drop)
+    REJECT = "reject"  # the client gets a 5xx
+    TEMPFAIL = "tempfail"  # the client gets a 4xx and retries
+
+
+FORWARD, DISCARD, REJECT, TEMPFAIL = Kind.FORWARD, Kind.DISCARD, Kind.REJECT, Kind.TEMPFAIL
 
 #: The log status of a message delivered because its virus is in VirusAllow: ALLOWED:<name>
 STATUS_ALLOWED = "ALLOWED"
@@ -65,7 +75,7 @@ class Unscanned(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    kind: str  # FORWARD | DISCARD | REJECT | TEMPFAIL
+    kind: Kind
     reply: str | None = None  # our own reply to the client (None: relay the next hop's)
     extra_header: bytes = b""  # added after the configured Header when forwarding
     infected: bool = False  # quarantine and VirusAction apply
@@ -81,10 +91,10 @@ class Verdict:
 class Policy:
     """The directives `decide` applies, apart from the Config (so the table test needs none)."""
 
-    action: str = "drop"  # Action: drop | bounce | pass
-    scan_error: str = "defer"  # ScanErrorAction: defer | pass
+    action: Action = Action.DROP  # Action
+    scan_error: ScanErrorAction = ScanErrorAction.DEFER  # ScanErrorAction
     reject_message: str = REPLY_REJECTED  # RejectMessage, %v = the virus name
-    oversize: str | None = None  # OversizeAction as it applies (None: a scan error, as 1.10)
+    oversize: OversizeAction | None = None  # as it applies (None: a scan error, as 1.10)
     skip_networks: tuple[IPNetwork, ...] = ()  # SkipNetworks
     skip_authenticated: bool = False  # SkipAuthenticated
     virus_allow: tuple[str, ...] = ()  # VirusAllow: shell wildcards on the virus name
@@ -112,20 +122,20 @@ def decide(result: ScanResult, policy: Policy) -> Verdict:
             name = safe_virus_name(result.virus)
             header = f"{ALLOWED_HEADER}: {name}\r\n".encode()
             return Verdict(FORWARD, extra_header=header, status=f"{STATUS_ALLOWED}:{result.virus}")
-        if policy.action == "pass":
+        if policy.action == Action.PASS:
             return Verdict(FORWARD, extra_header=INFECTED_HEADER, infected=True, status=status)
-        if policy.action == "bounce":
+        if policy.action == Action.BOUNCE:
             reply = policy.reject_message.replace("%v", safe_virus_name(result.virus))
             return Verdict(REJECT, reply, infected=True, status=status)
         return Verdict(DISCARD, REPLY_DISCARDED, infected=True, status=status)
     if result.status == OVERSIZE and policy.oversize is not None:
-        if policy.oversize == "pass":
+        if policy.oversize == OversizeAction.PASS:
             return unscanned(Unscanned.SIZE)
-        if policy.oversize == "reject":
+        if policy.oversize == OversizeAction.REJECT:
             return Verdict(REJECT, REPLY_OVERSIZE_REJECTED, status=STATUS_OVERSIZE)
         return Verdict(TEMPFAIL, REPLY_OVERSIZE_DEFERRED, status=STATUS_OVERSIZE)
     # clamd down, slow or confused: never lose the mail; pass it unscanned only when told to.
-    if policy.scan_error == "pass":
+    if policy.scan_error == ScanErrorAction.PASS:
         return unscanned(Unscanned.ERROR)
     return Verdict(TEMPFAIL, REPLY_LOCAL_ERROR, status=status)
 
