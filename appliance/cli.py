@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import __version__, process
+from . import __version__, process, workers
 from .capabilities import CAP_NET_ADMIN
 from .config import (
     DEFAULT_CONFIG_PATH,
@@ -26,8 +26,9 @@ from .config import (
     load_config,
     replace,
 )
-from .maillog import choose_target, log, setup_logging
-from .server import Appliance, BindError, bind
+from .maillog import LogTarget, choose_target, log, setup_logging
+from .server import ACTIONS_GRACE, Appliance, BindError, bind
+from .shared import DaemonState, WorkerState
 from .tls import TLSContexts, TLSError
 from .tls import load as load_tls
 from .unitcheck import private_tmp_warnings
@@ -171,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         _start_up_failed(str(e), to_stderr)
         process.remove_pid_file(config.pid_file)
         return 1
+    if config.worker_count > 1:
+        try:
+            return _supervise(args, config, sock, metrics_sock, ready_fd, held, tls, to_stderr,
+                              target)
+        finally:
+            process.remove_pid_file(config.pid_file)
     try:
         asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls, to_stderr))
     except _StartFailed as e:
@@ -229,13 +236,79 @@ def _account_to_become(config: Config) -> process.Account | None:
     return account
 
 
+def _supervise(
+    args: argparse.Namespace, config: Config, sock: socket.socket,
+    metrics_sock: socket.socket | None, ready_fd: int | None, held: process.HeldSignals,
+    tls: TLSContexts, to_stderr: bool, target: LogTarget | None,
+) -> int:
+    """`Workers` > 1: this process becomes the parent of that many workers (appliance/workers.py),
+    each of them `_serve` with a handle on the daemon-wide state."""
+    count = config.worker_count
+    workers.block_signals()
+    if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in held.take()):
+        log.info("stopped")  # asked to stop while starting: no worker started
+        return 0
+    state = DaemonState(count)
+    try:
+        directory = (workers.make_metrics_directory(config.temp_directory)
+                     if metrics_sock is not None else None)
+    except workers.StartError as e:
+        _start_up_failed(str(e), to_stderr)
+        return 1
+
+    def run_worker(index: int, worker_ready: int | None) -> int:
+        worker_held = process.HeldSignals(_HANDLED_SIGNALS)  # its own, before the unblocking
+        if args.debug is None:
+            setup_logging(None, target=target)  # syslog ident carries the worker's own pid
+        handle = workers.become_worker(state, index, directory)
+        try:
+            asyncio.run(_serve(args, config, sock, metrics_sock, worker_ready, worker_held, tls,
+                               to_stderr, worker=handle))
+        except _StartFailed as e:
+            _start_up_failed(str(e), to_stderr)
+            return 1
+        except Exception:
+            log.exception("stopped on an internal error")
+            return 1
+        return 0
+
+    supervisor = workers.Supervisor(
+        count, run_worker, state=state, check_reload=lambda: _check_reload(args),
+        stop_grace=STOP_GRACE + ACTIONS_GRACE, metrics_directory=directory,
+    )
+    try:
+        try:
+            started = supervisor.start()
+        except workers.StartError as e:
+            _start_up_failed(f"could not start: {e}", to_stderr)
+            return 1
+        if started:
+            process.ready(ready_fd, keep_stderr=to_stderr)
+            supervisor.run()
+        log.info("stopped")
+        return 0
+    finally:
+        supervisor.close()
+
+
+def _check_reload(args: argparse.Namespace) -> bool:
+    """The parent's look at a SIGHUP's configuration, before any worker is told."""
+    try:
+        load_tls(_load(args))
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded: %s", e)
+        return False
+    return True
+
+
 async def _serve(
     args: argparse.Namespace, config: Config, sock: socket.socket,
     metrics_sock: socket.socket | None, ready_fd: int | None,
     held: process.HeldSignals, tls: TLSContexts, to_stderr: bool,
+    worker: WorkerState | None = None,
 ) -> None:
     try:
-        appliance = Appliance(config, sock, metrics_sock, tls)
+        appliance = Appliance(config, sock, metrics_sock, tls, worker)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         handlers: dict[int, Callable[[], None]] = {

@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +38,18 @@ JOURNALD_SOCKET = "/run/systemd/journal/socket"
 _FACILITY_MAIL = 2
 
 log = logging.getLogger(LOGGER_NAME)
-_ids = itertools.count(0x100000)
+_ids: Iterator[int] = itertools.count(0x100000)
 
 
 def next_connection_id() -> int:
     return next(_ids) & 0xFFFFFFFF or next(_ids)
+
+
+def use_connection_ids(ids: Iterator[int]) -> None:
+    """Take connection ids from `ids` from now on: a worker of a daemon with `Workers` > 1
+    takes them from the daemon-wide sequence (appliance/shared.py), unique across workers."""
+    global _ids
+    _ids = ids
 
 
 class ConnectionLog(logging.LoggerAdapter[logging.Logger]):

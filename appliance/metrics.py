@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -24,7 +34,8 @@ CONNECTIONS_BUSY = Counter(
     "clamsmtpd_connections_refused_busy",
     "Connections refused with 421 because MaxConnections were open", registry=REGISTRY,
 )
-ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=REGISTRY)
+ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=REGISTRY,
+               multiprocess_mode="livesum")
 MESSAGES = Counter(
     "clamsmtpd_messages",
     "Messages by scan result (clean, virus, error, oversize: too big to scan)", ["status"],
@@ -45,7 +56,7 @@ ALLOWED = Counter(
 )
 CLAMD_UP = Gauge(
     "clamsmtpd_clamd_up", "1 while this clamd is in the scanning pool, 0 while it is out",
-    ["clamd"], registry=REGISTRY,
+    ["clamd"], registry=REGISTRY, multiprocess_mode="livemin",
 )
 CLAMD_SCANS = Counter(
     "clamsmtpd_clamd_scans",
@@ -55,7 +66,7 @@ CLAMD_SCANS = Counter(
 )
 INFECTED_HOSTS_BLOCKED = Gauge(
     "clamsmtpd_infected_hosts_blocked", "Client addresses blocked now (InfectedHostLimit)",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livemax",
 )
 INFECTED_HOST_BLOCKS = Counter(
     "clamsmtpd_infected_host_blocks", "Blocks started by InfectedHostLimit", registry=REGISTRY,
@@ -92,7 +103,45 @@ for _leg in ("client", "next_hop"):
     for _mode in ("tls", "clear", "passthrough"):
         TLS_SESSIONS.labels(_leg, _mode)
 
+#: Every metric above, for share_between_processes
+_METRICS = tuple(v for v in list(globals().values()) if isinstance(v, MetricWrapperBase))
+
 MAX_REQUEST = 8192
+
+#: What the endpoint shows: this process's registry, or every worker's (share_between_processes)
+_served: CollectorRegistry = REGISTRY
+
+
+def share_between_processes(directory: str) -> None:
+    """In a worker of a daemon with `Workers` > 1, before it counts anything: keep the values in
+    `directory` (prometheus-client's multiprocess mode, one file per worker), and serve the sum
+    over every worker's files, so that whichever worker answers the scrape shows the daemon.
+
+    Counters and histograms add up; of the gauges, the open sessions add up (live workers
+    only), clamd_up is the lowest (0 as soon as one worker has that clamd out of its pool),
+    and the blocked hosts the highest (every worker holds the same daemon-wide blocks).
+    The metrics here were made at import, in the one-process way: each is made again.
+    """
+    global _served
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    for metric in _METRICS:
+        if metric._labelnames:
+            with metric._lock:
+                children = list(metric._metrics)
+                metric._metrics.clear()
+            for labels in children:
+                metric.labels(*labels)
+        else:
+            metric._metric_init()  # type: ignore[no-untyped-call]
+    _served = CollectorRegistry()
+    multiprocess.MultiProcessCollector(_served, path=directory)  # type: ignore[no-untyped-call]
+
+
+def process_dead(directory: str, pid: int) -> None:
+    """A worker is gone (parent): its live gauges no longer count; its counters stay."""
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -103,7 +152,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         if len(request) > MAX_REQUEST:
             raise ValueError("request too large")
         if request.startswith(b"GET "):
-            body = generate_latest(REGISTRY)
+            body = generate_latest(_served)
             head = f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
         else:
             body = b"only GET\n"

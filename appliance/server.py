@@ -24,6 +24,7 @@ from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .replies import REPLY_BUSY
 from .scanner import Scanner
+from .shared import WorkerState
 from .spool import MEMORY_LIMIT, check_directory
 from .tls import TLSContexts
 from .tls import load as load_tls
@@ -138,15 +139,18 @@ class Appliance:
 
     def __init__(
         self, config: Config, sock: socket.socket, metrics_sock: socket.socket | None = None,
-        tls: TLSContexts | None = None,
+        tls: TLSContexts | None = None, worker: WorkerState | None = None,
     ) -> None:
         """`tls`: the contexts loaded from `config` (by the CLI, before the privilege drop);
-        None loads them here."""
+        None loads them here. `worker`: this process is one of several (`Workers`), and this
+        is its handle on what the daemon keeps one of (appliance/shared.py)."""
         self.sock = sock
         self.metrics_sock = metrics_sock
+        self.worker = worker
         self._metrics_server: asyncio.AbstractServer | None = None
-        self.sessions: set[RelaySession] = set()
-        self.outgoing = OwnConnections()  # shared by every configuration
+        self.sessions: set[RelaySession] = set() if worker is None else worker.sessions()
+        # shared by every configuration
+        self.outgoing = OwnConnections() if worker is None else worker.own_connections()
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
         self.infected = InfectedHosts()  # one across reloads; empty at every start
         self.context = self._context(config, tls=tls if tls is not None else load_tls(config))
@@ -219,10 +223,20 @@ class Appliance:
                         MEMORY_LIMIT // 1024)
 
     def _protocol(self) -> asyncio.Protocol:
-        if len(self.sessions) >= self.config.max_connections:
+        limit = self.config.max_connections
+        if self.worker is None:
+            if len(self.sessions) >= limit:
+                metrics.CONNECTIONS_BUSY.inc()
+                return _Busy(limit)
+            return RelaySession(self.context)
+        if not self.worker.claim(limit):  # MaxConnections counts every worker's sessions
             metrics.CONNECTIONS_BUSY.inc()
-            return _Busy(self.config.max_connections)
-        return RelaySession(self.context)
+            return _Busy(limit)
+        try:
+            return RelaySession(self.context)
+        except BaseException:
+            self.worker.release()
+            raise
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

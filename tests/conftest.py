@@ -157,10 +157,25 @@ class RunningAppliance:
                 continue
         return sizes
 
-    def _open_spool_fds(self) -> list[tuple[str, str]]:
+    def pids(self) -> list[int]:
+        """The daemon's process, then its workers' (Workers > 1) if it has any."""
         if self.proc.poll() is not None:
             return []
-        fd_dir = f"/proc/{self.proc.pid}/fd"
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [self.proc.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.proc.pid]
+
+    @property
+    def workers(self) -> int:
+        return int(self.directives.get("Workers", 1))
+
+    def _open_spool_fds(self) -> list[tuple[str, str]]:
+        return [found for pid in self.pids() for found in self._open_spool_fds_of(pid)]
+
+    def _open_spool_fds_of(self, pid: int) -> list[tuple[str, str]]:
+        fd_dir = f"/proc/{pid}/fd"
         found = []
         try:
             fds = os.listdir(fd_dir)
@@ -218,8 +233,8 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     spool.chmod(0o700)
     port = free_port()
     directives = proxy_directives(port, next_hop, scanner, str(spool), TimeOut=30)
-    marker = request.node.get_closest_marker("appliance_config")
-    if marker is not None:
+    # every appliance_config marker, the closest last (a parametrized case's over its test's)
+    for marker in reversed(list(request.node.iter_markers("appliance_config"))):
         for mapping in marker.args:
             directives.update(mapping)
         directives.update(marker.kwargs)

@@ -274,8 +274,17 @@ def reload_with(appliance, **directives) -> None:
     appliance.conf_path.write_text("\n".join(lines) + "\n")
     before = appliance.log().count("configuration reloaded")
     appliance.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: appliance.log().count("configuration reloaded") > before,
+    after = before + getattr(appliance, "workers", 1)  # each worker reloads, and says so
+    wait_until(lambda: appliance.log().count("configuration reloaded") >= after,
                what="the reload to be logged")
+
+
+#: Run a test of the `appliance` fixture with the daemon as one process (as always) and as a
+#: parent with two workers (`Workers: 2`); the test takes a `workers` argument.
+ONE_AND_TWO_WORKERS = pytest.mark.parametrize("workers", [
+    pytest.param(1, id="one-process"),
+    pytest.param(2, id="workers-2", marks=pytest.mark.appliance_config(Workers=2)),
+])
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import replies as R
-from helpers import EICAR, raw_session_in_data, send_raw, smtp_client
+from helpers import EICAR, ONE_AND_TWO_WORKERS, raw_session_in_data, send_raw, smtp_client
 from helpers import reload_with as _set_and_reload
 
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
@@ -126,11 +126,13 @@ def test_virus_action_as_root_is_refused(tmp_path):
 # -- SIGHUP, SIGTERM --------------------------------------------------------------------------
 
 
-def test_sighup_reloads_the_configuration(appliance, next_hop):
+@ONE_AND_TWO_WORKERS
+def test_sighup_reloads_the_configuration(workers, appliance, next_hop):
     assert f"{send(appliance, INFECTED)[0]}" == "250"
-    _set_and_reload(appliance, Action="bounce", Listen="127.0.0.1:1")
-    code, text = send(appliance, INFECTED)
-    assert f"{code} {text.decode()}" == R.REJECTED
+    _set_and_reload(appliance, Action="bounce", Listen="127.0.0.1:1")  # (every worker's line)
+    for _ in range(3 * workers):  # whichever worker takes the connection
+        code, text = send(appliance, INFECTED)
+        assert f"{code} {text.decode()}" == R.REJECTED
     assert "SIGHUP: Listen changed: restart clamsmtpd to apply it" in appliance.log()
 
 
@@ -142,16 +144,22 @@ def test_sighup_to_a_clamd_that_does_not_answer_is_warned_about(appliance, next_
     assert next_hop.messages == []
 
 
-def test_sighup_with_a_broken_file_keeps_the_old_configuration(appliance, next_hop):
+@ONE_AND_TWO_WORKERS
+def test_sighup_with_a_broken_file_keeps_the_old_configuration(workers, appliance, next_hop):
     text = appliance.conf_path.read_text()
     appliance.conf_path.write_text(text + "Action: sideways\n")
     appliance.proc.send_signal(signal.SIGHUP)
     appliance.wait_log("SIGHUP: configuration not reloaded: ")
     assert "Action: invalid value 'sideways'" in appliance.log()
-    assert send(appliance, CLEAN)[0] == 250
+    for _ in range(3 * workers):
+        assert send(appliance, CLEAN)[0] == 250
+    log = appliance.log()  # refused once (by the parent, with workers), and nobody changed
+    assert log.count("SIGHUP: configuration not reloaded") == 1
+    assert "configuration reloaded" not in log
 
 
-def test_sigterm_lets_the_message_in_flight_finish(appliance, next_hop):
+@ONE_AND_TWO_WORKERS
+def test_sigterm_lets_the_message_in_flight_finish(workers, appliance, next_hop):
     idle = socket.create_connection(appliance.address, timeout=10)
     busy = socket.create_connection(appliance.address, timeout=10)
     try:

@@ -46,9 +46,11 @@ def test_message_over_clamds_stream_limit_is_deferred_with_the_reason(
     assert next_hop.messages == []
 
 
-def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd, workers):
     """OutAddress pointing at the proxy itself: the one looped connection is refused (the
-    original chained connections until MaxConnections)."""
+    original chained connections until MaxConnections). With two workers the looped
+    connection may come back into the other one: it knows it too."""
     import subprocess
     import sys
 
@@ -57,7 +59,8 @@ def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd):
     port = free_port()
     conf = tmp_path / "c.conf"
     conf.write_text(f"Listen: 127.0.0.1:{port}\nOutAddress: 127.0.0.1:{port}\n"
-                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n")
+                    f"ClamAddress: {clamd.socket_path}\nTempDirectory: {tmp_path}\n"
+                    f"Workers: {workers}\n")
     with open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "-d", "3", "-f",
                                  str(conf)], stderr=err, stdin=subprocess.DEVNULL)

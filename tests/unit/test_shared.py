@@ -1,0 +1,84 @@
+"""appliance/shared.py: what stays one for a daemon with `Workers` > 1. Two workers' views of
+one DaemonState in one process see the same memory a forked pair does (an anonymous MAP_SHARED
+mapping); the real fork is in tests/integration/test_workers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+from appliance.shared import FIRST_ID, DaemonState
+
+
+def test_max_connections_counts_every_worker():
+    state = DaemonState(2)
+    a, b = state.worker(0), state.worker(1)
+    assert [a.claim(3), b.claim(3), b.claim(3)] == [True, True, True]
+    assert not a.claim(3) and not b.claim(3)  # the daemon has 3, whoever asks
+    b.release()
+    assert a.claim(3) and state.open_connections() == 3
+
+
+def test_a_dead_workers_places_are_given_back():
+    state = DaemonState(2)
+    a, b = state.worker(0), state.worker(1)
+    assert a.claim(2) and a.claim(2) and not b.claim(2)
+    state.forget(0)
+    assert b.claim(2) and state.open_connections() == 1
+
+
+def test_sessions_leaving_give_their_place_back_once():
+    state = DaemonState(1)
+    worker = state.worker(0)
+    sessions = worker.sessions()
+    session = object()
+    assert worker.claim(1)
+    sessions.add(session)
+    sessions.discard(session)
+    sessions.discard(session)  # (relay's _release may run twice)
+    assert state.open_connections() == 0
+
+
+def test_ids_are_unique_across_workers_and_replacements():
+    state = DaemonState(3)
+    ids = [state.worker(i).connection_ids() for i in range(3)]
+    seen = [next(ids[i % 3]) for i in range(30)]
+    state.forget(1)
+    seen += [next(state.worker(1).connection_ids()) for _ in range(5)]  # a replacement
+    assert len(set(seen)) == len(seen) == 35
+    assert min(seen) == FIRST_ID
+    assert all(re.fullmatch("[0-9A-F]{6}", f"{i:06X}") for i in seen)
+
+
+def test_the_loop_guard_sees_another_workers_connection():
+    """Worker A bound and connected from port P; a connection from P that B accepts is ours.
+    The same port from another address, or a port nobody holds, is not."""
+    async def run() -> None:
+        state = DaemonState(2)
+        a, b = state.worker(0).own_connections(), state.worker(1).own_connections()
+        port = 40000 + os.getpid() % 1000
+        a.bound(port)
+        waiting = asyncio.create_task(b.is_ours(("127.0.0.1", port), wait=2))
+        await asyncio.sleep(0.05)  # B waits while A's connect() has not returned
+        a.connected(port, ("127.0.0.1", port))
+        assert await waiting
+        assert await b.is_ours(("::ffff:127.0.0.1", port))  # a dual-stack listener's form
+        assert not await b.is_ours(("192.0.2.7", port))
+        assert not await b.is_ours(("127.0.0.1", port + 1))
+        a.closed(port)
+        assert not await b.is_ours(("127.0.0.1", port))
+
+    asyncio.run(run())
+
+
+def test_a_dead_workers_ports_are_forgotten():
+    async def run() -> None:
+        state = DaemonState(2)
+        a, b = state.worker(0).own_connections(), state.worker(1).own_connections()
+        a.bound(2525)
+        a.connected(2525, ("127.0.0.1", 2525))
+        state.forget(0)
+        assert not await b.is_ours(("127.0.0.1", 2525), wait=0.1)
+
+    asyncio.run(run())
