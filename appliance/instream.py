@@ -101,7 +101,8 @@ class _DeadlineSocket(socket.socket):
         if timeout != self.gettimeout():  # settimeout is a system call (fcntl) each time
             self.settimeout(timeout)
 
-    def send(self, data, flags: int = 0) -> int:  # type: ignore[override]
+    # (socket.send takes any buffer; pyclamd sends bytes only, and len() needs a sized one)
+    def send(self, data: bytes, flags: int = 0) -> int:  # type: ignore[override]
         if not self.hung_up:
             try:
                 self._bound()
@@ -113,7 +114,7 @@ class _DeadlineSocket(socket.socket):
                 raise
         return len(data)
 
-    def recv(self, size: int, flags: int = 0) -> bytes:  # type: ignore[override]
+    def recv(self, size: int, flags: int = 0) -> bytes:
         try:
             self._bound()
             return super().recv(size, flags)
@@ -227,12 +228,14 @@ class Clamd:
     def _client(self, timeout: float) -> _Unix | _Tcp:
         # Made bare: pyclamd's constructor would connect once just to see that it can.
         client: _Unix | _Tcp
-        if self.address.is_unix:
+        path, host, port = self.address.path, self.address.host, self.address.port
+        if path is not None:  # (is_unix)
             client = _Unix.__new__(_Unix)
-            client.unix_socket = self.address.path
+            client.unix_socket = path
         else:
+            assert port is not None  # Address: every TCP address has a port
             client = _Tcp.__new__(_Tcp)
-            client.host, client.port = self.address.host, self.address.port
+            client.host, client.port = host, port
         client.timeout = timeout
         return client
 

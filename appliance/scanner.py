@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -45,7 +46,7 @@ class _Member:
         self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clamd")
         self.up = True
         self.in_flight = 0
-        self.probe: asyncio.Task | None = None
+        self.probe: asyncio.Task[None] | None = None
 
 
 class Scanner:
@@ -86,7 +87,10 @@ class Scanner:
                 return min(candidates, key=lambda m: m.in_flight)
         return None
 
-    async def scan(self, spool: Spool, log: logging.LoggerAdapter | None = None) -> ScanResult:
+    async def scan(
+        self, spool: Spool,
+        log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
+    ) -> ScanResult:
         """Scan the spooled message; ERROR only when no clamd could (see the module's doc)."""
         log = log or daemon_log
         tried: set[_Member] = set()
@@ -168,7 +172,7 @@ class Scanner:
     async def check(self, timeout: float) -> list[str]:
         """The clamds that do not answer PING within `timeout` (at start-up and reload)."""
         answers = await asyncio.gather(
-            *(_in_thread(lambda m=m: m.clamd.ping(timeout)) for m in self._members)
+            *(_in_thread(functools.partial(m.clamd.ping, timeout)) for m in self._members)
         )
         return [m.clamd.name for m, ok in zip(self._members, answers, strict=True) if not ok]
 
@@ -200,13 +204,14 @@ async def _in_thread(function: Callable[[], _T]) -> _T:
     """Run a blocking call on a daemon thread of its own: the process's exit does not wait for
     it (a PING to a silent clamd must not hold a SIGTERM), nor does it queue behind scans."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
+    done: asyncio.Future[_T | Exception] = loop.create_future()
 
-    def settle(value) -> None:
+    def settle(value: _T | Exception) -> None:
         if not done.done():
             done.set_result(value)
 
     def run() -> None:
+        value: _T | Exception
         try:
             value = function()
         except Exception as e:  # noqa: BLE001 - handed to the loop as the outcome

@@ -15,8 +15,12 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from .addresses import Address, plain_ip
+
+#: One answer of getaddrinfo: (family, type, proto, canonname, sockaddr).
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 #: A reply line longer than this is cut (the C original's buffer was 4224 bytes as well).
 MAX_REPLY_LINE = 4224
@@ -183,6 +187,7 @@ class Upstream:
                     self._writer.transport, protocol, context,
                     server_hostname=server_hostname, ssl_handshake_timeout=self.timeout,
                 )
+            assert transport is not None  # (typed Optional; asyncio returns the TLS transport)
         except TimeoutError:
             self.abort()
             raise HandshakeError("TLS handshake with server timed out") from None
@@ -211,7 +216,8 @@ class Upstream:
         the next hop's 220 to the client's STARTTLS. A new reader, as for start_tls: what the
         next hop sent behind that 220 in clear is dropped."""
         loop = asyncio.get_running_loop()
-        transport = self._writer.transport
+        # typed WriteTransport; a connection's transport reads too
+        transport = cast(asyncio.Transport, self._writer.transport)
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(protocol)
@@ -261,7 +267,8 @@ class Upstream:
         return await self.read_reply()
 
     @contextlib.asynccontextmanager
-    async def keepalive(self, interval: float, log: logging.LoggerAdapter) -> AsyncIterator[None]:
+    async def keepalive(self, interval: float, log: logging.LoggerAdapter[logging.Logger]
+                        ) -> AsyncIterator[None]:
         """While we are busy with the client or clamd, send NOOP every `interval` seconds so the
         next hop does not time out (KeepAlives). The original only did it while DATA arrived."""
         if interval <= 0:
@@ -328,7 +335,8 @@ class OwnConnections:
     """
 
     def __init__(self) -> None:
-        self._ports: dict[int, asyncio.Future] = {}  # port -> future of our (ip, port)
+        # port -> future of our (ip, port)
+        self._ports: dict[int, asyncio.Future[tuple[str, int]]] = {}
 
     def bound(self, port: int) -> None:
         self._ports[port] = asyncio.get_running_loop().create_future()
@@ -360,7 +368,7 @@ def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
     return a[1] == b[1] and plain_ip(a[0]) == plain_ip(b[0])
 
 
-def _literal(address: Address) -> list[tuple] | None:
+def _literal(address: Address) -> list[AddrInfo] | None:
     """getaddrinfo's answer for an IP literal, without its trip to a thread (every connection
     of a proxy with a numeric OutAddress, and every transparent one, would pay it)."""
     try:
@@ -402,7 +410,7 @@ def transparent_problem() -> str | None:
     return None
 
 
-def _source_for(family: int, source: str) -> tuple:
+def _source_for(family: int, source: str) -> tuple[str, int] | tuple[str, int, int, int]:
     ip = ipaddress.ip_address(plain_ip(source))
     if (ip.version == 6) != (family == socket.AF_INET6):
         # a client on IPv4 that dialled an IPv6 server (or the reverse) cannot happen with
