@@ -74,6 +74,10 @@ def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd, wor
         log = (tmp_path / "stderr").read_text()
         assert "loop detected: this connection is the proxy's own" in log
         assert log.count("accepted connection from") == 2  # the client, and our own loop: no more
+        for n in range(2, 2 + 30 * (workers - 1)):  # which worker the loop comes back to varies
+            assert send_raw("127.0.0.1", port, ["QUIT"])[0].startswith("421 4.4.6")
+            log = (tmp_path / "stderr").read_text()
+            assert log.count("accepted connection from") == 2 * n
     finally:
         proc.terminate()
         proc.wait(15)

@@ -8,9 +8,11 @@ import os
 import re
 import signal
 import socket
+import time
 import urllib.request
 
 import pytest
+import replies as R
 from helpers import free_port, read_reply, send_raw, smtp_client, wait_until
 
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -113,3 +115,35 @@ def test_metrics_are_the_sum_over_the_workers(appliance, next_hop):
             assert value(text, "clamsmtpd_scan_seconds_count") == 20
     finally:
         held.close()
+
+
+@pytest.mark.appliance_config(Workers=2, MaxConnections=4)
+def test_max_connections_is_the_daemons_however_the_sessions_spread(appliance, next_hop):
+    """4 sessions open, held by both workers (a worker alone would accept up to 4 itself):
+    every further connection gets the 421 of a busy daemon; one closed, one served again."""
+    time.sleep(0.5)  # the fixture's probe session is over
+    for _ in range(10):
+        before = len(ID.findall(appliance.log()))
+        held = [socket.create_connection(appliance.address, timeout=10) for _ in range(4)]
+        for sock in held:
+            assert read_reply(sock, bytearray()).startswith("220")
+        ids = ID.findall(appliance.log())[before:]
+        if {int(i, 16) % 2 for i in ids} == {0, 1}:
+            break
+        for sock in held:  # the kernel gave all four to one worker: again
+            sock.close()
+        time.sleep(0.5)
+    else:
+        pytest.fail("ten times, one worker took all four sessions")
+    try:
+        for _ in range(6):
+            with socket.create_connection(appliance.address, timeout=10) as extra:
+                assert read_reply(extra, bytearray()) == R.BUSY
+        held.pop().close()
+        time.sleep(0.5)
+        with smtp_client(appliance) as client:
+            client.sendmail("a@example.com", ["b@example.com"], CLEAN)
+        assert len(next_hop.wait_for(1)) == 1
+    finally:
+        for sock in held:
+            sock.close()
