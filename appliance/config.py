@@ -114,14 +114,6 @@ class Transparency(enum.Enum):
         return self is not Transparency.OFF
 
 
-#: The Config fields that hold a word, and its enum: a plain string given to Config() is turned
-#: into the member (so Config(action="bounce") and replace(config, out_tls="none") still work).
-_WORDS: dict[str, type[enum.StrEnum]] = {
-    "action": Action, "scan_error_action": ScanErrorAction, "oversize_action": OversizeAction,
-    "out_tls": OutTLS, "client_tls": ClientTLS,
-}
-
-
 class ConfigError(Exception):
     """A configuration problem, located by file, line (0 = whole file) and directive."""
 
@@ -192,51 +184,25 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        given: object = self.transparent_proxy  # a bool too: Config(transparent_proxy=True)
-        if isinstance(given, bool):  # as before
-            mode = Transparency.ON if given else Transparency.OFF
-            object.__setattr__(self, "transparent_proxy", mode)
-        for field, kind in _WORDS.items():  # Config(action="bounce") as before
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, kind):
+        """Check each value as its directive's row does (a Config built in code, e.g. by
+        `replace`, gets the same checks and words as the file), then the ones between them."""
+        for directive in DIRECTIVES:
+            if directive.alias_of is None:
+                value = getattr(self, directive.field)
                 try:
-                    object.__setattr__(self, field, kind(value))
-                except ValueError:
-                    raise ValueError(f"invalid {field} {value!r} (expected "
-                                     f"{_alternatives(tuple(kind))})") from None
+                    checked = directive.kind.check(value)
+                except ValueError as error:
+                    raise ValueError(f"{directive.name}: {error}") from None
+                if checked is not value:  # e.g. Config(action="bounce"): the enum member
+                    object.__setattr__(self, directive.field, checked)
         if self.out_address is None and not self.transparent_proxy:
             raise ValueError("no OutAddress specified (required unless TransparentProxy is on)")
-        if not 1 <= self.max_connections <= MAX_CONNECTIONS:
-            raise ValueError(f"max_connections must be 1 to {MAX_CONNECTIONS}")
-        if not 0 <= self.workers <= MAX_WORKERS:
-            raise ValueError(f"workers must be 0 (auto) to {MAX_WORKERS}")
-        if not 0 < self.timeout <= MAX_SECONDS:
-            raise ValueError(f"timeout must be more than 0 and at most {MAX_SECONDS} seconds")
-        if not 0 < self.scan_timeout <= MAX_SECONDS:
-            raise ValueError(f"scan_timeout must be more than 0 and at most {MAX_SECONDS} seconds")
-        if not 1 <= len(self.clam_addresses) <= MAX_CLAMDS:
-            raise ValueError(f"clam_addresses must list 1 to {MAX_CLAMDS} addresses")
-        if not 0 <= self.keepalives <= MAX_SECONDS:
-            raise ValueError(f"keepalives must be 0 to {MAX_SECONDS} seconds")
-        if not self.temp_directory:
-            raise ValueError("empty temp_directory")
-        if self.infected_host_limit is not None:
-            count, seconds = self.infected_host_limit
-            if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
-                raise ValueError(f"invalid infected_host_limit {self.infected_host_limit!r}")
-        if not 1 <= self.infected_host_block <= MAX_BLOCK_SECONDS:
-            raise ValueError(f"infected_host_block must be 1 to {MAX_BLOCK_SECONDS} seconds")
-        if self.max_scan_size is not None and not 1 <= self.max_scan_size <= MAX_SCAN_SIZE:
-            raise ValueError(f"max_scan_size must be 1 to {MAX_SCAN_SIZE} bytes")
-        problem = reject_message_problem(self.reject_message)
-        if problem:
-            raise ValueError(f"reject_message: {problem}")
-        tls = tls_problem(
+        problem = tls_problem(
             self.out_tls, self.client_tls, hostname=self.out_tls_hostname,
             transparent=bool(self.transparent_proxy), certificate=self.tls_certificate,
         )
-        if tls:
-            raise ValueError(tls[1])
+        if problem:
+            raise ValueError(problem[1])
 
     @property
     def out_tls_hostname(self) -> str | None:
@@ -306,27 +272,26 @@ def parse_config(text: str, path: str) -> Config:
         name, colon, value = line.partition(":")
         name, value = name.strip(), value.strip()
         if not colon:
-            word = line.split()[0]
-            known = _DIRECTIVES.get(word.lower())
+            known = _BY_NAME.get(line.split()[0].lower())
             if known:
-                reason = f"invalid config line (expected '{known[0]}: value')"
-                raise ConfigError(path, number, known[0], reason)
+                reason = f"invalid config line (expected '{known.name}: value')"
+                raise ConfigError(path, number, known.name, reason)
             reason = f"invalid config line '{_show(line)}' (expected 'Directive: value')"
             raise ConfigError(path, number, None, reason)
         if not name:
             reason = f"invalid config line '{_show(line)}' (no directive name before ':')"
             raise ConfigError(path, number, None, reason)
-        if name.lower() not in _DIRECTIVES:
+        directive = _BY_NAME.get(name.lower())
+        if directive is None:
             raise ConfigError(path, number, _show(name), _unknown_directive(name))
-        directive, handler = _DIRECTIVES[name.lower()]
         try:
             if "\0" in value:
                 raise ValueError("value contains a NUL character")
-            notes = handler(value, values)
+            notes = directive.read(value, values)
         except ValueError as error:
-            raise ConfigError(path, number, directive, str(error)) from None
-        warnings.extend(_located(path, number, directive, note) for note in notes)
-        lines[directive] = number
+            raise ConfigError(path, number, directive.name, str(error)) from None
+        warnings.extend(_located(path, number, directive.name, note) for note in notes)
+        lines[directive.name] = number
 
     if values.get("transparent_proxy") and values.get("out_address") is not None:
         note = "ignored because TransparentProxy is on"
@@ -342,8 +307,8 @@ def parse_config(text: str, path: str) -> Config:
         certificate=values.get("tls_certificate"),
     )
     if problem:
-        directive, reason = problem
-        raise ConfigError(path, lines.get(directive, 0), directive, reason)
+        directive_name, reason = problem
+        raise ConfigError(path, lines.get(directive_name, 0), directive_name, reason)
     try:
         return Config(
             path=path,
@@ -351,208 +316,379 @@ def parse_config(text: str, path: str) -> Config:
             warnings=tuple(warnings),
             **values,
         )
-    except ValueError as error:  # a safety net: the handlers check everything first
+    except ValueError as error:  # a safety net: each value was checked as it was read
         raise ConfigError(path, 0, None, str(error)) from None
 
 
 def describe(config: Config) -> str:
-    """The effective configuration in clamsmtpd.conf syntax (parses back to an equal Config)."""
-    out = config.out_address
-    lines = [
-        f"# effective configuration of {_show(config.path)}",
-        *_out_address_meaning(out),
-        f"OutAddress: {_format_address(out)}"
-        if out is not None
-        else "# OutAddress: not used (TransparentProxy is on)",
-        f"Listen: {_format_address(config.listen)}",
-        f"ClamAddress: {', '.join(map(_format_address, config.clam_addresses))}",
-        f"Header: {_escape(config.header)}".rstrip(),
-        f"TempDirectory: {config.temp_directory}",
-        f"Action: {config.action}",
-        f"Quarantine: {_onoff(config.quarantine)}",
-        f"VirusAction: {config.virus_action or ''}".rstrip(),
-        f"VirusActionAsRoot: {_onoff(config.virus_action_as_root)}",
-        f"MaxConnections: {config.max_connections}",
-        *([f"# Workers: auto is {config.worker_count} here (the number of CPUs)", "Workers: auto"]
-          if config.workers == 0 else [f"Workers: {config.workers}"]),
-        f"TimeOut: {config.timeout:g}",
-        f"ScanTimeout: {config.scan_timeout:g}",
-        f"KeepAlives: {config.keepalives}",
-        f"XClient: {_onoff(config.xclient)}",
-        f"TransparentProxy: {config.transparent_proxy.value}",
-        f"User: {config.user}" if config.user else "# User: not set (no privilege drop)",
-        f"PidFile: {config.pid_file or ''}".rstrip(),
-        f"MetricsListen: {_format_address(config.metrics_listen)}"
-        if config.metrics_listen is not None
-        else "# MetricsListen: not set (no metrics endpoint)",
-        f"OutTLS: {config.out_tls}",
-        f"OutTLSName: {config.out_tls_name}" if config.out_tls_name
-        else f"# OutTLSName: not set (next hop's name: {config.out_tls_hostname or 'unknown'})",
-        f"TLSCAFile: {config.tls_ca_file}" if config.tls_ca_file
-        else "# TLSCAFile: not set (the system's CA store)",
-        f"ClientTLS: {config.client_tls}",
-        f"TLSCertificate: {config.tls_certificate or ''}".rstrip(),
-        f"TLSKey: {config.tls_key or ''}".rstrip(),
-        "DebugFiles: on" if config.debug_files else "# DebugFiles: off (has no effect)",
-        f"ScanErrorAction: {config.scan_error_action}",
-        f"RejectMessage: {config.reject_message}",
-        f"MaxScanSize: {format_size(config.max_scan_size)}"
-        if config.max_scan_size is not None
-        else "# MaxScanSize: not set (no limit but clamd's StreamMaxLength)",
-        f"OversizeAction: {config.oversize_action}"
-        if config.oversize_action is not None
-        else "# OversizeAction: not set (pass with MaxScanSize; else too big for clamd is a scan "
-        "error, as in 1.10)",
-        f"SkipNetworks: {' '.join(map(str, config.skip_networks))}".rstrip(),
-        f"SkipAuthenticated: {_onoff(config.skip_authenticated)}",
-        f"VirusAllow: {' '.join(config.virus_allow)}".rstrip(),
-        "InfectedHostLimit: {} {}".format(*config.infected_host_limit)
-        if config.infected_host_limit is not None
-        else "# InfectedHostLimit: not set (no containment)",
-        f"InfectedHostBlock: {config.infected_host_block}",
-    ]
+    """The effective configuration in clamsmtpd.conf syntax (parses back to an equal Config):
+    one line per directive of the registry, in its order, as its row says to show it."""
+    lines = [f"# effective configuration of {_show(config.path)}"]
+    for directive in DIRECTIVES:
+        lines += directive.describe(config)
     return "\n".join(lines) + "\n"
 
 
-# --- directive handlers: (value, values) -> warnings; raise ValueError with the reason ---
-
-_Handler = Callable[[str, dict[str, Any]], list[str]]
+# --- kinds of value: read from the file, checked, shown; one wording for each problem ---
 
 
-def _address_handler(field: str, default_host: str | None, default_port: int) -> _Handler:
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if not value:
+class _Kind:
+    """How one kind of value is read (`parse`, ValueError with the reason), checked when a
+    Config is built in code (`check`: the value as Config holds it, or ValueError with the same
+    reason), and written back by --check-config (`show`)."""
+
+    def parse(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def check(self, value: Any) -> Any:
+        return value
+
+    def show(self, value: Any) -> str:
+        return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class _AddressKind(_Kind):
+    default_host: str | None
+    default_port: int
+
+    def parse(self, text: str) -> Address:
+        if not text:
             raise ValueError(f"empty value (expected {_ADDRESS_FORMS})")
         try:
-            values[field] = parse_address(
-                value, default_host=default_host, default_port=default_port
+            return parse_address(
+                text, default_host=self.default_host, default_port=self.default_port
             )
         except ValueError as error:
             reason = _show(str(error), limit=200)
-            if value not in str(error):
-                reason = f"invalid address '{_show(value)}': {reason}"
+            if text not in str(error):
+                reason = f"invalid address '{_show(text)}': {reason}"
             if "expected" not in reason:
                 reason += f" (expected {_ADDRESS_FORMS})"
             raise ValueError(reason) from None
-        return []
 
-    return handle
-
-
-def _clam_addresses(value: str, values: dict[str, Any]) -> list[str]:
-    """One or more clamds, separated by commas or spaces (so a unix path cannot hold either)."""
-    parts = [part for part in re.split(r"[,\s]+", value) if part]
-    if not parts:
-        raise ValueError(f"empty value (expected one or more of {_ADDRESS_FORMS})")
-    if len(parts) > MAX_CLAMDS:
-        raise ValueError(f"{len(parts)} addresses (at most {MAX_CLAMDS})")
-    one = _address_handler("clam_address", CLAM_HOST, CLAM_PORT)
-    addresses: list[Address] = []
-    seen: set[tuple[str | None, int | None, str | None]] = set()
-    for part in parts:
-        one(part, values)
-        address = values.pop("clam_address")
-        endpoint = (address.host, address.port, address.path)  # "3310" is 127.0.0.1:3310
-        if endpoint in seen:
-            raise ValueError(f"'{_show(part)}' is listed twice")
-        seen.add(endpoint)
-        addresses.append(address)
-    values["clam_addresses"] = tuple(addresses)
-    return []
+    def show(self, value: Address | None) -> str:
+        return "" if value is None else _format_address(value)
 
 
-def _bool_handler(field: str, note: str | None = None) -> _Handler:
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        values[field] = _parse_bool(value)
-        return [note] if note else []
-
-    return handle
-
-
-def _int_handler(field: str, low: int, high: int, unit: str, kind: type = int) -> _Handler:
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if not value.isascii() or not value.isdigit() or len(value) > 9:
-            number = None
-        else:
-            number = int(value)
-        if number is None or not low <= number <= high:
-            expected = f"a whole number of {unit} from {low} to {high}"
-            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})")
-        values[field] = kind(number)
-        return []
-
-    return handle
-
-
-def _string_handler(field: str, what: str | None) -> _Handler:
-    """``what`` names a required value; None means an empty value clears the setting."""
-
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if not value and what is not None:
-            raise ValueError(f"empty value (expected {what})")
-        values[field] = value or None
-        return []
-
-    return handle
-
-
-def _optional(field: str, handler: _Handler) -> _Handler:
+@dataclass(frozen=True)
+class _Optional(_Kind):
     """An empty value turns the setting off (an extension directive, so off by default)."""
 
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
-        if not value:
-            values[field] = None
-            return []
-        return handler(value, values)
+    kind: _Kind
 
-    return handle
+    def parse(self, text: str) -> Any:
+        return self.kind.parse(text) if text else None
+
+    def check(self, value: Any) -> Any:
+        return None if value is None else self.kind.check(value)
+
+    def show(self, value: Any) -> str:
+        return "" if value is None else self.kind.show(value)
 
 
-def _choice(field: str, kind: type[enum.StrEnum]) -> _Handler:
-    def handle(value: str, values: dict[str, Any]) -> list[str]:
+class _ClamAddresses(_Kind):
+    """One or more clamds, separated by commas or spaces (so a unix path cannot hold either)."""
+
+    one = _AddressKind(CLAM_HOST, CLAM_PORT)
+
+    def parse(self, text: str) -> tuple[Address, ...]:
+        parts = [part for part in re.split(r"[,\s]+", text) if part]
+        self._count(len(parts))
+        addresses: list[Address] = []
+        seen: set[tuple[str | None, int | None, str | None]] = set()
+        for part in parts:
+            address = self.one.parse(part)
+            endpoint = (address.host, address.port, address.path)  # "3310" is 127.0.0.1:3310
+            if endpoint in seen:
+                raise ValueError(f"'{_show(part)}' is listed twice")
+            seen.add(endpoint)
+            addresses.append(address)
+        return tuple(addresses)
+
+    def check(self, value: tuple[Address, ...]) -> tuple[Address, ...]:
+        self._count(len(value))
+        return value
+
+    @staticmethod
+    def _count(count: int) -> None:
+        if not count:
+            raise ValueError(f"empty value (expected one or more of {_ADDRESS_FORMS})")
+        if count > MAX_CLAMDS:
+            raise ValueError(f"{count} addresses (at most {MAX_CLAMDS})")
+
+    def show(self, value: tuple[Address, ...]) -> str:
+        return ", ".join(map(_format_address, value))
+
+
+class _Flag(_Kind):
+    def parse(self, text: str) -> bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"invalid value '{_show(text)}' (expected on or off, yes or no, 1 or 0)")
+
+    def show(self, value: bool) -> str:
+        return "on" if value else "off"
+
+
+@dataclass(frozen=True)
+class _Whole(_Kind):
+    """A whole number from `low` to `high` in the file. The time-outs are floats: code may set
+    a fraction above 0 (the lab's short time-outs)."""
+
+    low: int
+    high: int
+    unit: str
+    kind: type[int] | type[float] = int
+
+    @property
+    def expected(self) -> str:
+        return f"a whole number of {self.unit} from {self.low} to {self.high}"
+
+    def parse(self, text: str) -> int | float:
+        number = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+        if number is None or not self.low <= number <= self.high:
+            raise ValueError(f"invalid value '{_show(text)}' (expected {self.expected})")
+        return self.kind(number)
+
+    def check(self, value: int | float) -> int | float:
+        above_low = value > 0 if self.kind is float else value >= self.low
+        if not (above_low and value <= self.high):
+            raise ValueError(f"invalid value '{value}' (expected {self.expected})")
+        return value
+
+    def show(self, value: int | float) -> str:
+        return f"{value:g}" if self.kind is float else str(value)
+
+
+class _Workers(_Kind):
+    """`auto` (kept as 0: one process per CPU, resolved by Config.worker_count) or a number."""
+
+    number = _Whole(1, MAX_WORKERS, "processes")
+
+    def parse(self, text: str) -> int:
+        if text.lower() == "auto":
+            return 0
         try:
-            values[field] = kind(value.lower())
+            return int(self.number.parse(text))
         except ValueError:
-            expected = _alternatives(tuple(kind))
-            raise ValueError(f"invalid value '{_show(value)}' (expected {expected})") from None
-        return []
+            raise ValueError(self._reason(text)) from None
 
-    return handle
+    def check(self, value: int) -> int:
+        if not 0 <= value <= MAX_WORKERS:
+            raise ValueError(self._reason(str(value)))
+        return value
 
+    @staticmethod
+    def _reason(text: str) -> str:
+        return (f"invalid value '{_show(text)}' (expected auto, or a whole number of processes "
+                f"from 1 to {MAX_WORKERS})")
 
-def _alternatives(choices: tuple[str, ...]) -> str:
-    """("a", "b", "c") -> "a, b or c"."""
-    return ", ".join(choices[:-1]) + " or " + choices[-1]
-
-
-def _tls_name(value: str, values: dict[str, Any]) -> list[str]:
-    if value and (any(c.isspace() or c in "/:[]" for c in value) or _is_ip(value)):
-        raise ValueError(f"invalid value '{_show(value)}' (expected the host name the next "
-                         "hop's certificate carries, e.g. mail.example.org)")
-    values["out_tls_name"] = value or None
-    return []
+    def show(self, value: int) -> str:
+        return "auto" if value == 0 else str(value)
 
 
-def _bounce(value: str, values: dict[str, Any]) -> list[str]:
-    if _parse_bool(value):
-        values["action"] = Action.BOUNCE
-    return ['please use "Action" option instead of "Bounce"']
+@dataclass(frozen=True)
+class _Choice(_Kind):
+    """One word of an enum, in any case; `optional`: None (not set) is a value too."""
+
+    kind: type[enum.StrEnum]
+    optional: bool = False
+
+    def parse(self, text: str) -> enum.StrEnum:
+        try:
+            return self.kind(text.lower())
+        except ValueError:
+            raise ValueError(self._reason(text)) from None
+
+    def check(self, value: str | None) -> enum.StrEnum | None:
+        if value is None and self.optional:
+            return None
+        try:
+            return self.kind(str(value))
+        except ValueError:
+            raise ValueError(self._reason(str(value))) from None
+
+    def _reason(self, text: str) -> str:
+        choices = tuple(self.kind)
+        expected = ", ".join(choices[:-1]) + " or " + choices[-1]
+        return f"invalid value '{_show(text)}' (expected {expected})"
 
 
-def _header(value: str, values: dict[str, Any]) -> list[str]:
-    template = _unescape(value).strip()
-    try:
-        size = len(template.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("value is not valid UTF-8 (save the file as UTF-8)") from None
-    if size > MAX_HEADER_BYTES:
-        raise ValueError(f"header too long ({size} bytes, at most {MAX_HEADER_BYTES})")
-    values["header"] = template
-    return template_problems(template)
+@dataclass(frozen=True)
+class _Text(_Kind):
+    """Free text; `what` names a required value, None means an empty value clears it."""
+
+    what: str | None = None
+
+    def parse(self, text: str) -> str | None:
+        return self.check(text or None)
+
+    def check(self, value: str | None) -> str | None:
+        if not value and self.what is not None:
+            raise ValueError(f"empty value (expected {self.what})")
+        return value
 
 
-def _scan_header(value: str, values: dict[str, Any]) -> list[str]:
-    return ['please use "Header" option instead of "ScanHeader"', *_header(value, values)]
+class _User(_Kind):
+    def parse(self, text: str) -> str | None:
+        if not text:
+            raise ValueError("empty value (expected a user name or a numeric uid)")
+        return self.check(text)
+
+    def check(self, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() or c == ":" for c in value)):
+            raise ValueError(f"invalid value '{_show(value)}' (expected a user name or a "
+                             "numeric uid)")
+        return value
+
+
+class _Header(_Kind):
+    """A header template, with the original's escapes (\\r \\n \\t); "" means no header."""
+
+    def parse(self, text: str) -> str:
+        return self.check(_unescape(text).strip())
+
+    def check(self, value: str) -> str:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("value is not valid UTF-8 (save the file as UTF-8)") from None
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header too long ({size} bytes, at most {MAX_HEADER_BYTES})")
+        return value
+
+    def show(self, value: str) -> str:
+        return _escape(value)
+
+
+class _Transparency(_Kind):
+    def parse(self, text: str) -> Transparency:
+        if text.lower() == "full":
+            return Transparency.FULL
+        try:
+            on = _Flag().parse(text)
+        except ValueError:
+            raise ValueError(f"invalid value '{_show(text)}' (expected on, off or full)") from None
+        return Transparency.ON if on else Transparency.OFF
+
+    def check(self, value: Transparency | bool) -> Transparency:
+        if isinstance(value, bool):  # Config(transparent_proxy=True) as before
+            return Transparency.ON if value else Transparency.OFF
+        return Transparency(value)
+
+    def show(self, value: Transparency) -> str:
+        return value.value
+
+
+class _TLSName(_Kind):
+    def parse(self, text: str) -> str | None:
+        if text and (any(c.isspace() or c in "/:[]" for c in text) or _is_ip(text)):
+            raise ValueError(f"invalid value '{_show(text)}' (expected the host name the next "
+                             "hop's certificate carries, e.g. mail.example.org)")
+        return text or None
+
+
+class _RejectMessage(_Kind):
+    def parse(self, text: str) -> str:
+        return self.check(text)
+
+    def check(self, value: str) -> str:
+        problem = reject_message_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class _Size(_Kind):
+    """MaxScanSize: bytes, with K, M or G; empty: none."""
+
+    def parse(self, text: str) -> int | None:
+        return parse_size(text) if text else None
+
+    def check(self, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_SCAN_SIZE:
+            raise ValueError(f"size '{value}' out of range (expected 1 to 4G)")
+        return value
+
+    def show(self, value: int | None) -> str:
+        return "" if value is None else format_size(value)
+
+
+class _Networks(_Kind):
+    def parse(self, text: str) -> tuple[IPNetwork, ...]:
+        networks: list[IPNetwork] = []
+        for word in _LIST_SEPARATORS.split(text.strip()):
+            if not word:
+                continue
+            try:
+                network = ipaddress.ip_network(word)
+            except ValueError:
+                try:
+                    fixed = ipaddress.ip_network(word, strict=False)
+                except ValueError:
+                    raise ValueError(f"invalid network '{_show(word)}' (expected addresses or "
+                                     "CIDR networks such as 192.0.2.0/24 or 2001:db8::/32)"
+                                     ) from None
+                raise ValueError(f"'{_show(word)}' has host bits set (did you mean {fixed}?)"
+                                 ) from None
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:  # clients are seen as plain IPv4
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            if network not in networks:
+                networks.append(network)
+        return tuple(networks)
+
+    def show(self, value: tuple[IPNetwork, ...]) -> str:
+        return " ".join(map(str, value))
+
+
+class _Patterns(_Kind):
+    def parse(self, text: str) -> tuple[str, ...]:
+        patterns: list[str] = []
+        for word in _LIST_SEPARATORS.split(text.strip()):
+            if not word:
+                continue
+            if not word.isascii() or not word.isprintable() or len(word) > MAX_VIRUS_PATTERN:
+                raise ValueError(f"invalid pattern '{_show(word)}' (expected a virus name or a "
+                                 f"shell wildcard such as PUA.*, printable ASCII, at most "
+                                 f"{MAX_VIRUS_PATTERN} characters)")
+            if word.strip("*?") == "":
+                raise ValueError(f"pattern '{_show(word)}' matches every virus (use Action: "
+                                 "pass to deliver them all)")
+            if word not in patterns:
+                patterns.append(word)
+        return tuple(patterns)
+
+    def show(self, value: tuple[str, ...]) -> str:
+        return " ".join(value)
+
+
+class _HostLimit(_Kind):
+    """InfectedHostLimit: COUNT SECONDS; empty: off."""
+
+    expected = (f"expected COUNT SECONDS: 1 to {MAX_INFECTED_COUNT} infected messages within "
+                f"1 to {MAX_SECONDS} seconds, e.g. 3 600")
+
+    def parse(self, text: str) -> tuple[int, int] | None:
+        if not text:
+            return None
+        words = text.split()
+        if len(words) != 2 or not all(w.isascii() and w.isdigit() and len(w) < 10 for w in words):
+            raise ValueError(f"invalid value '{_show(text)}' ({self.expected})")
+        return self.check((int(words[0]), int(words[1])))
+
+    def check(self, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None:
+            count, seconds = value
+            if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
+                raise ValueError(f"value '{count} {seconds}' out of range ({self.expected})")
+        return value
+
+    def show(self, value: tuple[int, int] | None) -> str:
+        return "" if value is None else "{} {}".format(*value)
 
 
 def reject_message_problem(text: str) -> str | None:
@@ -569,27 +705,6 @@ def reject_message_problem(text: str) -> str | None:
     if not (len(code) == 3 and code.isdigit() and code[0] == "5") or not space or not rest.strip():
         return f"'{_show(text)}' is not a permanent SMTP reply ({expected})"
     return None
-
-
-def _reject_message(value: str, values: dict[str, Any]) -> list[str]:
-    problem = reject_message_problem(value)
-    if problem:
-        raise ValueError(problem)
-    values["reject_message"] = value
-    return []
-
-
-def _transparency(value: str, values: dict[str, Any]) -> list[str]:
-    if value.lower() == "full":
-        values["transparent_proxy"] = Transparency.FULL
-        return []
-    try:
-        on = _parse_bool(value)
-    except ValueError:
-        shown = _show(value)
-        raise ValueError(f"invalid value '{shown}' (expected on, off or full)") from None
-    values["transparent_proxy"] = Transparency.ON if on else Transparency.OFF
-    return []
 
 
 def parse_size(value: str) -> int:
@@ -614,132 +729,149 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def _max_scan_size(value: str, values: dict[str, Any]) -> list[str]:
-    values["max_scan_size"] = parse_size(value) if value else None
-    return []
+# --- the registry: one row per directive (docs/dev/config.md) ---
 
 
-def _skip_networks(value: str, values: dict[str, Any]) -> list[str]:
-    networks: list[IPNetwork] = []
-    for word in _LIST_SEPARATORS.split(value.strip()):
-        if not word:
-            continue
-        try:
-            network = ipaddress.ip_network(word)
-        except ValueError:
-            try:
-                fixed = ipaddress.ip_network(word, strict=False)
-            except ValueError:
-                raise ValueError(f"invalid network '{_show(word)}' (expected addresses or CIDR "
-                                 "networks such as 192.0.2.0/24 or 2001:db8::/32)") from None
-            raise ValueError(f"'{_show(word)}' has host bits set (did you mean {fixed}?)") from None
-        mapped = getattr(network.network_address, "ipv4_mapped", None)
-        if mapped is not None and network.prefixlen >= 96:  # clients are seen as plain IPv4
-            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-        if network not in networks:
-            networks.append(network)
-    values["skip_networks"] = tuple(networks)
-    return []
+class Reload(enum.Enum):
+    """What SIGHUP does with a changed directive (server.Appliance.reload)."""
+
+    LIVE = "yes"  # new connections use the new value
+    RESTART = "restart"  # the old value stays; the log says a restart is needed
+    PARTLY = "partly"  # TransparentProxy: off <-> on at once, to or from full needs a restart
 
 
-def _virus_allow(value: str, values: dict[str, Any]) -> list[str]:
-    patterns: list[str] = []
-    for word in _LIST_SEPARATORS.split(value.strip()):
-        if not word:
-            continue
-        if not word.isascii() or not word.isprintable() or len(word) > MAX_VIRUS_PATTERN:
-            raise ValueError(f"invalid pattern '{_show(word)}' (expected a virus name or a "
-                             f"shell wildcard such as PUA.*, printable ASCII, at most "
-                             f"{MAX_VIRUS_PATTERN} characters)")
-        if word.strip("*?") == "":
-            raise ValueError(f"pattern '{_show(word)}' matches every virus (use Action: pass "
-                             "to deliver them all)")
-        if word not in patterns:
-            patterns.append(word)
-    values["virus_allow"] = tuple(patterns)
-    return []
+@dataclass(frozen=True)
+class Directive:
+    """One directive: everything the parser, --check-config, SIGHUP and the man page test know
+    of it. Its default is the Config field's (`default`)."""
+
+    name: str  # as clamsmtpd.conf writes it
+    field: str  # the Config field it sets
+    kind: _Kind  # how its value is read, checked and shown
+    reload: Reload = Reload.LIVE
+    #: a deprecated directive: the warning each use gets (it is accepted, never shown)
+    deprecated: str | None = None
+    #: an old name that sets another directive's field (Bounce, ScanHeader): not shown itself
+    alias_of: str | None = None
+    #: --check-config's comment for an empty value (None, "", False), e.g. "not set (...)"
+    unset: str | Callable[[Config], str] | None = None
+    #: comment lines --check-config writes before the directive's line
+    comment: Callable[[Config], list[str]] | None = None
+    #: warnings about a value that is accepted (Header's unknown % symbols)
+    notes: Callable[[Any], list[str]] | None = None
+    #: how the value is stored: the default sets the field (Bounce: off changes nothing)
+    store: Callable[[Any, dict[str, Any]], None] | None = None
+
+    @property
+    def default(self) -> Any:
+        """The value when the file does not set it (OutAddress: None, it is required)."""
+        default = Config.__dataclass_fields__[self.field].default
+        return None if default is dataclasses.MISSING else default
+
+    def read(self, text: str, values: dict[str, Any]) -> list[str]:
+        """Parse one line's value into `values`; the warnings it gets. ValueError: the reason."""
+        value = self.kind.parse(text)
+        if self.store is not None:
+            self.store(value, values)
+        else:
+            values[self.field] = value
+        notes = self.notes(value) if self.notes is not None else []
+        return [self.deprecated, *notes] if self.deprecated else notes
+
+    def describe(self, config: Config) -> list[str]:
+        """--check-config's lines for this directive (none for an alias)."""
+        if self.alias_of is not None:
+            return []
+        value = getattr(config, self.field)
+        lines = self.comment(config) if self.comment is not None else []
+        if self.unset is not None and not value:
+            unset = self.unset if isinstance(self.unset, str) else self.unset(config)
+            return [*lines, f"# {self.name}: {unset}"]
+        return [*lines, f"{self.name}: {self.kind.show(value)}".rstrip()]
 
 
-def _infected_host_limit(value: str, values: dict[str, Any]) -> list[str]:
-    if not value:
-        values["infected_host_limit"] = None
+def _workers_comment(config: Config) -> list[str]:
+    if config.workers:
         return []
-    words = value.split()
-    expected = (f"expected COUNT SECONDS: 1 to {MAX_INFECTED_COUNT} infected messages within "
-                f"1 to {MAX_SECONDS} seconds, e.g. 3 600")
-    if len(words) != 2 or not all(w.isascii() and w.isdigit() and len(w) < 10 for w in words):
-        raise ValueError(f"invalid value '{_show(value)}' ({expected})")
-    count, seconds = int(words[0]), int(words[1])
-    if not (1 <= count <= MAX_INFECTED_COUNT and 1 <= seconds <= MAX_SECONDS):
-        raise ValueError(f"value '{_show(value)}' out of range ({expected})")
-    values["infected_host_limit"] = (count, seconds)
-    return []
+    return [f"# Workers: auto is {config.worker_count} here (the number of CPUs)"]
 
 
-def _workers(value: str, values: dict[str, Any]) -> list[str]:
-    if value.lower() == "auto":
-        values["workers"] = 0
+def _out_address_comment(config: Config) -> list[str]:
+    """A comment line for the two OutAddress forms that are easy to mistake for each other."""
+    out = config.out_address
+    if out is None or out.is_unix:
         return []
-    try:
-        return _int_handler("workers", 1, MAX_WORKERS, "processes")(value, values)
-    except ValueError:
-        raise ValueError(f"invalid value '{_show(value)}' (expected auto, or a whole number of "
-                         f"processes from 1 to {MAX_WORKERS})") from None
-
-
-def _user(value: str, values: dict[str, Any]) -> list[str]:
-    if not value or any(char.isspace() or char == ":" for char in value):
-        shown = f"invalid value '{_show(value)}'" if value else "empty value"
-        raise ValueError(f"{shown} (expected a user name or a numeric uid)")
-    values["user"] = value
+    if out.port_only:
+        return [f"# OutAddress: a bare port: the loopback feature, each connection's mail goes "
+                f"back to its client's own address, port {out.port}"]
+    if out.host in ("0.0.0.0", "::"):
+        return [f"# OutAddress: {out.host} is this host (an ordinary address, not the loopback "
+                f"feature, which is a bare port)"]
     return []
 
 
-_DIRECTIVES: dict[str, tuple[str, _Handler]] = {
-    name.lower(): (name, handler)
-    for name, handler in [
-        ("OutAddress", _address_handler("out_address", None, OUT_PORT)),
-        ("Listen", _address_handler("listen", LISTEN_HOST, LISTEN_PORT)),
-        ("ClamAddress", _clam_addresses),
-        ("Header", _header),
-        ("ScanHeader", _scan_header),
-        ("TempDirectory", _string_handler("temp_directory", "a directory path")),
-        ("Action", _choice("action", Action)),
-        ("Bounce", _bounce),
-        ("Quarantine", _bool_handler("quarantine")),
-        ("VirusAction", _string_handler("virus_action", None)),
-        ("VirusActionAsRoot", _bool_handler("virus_action_as_root")),
-        ("MaxConnections", _int_handler("max_connections", 1, MAX_CONNECTIONS, "connections")),
-        ("Workers", _workers),
-        ("TimeOut", _int_handler("timeout", 1, MAX_SECONDS, "seconds", float)),
-        ("ScanTimeout", _int_handler("scan_timeout", 1, MAX_SECONDS, "seconds", float)),
-        ("KeepAlives", _int_handler("keepalives", 0, MAX_SECONDS, "seconds")),
-        ("XClient", _bool_handler("xclient")),
-        ("TransparentProxy", _transparency),
-        ("User", _user),
-        ("PidFile", _string_handler("pid_file", None)),
-        ("MetricsListen", _optional(
-            "metrics_listen", _address_handler("metrics_listen", LISTEN_HOST, METRICS_PORT)
-        )),
-        ("OutTLS", _choice("out_tls", OutTLS)),
-        ("OutTLSName", _tls_name),
-        ("TLSCAFile", _string_handler("tls_ca_file", None)),
-        ("ClientTLS", _choice("client_tls", ClientTLS)),
-        ("TLSCertificate", _string_handler("tls_certificate", None)),
-        ("TLSKey", _string_handler("tls_key", None)),
-        ("DebugFiles", _bool_handler("debug_files", "this option has no effect (deprecated)")),
-        ("ScanErrorAction", _choice("scan_error_action", ScanErrorAction)),
-        ("RejectMessage", _reject_message),
-        ("MaxScanSize", _max_scan_size),
-        ("OversizeAction", _choice("oversize_action", OversizeAction)),
-        ("SkipNetworks", _skip_networks),
-        ("SkipAuthenticated", _bool_handler("skip_authenticated")),
-        ("VirusAllow", _virus_allow),
-        ("InfectedHostLimit", _infected_host_limit),
-        ("InfectedHostBlock", _int_handler("infected_host_block", 1, MAX_BLOCK_SECONDS, "seconds")),
-    ]
-}
-_DEPRECATED = frozenset({"Bounce", "ScanHeader", "DebugFiles"})
+def _bounce(on: bool, values: dict[str, Any]) -> None:
+    if on:
+        values["action"] = Action.BOUNCE
+
+
+_SECONDS = _Whole(1, MAX_SECONDS, "seconds", float)
+
+#: Every directive, in the order --check-config shows them.
+DIRECTIVES: tuple[Directive, ...] = (
+    Directive("OutAddress", "out_address", _AddressKind(None, OUT_PORT),
+              unset="not used (TransparentProxy is on)", comment=_out_address_comment),
+    Directive("Listen", "listen", _AddressKind(LISTEN_HOST, LISTEN_PORT), Reload.RESTART),
+    Directive("ClamAddress", "clam_addresses", _ClamAddresses()),
+    Directive("Header", "header", _Header(), notes=template_problems),
+    Directive("ScanHeader", "header", _Header(), notes=template_problems, alias_of="Header",
+              deprecated='please use "Header" option instead of "ScanHeader"'),
+    Directive("TempDirectory", "temp_directory", _Text("a directory path")),
+    Directive("Action", "action", _Choice(Action)),
+    Directive("Bounce", "action", _Flag(), alias_of="Action", store=_bounce,
+              deprecated='please use "Action" option instead of "Bounce"'),
+    Directive("Quarantine", "quarantine", _Flag()),
+    Directive("VirusAction", "virus_action", _Text()),
+    Directive("VirusActionAsRoot", "virus_action_as_root", _Flag()),
+    Directive("MaxConnections", "max_connections", _Whole(1, MAX_CONNECTIONS, "connections")),
+    Directive("Workers", "workers", _Workers(), Reload.RESTART, comment=_workers_comment),
+    Directive("TimeOut", "timeout", _SECONDS),
+    Directive("ScanTimeout", "scan_timeout", _SECONDS),
+    Directive("KeepAlives", "keepalives", _Whole(0, MAX_SECONDS, "seconds")),
+    Directive("XClient", "xclient", _Flag()),
+    Directive("TransparentProxy", "transparent_proxy", _Transparency(), Reload.PARTLY),
+    Directive("User", "user", _User(), Reload.RESTART, unset="not set (no privilege drop)"),
+    Directive("PidFile", "pid_file", _Text(), Reload.RESTART),
+    Directive("MetricsListen", "metrics_listen",
+              _Optional(_AddressKind(LISTEN_HOST, METRICS_PORT)), Reload.RESTART,
+              unset="not set (no metrics endpoint)"),
+    Directive("OutTLS", "out_tls", _Choice(OutTLS)),
+    Directive("OutTLSName", "out_tls_name", _TLSName(), unset=lambda config: (
+        f"not set (next hop's name: {config.out_tls_hostname or 'unknown'})")),
+    Directive("TLSCAFile", "tls_ca_file", _Text(), unset="not set (the system's CA store)"),
+    Directive("ClientTLS", "client_tls", _Choice(ClientTLS)),
+    Directive("TLSCertificate", "tls_certificate", _Text()),  # read again at SIGHUP
+    Directive("TLSKey", "tls_key", _Text()),
+    Directive("DebugFiles", "debug_files", _Flag(), unset="off (has no effect)",
+              deprecated="this option has no effect (deprecated)"),
+    Directive("ScanErrorAction", "scan_error_action", _Choice(ScanErrorAction)),
+    Directive("RejectMessage", "reject_message", _RejectMessage()),
+    Directive("MaxScanSize", "max_scan_size", _Size(),
+              unset="not set (no limit but clamd's StreamMaxLength)"),
+    Directive("OversizeAction", "oversize_action", _Choice(OversizeAction, optional=True),
+              unset="not set (pass with MaxScanSize; else too big for clamd is a scan error, "
+              "as in 1.10)"),
+    Directive("SkipNetworks", "skip_networks", _Networks()),
+    Directive("SkipAuthenticated", "skip_authenticated", _Flag()),
+    Directive("VirusAllow", "virus_allow", _Patterns()),
+    Directive("InfectedHostLimit", "infected_host_limit", _HostLimit(),
+              unset="not set (no containment)"),
+    Directive("InfectedHostBlock", "infected_host_block",
+              _Whole(1, MAX_BLOCK_SECONDS, "seconds")),
+)
+_BY_NAME = {directive.name.lower(): directive for directive in DIRECTIVES}
+#: Directives a running daemon cannot take over on SIGHUP: Config field -> directive.
+RESTART_ONLY = {d.field: d.name for d in DIRECTIVES if d.reload is Reload.RESTART}
 
 
 # --- helpers ---
@@ -749,20 +881,11 @@ def _located(file: str, line: int, directive: str | None, message: str) -> str:
     return f"{file}:{line}: {directive}: {message}" if directive else f"{file}:{line}: {message}"
 
 
-def _parse_bool(value: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise ValueError(f"invalid value '{_show(value)}' (expected on or off, yes or no, 1 or 0)")
-
-
 def _unknown_directive(name: str) -> str:
-    known = {key: canonical for key, (canonical, _) in _DIRECTIVES.items()}
-    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name.lower(), _BY_NAME, n=1, cutoff=0.75)
     if close:
-        return f"unknown directive (did you mean '{known[close[0]]}'?)"
-    listed = ", ".join(sorted(set(known.values()) - _DEPRECATED))
+        return f"unknown directive (did you mean '{_BY_NAME[close[0]].name}'?)"
+    listed = ", ".join(sorted(d.name for d in DIRECTIVES if not d.deprecated))
     return f"unknown directive (expected one of {listed})"
 
 
@@ -792,17 +915,6 @@ def _escape(template: str) -> str:
     )
 
 
-def _out_address_meaning(out: Address | None) -> list[str]:
-    """A comment line for the two OutAddress forms that are easy to mistake for each other."""
-    if out is None or out.is_unix:
-        return []
-    if out.port_only:
-        return [f"# OutAddress: a bare port: the loopback feature, each connection's mail goes "
-                f"back to its client's own address, port {out.port}"]
-    if out.host in ("0.0.0.0", "::"):
-        return [f"# OutAddress: {out.host} is this host (an ordinary address, not the loopback "
-                f"feature, which is a bare port)"]
-    return []
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -813,10 +925,6 @@ def _is_ip(text: str) -> bool:
 
 def _format_address(address: Address) -> str:
     return str(address.port) if address.port_only else str(address)
-
-
-def _onoff(flag: bool) -> str:
-    return "on" if flag else "off"
 
 
 def _show(text: str, limit: int = 80) -> str:

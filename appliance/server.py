@@ -16,7 +16,7 @@ import stat
 from . import metrics
 from .actions import VirusActions
 from .addresses import Address
-from .config import Config, Transparency
+from .config import RESTART_ONLY, Config, Transparency
 from .config import replace as _replace
 from .containment import InfectedHosts
 from .maillog import log
@@ -125,13 +125,6 @@ class _Busy(asyncio.Protocol):
         log.error("too many connections open (max %d). sent busy response", self.limit)
         transport.write(_BUSY)  # type: ignore[attr-defined]
         transport.close()
-
-
-#: Directives a running daemon cannot take over on SIGHUP.
-RESTART_ONLY = {
-    "listen": "Listen", "user": "User", "pid_file": "PidFile", "metrics_listen": "MetricsListen",
-    "workers": "Workers",
-}
 
 
 class Appliance:

@@ -188,7 +188,8 @@ def test_plain_reads_roff_as_it_prints():
 
 # -- clamsmtpd.conf(5): every directive, with its default ---------------------------------------
 
-DIRECTIVES = [canonical for canonical, _ in config._DIRECTIVES.values()]
+DIRECTIVES = [directive.name for directive in config.DIRECTIVES]
+DEPRECATED = {directive.name for directive in config.DIRECTIVES if directive.deprecated}
 CONF_PAGE = page("clamsmtpd.conf.5")
 
 
@@ -222,7 +223,7 @@ def entry(name: str) -> str:
 def test_the_directives_come_from_config_py():
     assert len(DIRECTIVES) >= 20 and "OutAddress" in DIRECTIVES and "DebugFiles" in DIRECTIVES
     assert set(defaults()) <= set(DIRECTIVES)
-    assert set(DIRECTIVES) >= config._DEPRECATED
+    assert set(DIRECTIVES) >= DEPRECATED == {"Bounce", "ScanHeader", "DebugFiles"}
 
 
 @pytest.mark.parametrize("name", DIRECTIVES)
@@ -239,7 +240,7 @@ def test_every_directive_has_an_entry_with_its_default(name):
 
 def test_deprecated_directives_are_listed_as_such():
     deprecated = CONF_PAGE.split(".SS Deprecated directives", 1)[1].split("\n.SH ", 1)[0]
-    assert set(tags(deprecated)) == config._DEPRECATED
+    assert set(tags(deprecated)) == DEPRECATED
 
 
 def test_entries_give_the_limits_and_default_ports_of_config_py():
@@ -379,3 +380,30 @@ def test_see_also_names_the_other_pages_and_the_neighbours(name):
     wanted = others | ({"iptables(8)", "nft(8)"} if name == "clamsmtp-netsetup.8"
                        else DAEMON_SEE_ALSO)
     assert wanted <= listed, wanted - listed
+
+
+# -- SIGHUP: the registry's reload column is what the page and configuration.md say -----------
+
+RESTART = {d.name for d in config.DIRECTIVES if d.reload is config.Reload.RESTART}
+PARTLY = {d.name for d in config.DIRECTIVES if d.reload is config.Reload.PARTLY}
+
+
+@pytest.mark.parametrize("name", [d.name for d in config.DIRECTIVES if d.alias_of is None])
+def test_the_page_says_a_restart_exactly_where_reload_needs_one(name):
+    says = "needs a restart" in entry(name)
+    assert says == (name in RESTART | PARTLY), (name, entry(name))
+
+
+def test_configuration_md_reload_column_is_the_registrys():
+    table = (REPO / "docs" / "configuration.md").read_text().split("## Directives at a glance")[1]
+    cells = dict(re.findall(r"^\| \[`(\w+)`\]\([^)]*\) \|.*\| ([^|]+) \|$", table, flags=re.M))
+    for directive in config.DIRECTIVES:
+        if directive.deprecated:
+            continue
+        cell = cells[directive.name]
+        if directive.reload is config.Reload.RESTART:
+            assert cell == "restart", (directive.name, cell)
+        elif directive.reload is config.Reload.PARTLY:
+            assert cell.startswith("yes (") and "restart" in cell, (directive.name, cell)
+        else:
+            assert cell.startswith("yes") and "restart" not in cell, (directive.name, cell)
