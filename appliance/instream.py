@@ -1,29 +1,31 @@
-"""One scan on one clamd: pyclamd's INSTREAM, blocking, bounded by TimeOut and ScanTimeout.
+"""One scan on one clamd: INSTREAM over a socket of the event loop, bounded by TimeOut and
+ScanTimeout.
 
 The pool of clamds (which one, failover, health) is `scanner.py`; this module only knows how to
-talk to one clamd and what its answer means. It runs on a scanner thread, never on the loop.
+talk to one clamd and what its answer means.
 
 Problems come back as a value (`ScanResult` with status ERROR), never as an exception, with
 `clamd_failed` saying whether clamd itself misbehaved (so another clamd may do better) or the
 message could not be scanned anywhere (clamd's own ERROR reply; OVERSIZE, a body over
 StreamMaxLength).
 
-pyclamd 0.4.0's flaws are mended here, by subclassing rather than by copying the library: it
-writes with `socket.send` (a partial write would corrupt INSTREAM's length-prefixed chunks on a
-large body); it retries a timed-out read five times (five TimeOuts instead of one); it takes
-each `recv` for a whole reply line (a reply split over two TCP segments, which a clamd on
-another host can send, was misread); its network class is IPv4-only.
+The dialogue is pyclamd's (`nINSTREAM\\n`, length-prefixed chunks, a zero length, reply lines
+until clamd closes), spoken here on the loop's non-blocking socket instead of pyclamd's blocking
+one on a thread: the hand-off to a thread and back, and the GIL passing between them, cost more
+CPU than the scan's own system calls (docs/dev/scanner.md). What pyclamd got wrong stays fixed:
+every write is whole (a partial write would corrupt INSTREAM's framing), a timed-out read is not
+retried, a reply is read to its end of line whatever the TCP segments, and TCP may be IPv6.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import ipaddress
 import socket
-import time
+import struct
 from dataclasses import dataclass
 from typing import BinaryIO
-
-import pyclamd
 
 from .addresses import Address
 
@@ -44,6 +46,10 @@ CLEAN, VIRUS, ERROR, OVERSIZE = (
 CHUNK = 1 << 18
 #: A reply line longer than this is not clamd's (its longest is a path plus a signature name).
 MAX_REPLY = 4096
+#: The string clamd answers when a body is over its StreamMaxLength.
+SIZE_LIMIT_REPLY = "INSTREAM size limit exceeded. ERROR"
+#: The end of an INSTREAM: a chunk of length zero.
+_END = struct.pack("!L", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,106 +83,122 @@ class Outcome:
     sent: bool = True  # False: clamd could not even be reached (nothing was sent)
 
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose `send` writes everything, as INSTREAM's framing needs, and whose every
-    operation waits at most TimeOut and never past the scan's deadline.
-
-    When clamd hangs up in the middle (a body over its StreamMaxLength), the rest of the body is
-    dropped instead of failing, so pyclamd goes on to read clamd's reason (`INSTREAM size limit
-    exceeded`) rather than reporting a bare broken pipe.
-    """
-
-    hung_up = False
-    op_timeout: float | None = None
-    deadline: float | None = None  # time.monotonic() value
-    last_error: OSError | None = None  # pyclamd rewords errors as "Unable to scan stream"
-
-    def _bound(self) -> None:
-        timeout = self.op_timeout
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("scan deadline passed")
-            timeout = left if timeout is None else min(timeout, left)
-        if timeout != self.gettimeout():  # settimeout is a system call (fcntl) each time
-            self.settimeout(timeout)
-
-    # (socket.send takes any buffer; pyclamd sends bytes only, and len() needs a sized one)
-    def send(self, data: bytes, flags: int = 0) -> int:  # type: ignore[override]
-        if not self.hung_up:
-            try:
-                self._bound()
-                self.sendall(data, flags)
-            except (BrokenPipeError, ConnectionResetError):
-                self.hung_up = True
-            except OSError as e:
-                self.last_error = e
-                raise
-        return len(data)
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        try:
-            self._bound()
-            return super().recv(size, flags)
-        except OSError as e:
-            self.last_error = e
-            raise
-
-
-class _Unreachable(pyclamd.ConnectionError):
+class _Unreachable(Exception):
     """clamd could not be connected to: nothing was sent."""
 
 
-class _Mended:
-    """Mixin over pyclamd's socket classes: full writes, one timeout, a deadline, IPv6-capable
-    TCP, whole reply lines, and every reply line kept, so that only clamd's explicit
-    `stream: OK` counts as clean."""
+class _Garbage(Exception):
+    """clamd answered something that is not a reply (too long, or cut short by a close)."""
 
-    timeout: float | None
-    clamd_socket: _DeadlineSocket
-    deadline: float | None = None
-    replies: list[str]
-    unreachable: _Unreachable | None = None
-    _pending: bytearray
 
-    def _connect(self) -> _DeadlineSocket:
-        raise NotImplementedError
+class _Connection:
+    """One connection to clamd: each operation waits at most TimeOut, and never past the
+    deadline of the whole scan (ScanTimeout), through one `asyncio.Timeout` moved per wait."""
 
-    def _init_socket(self) -> None:
-        self.replies, self._pending, self.unreachable = [], bytearray(), None
+    def __init__(self, clamd: Clamd, timeout: float, deadline: float | None,
+                 guard: asyncio.Timeout) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.clamd = clamd
+        self.timeout = timeout
+        self.deadline = deadline
+        self.guard = guard
+        self.sock: socket.socket | None = None
+        self.connected = False
+        self.hung_up = False  # clamd closed while we wrote: its reason is still to be read
+        self._pending = bytearray()
+        self.replies: list[str] = []
+
+    def _arm(self) -> None:
+        """The next wait ends at TimeOut from now, or at the deadline if that comes first."""
+        when = self.loop.time() + self.timeout
+        if self.deadline is not None and self.deadline < when:
+            when = self.deadline
+        self.guard.reschedule(when)
+
+    async def connect(self) -> None:
+        """_Unreachable when clamd cannot be connected to (refused, missing, timed out)."""
+        address = self.clamd.address
+        where = self.clamd.where
+        self._arm()
         try:
-            self.clamd_socket = self._connect()
-        except _Unreachable as e:
-            self.unreachable = e  # pyclamd rewords it as "Unable to scan stream"
-            raise
-        self.clamd_socket.op_timeout = self.timeout
-        self.clamd_socket.deadline = self.deadline
+            if address.path is not None:  # (is_unix)
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.setblocking(False)
+                await self.loop.sock_connect(self.sock, address.path)
+            else:
+                await self._tcp_connect(address)
+        except OSError as e:
+            raise _Unreachable(f"could not reach clamd at {where}: {e.strerror or e}") from None
+        self.connected = True
 
-    def _connect_timeout(self) -> float | None:
-        if self.deadline is None:
-            return self.timeout
-        left = max(self.deadline - time.monotonic(), 0.001)
-        return left if self.timeout is None else min(self.timeout, left)
+    async def _tcp_connect(self, address: Address) -> None:
+        infos = _numeric(address) or await self.loop.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM
+        )
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await self.loop.sock_connect(sock, sockaddr)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
+        raise error or OSError(f"no address for {address.host}")
 
-    def _recv_response(self) -> str:
+    async def send(self, *parts: bytes) -> None:
+        """Write all of `parts`, in one system call when the socket takes them at once. When
+        clamd hangs up in the middle (a body over its StreamMaxLength), the rest is dropped
+        instead of failing, so that its reason (`INSTREAM size limit exceeded`) is read
+        rather than a bare broken pipe reported."""
+        if self.hung_up:
+            return
+        assert self.sock is not None
+        try:
+            sent = self.sock.sendmsg(parts)  # gathered: no copy of a chunk behind its length
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except (BrokenPipeError, ConnectionResetError):
+            self.hung_up = True
+            return
+        try:
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                self._arm()
+                await self.loop.sock_sendall(self.sock, memoryview(part)[sent:])
+                sent = 0
+        except (BrokenPipeError, ConnectionResetError):
+            self.hung_up = True
+
+    async def reply_line(self) -> str:
         """One reply line (up to LF or NUL), "" once clamd has closed; blank lines skipped."""
+        assert self.sock is not None
         pending = self._pending
         while True:
-            ends = [i for i in (pending.find(b"\n"), pending.find(b"\0")) if i >= 0]
-            if ends:
-                end = min(ends)
+            end = _line_end(pending)
+            if end >= 0:
                 line = bytes(pending[:end])
                 del pending[: end + 1]
             elif len(pending) > MAX_REPLY:
-                raise ValueError(f"a reply line of more than {MAX_REPLY} bytes")
+                raise _Garbage(f"a reply line of more than {MAX_REPLY} bytes")
             else:
-                data = self.clamd_socket.recv(4096)
+                self._arm()
+                data = await self.loop.sock_recv(self.sock, 4096)
                 if data:
                     pending += data
                     continue
                 if pending.strip():  # fail closed: "stream: OK" cut short is not an OK
                     said = pending[:200].decode("utf-8", "replace")
-                    raise ValueError(f"reply cut short by a close: {said!r}")
+                    raise _Garbage(f"reply cut short by a close: {said!r}")
                 return ""
             reply = line.decode("utf-8", "replace").strip()
             if reply:
@@ -184,103 +206,125 @@ class _Mended:
                 return reply
 
     def close(self) -> None:
-        sock = getattr(self, "clamd_socket", None)
-        if sock is not None:
-            sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
-class _Unix(_Mended, pyclamd.ClamdUnixSocket):
-    def _connect(self) -> _DeadlineSocket:
-        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._connect_timeout())
-        try:
-            sock.connect(self.unix_socket)
-        except OSError as e:
-            sock.close()
-            raise _Unreachable(
-                f"could not reach clamd at {self.unix_socket}: {e.strerror or e}"
-            ) from None
-        return sock
+_AddrInfo = tuple[int, int, int, str, tuple[str, int | None]]
 
 
-class _Tcp(_Mended, pyclamd.ClamdNetworkSocket):
-    def _connect(self) -> _DeadlineSocket:
-        try:
-            plain = socket.create_connection(
-                (self.host, self.port), timeout=self._connect_timeout()
-            )
-        except OSError as e:
-            raise _Unreachable(
-                f"could not reach clamd at {self.host}:{self.port}: {e.strerror or e}"
-            ) from None
-        return _DeadlineSocket(plain.family, plain.type, plain.proto, plain.detach())
+def _numeric(address: Address) -> list[_AddrInfo] | None:
+    """getaddrinfo's answer for an IP literal, without its trip to a thread."""
+    try:
+        ip = ipaddress.ip_address(address.host or "")
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, 0, "", (str(ip), address.port))]
+
+
+def _line_end(pending: bytearray) -> int:
+    newline, nul = pending.find(b"\n"), pending.find(b"\0")
+    if newline < 0:
+        return nul
+    return newline if nul < 0 else min(newline, nul)
+
+
+def _parse(reply: str) -> tuple[str, str]:
+    """(status, reason) of an INSTREAM reply line, as pyclamd reads it: `stream: Eicar FOUND`
+    -> ("FOUND", "Eicar"); `stream: OK` -> ("OK", "")."""
+    _, _, result = reply.partition(": ")
+    if result == "OK":
+        return "OK", ""
+    parts = result.split()
+    if not parts:
+        raise _Garbage(reply[:200])
+    return parts[-1], " ".join(parts[:-1])
 
 
 class Clamd:
-    """One clamd address; `scan` and `ping` block (run them on a thread of your own)."""
+    """One clamd address; `scan` and `ping` are coroutines on the daemon's loop."""
 
     def __init__(self, address: Address, timeout: float, scan_timeout: float) -> None:
         self.address = address
         self.name = str(address)
         self.timeout = timeout
         self.scan_timeout = scan_timeout
+        #: as the "could not reach" messages name it
+        self.where = address.path if address.is_unix else f"{address.host}:{address.port}"
 
-    def _client(self, timeout: float) -> _Unix | _Tcp:
-        # Made bare: pyclamd's constructor would connect once just to see that it can.
-        client: _Unix | _Tcp
-        path, host, port = self.address.path, self.address.host, self.address.port
-        if path is not None:  # (is_unix)
-            client = _Unix.__new__(_Unix)
-            client.unix_socket = path
-        else:
-            assert port is not None  # Address: every TCP address has a port
-            client = _Tcp.__new__(_Tcp)
-            client.host, client.port = host, port
-        client.timeout = timeout
-        return client
-
-    def scan(self, body: BinaryIO) -> Outcome:
+    async def scan(self, body: BinaryIO) -> Outcome:
         """INSTREAM `body` to this clamd, within TimeOut per operation and ScanTimeout in all."""
-        client = self._client(self.timeout)
-        client.deadline = time.monotonic() + self.scan_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.scan_timeout
+        connection: _Connection | None = None
         try:
-            found = client.scan_stream(body, chunk_size=CHUNK)
-        except pyclamd.BufferTooLongError as e:
-            detail = f"{e} (raise StreamMaxLength in clamd.conf, or set MaxScanSize below it)"
-            return self._refused(detail, OVERSIZE)
-        except pyclamd.ConnectionError as e:
-            if client.unreachable is not None:
-                return self._failed(str(client.unreachable), sent=False)
-            return self._failed(self._why(client, e, str(e)))
+            async with asyncio.timeout_at(deadline) as guard:
+                connection = _Connection(self, self.timeout, deadline, guard)
+                await connection.connect()
+                found = await self._instream(connection, body)
+        except _Unreachable as e:
+            return self._failed(str(e), sent=False)
+        except TimeoutError:
+            if connection is None or not connection.connected:  # nothing was sent
+                return self._failed(f"could not reach clamd at {self.where}: timed out",
+                                    sent=False)
+            if loop.time() >= deadline - 0.01:
+                return self._failed(
+                    f"clamd did not finish within ScanTimeout ({self.scan_timeout:g} s)"
+                )
+            return self._failed(f"clamd timed out (TimeOut {self.timeout:g} s)")
         except OSError as e:
-            return self._failed(self._why(client, e, f"connection failed: {e.strerror or e}"))
-        except (IndexError, ValueError) as e:  # pyclamd's parser on a reply it does not know
+            return self._failed(f"connection failed: {e.strerror or e}")
+        except _Garbage as e:
             return self._failed(f"unexpected response from clamd: {e}")
         finally:
-            client.close()  # pyclamd leaves it open when a scan fails
+            if connection is not None:
+                connection.close()
+        if isinstance(found, Outcome):
+            return found
+        replies = connection.replies
         if not found:
-            # pyclamd returns None both for "stream: OK" and for a reply it does not know (or
-            # none at all, when clamd died): only the explicit OK is clean, never the silence.
-            if client.replies and all(r == "stream: OK" for r in client.replies):
+            # No FOUND and no ERROR: only the explicit OK is clean, never the silence (clamd
+            # died), nor a reply this does not know.
+            if replies and all(r == "stream: OK" for r in replies):
                 return Outcome(ScanResult(CLEAN, clamd=self.name))
-            said = " / ".join(client.replies)[:200] or "nothing (connection closed)"
+            said = " / ".join(replies)[:200] or "nothing (connection closed)"
             return self._failed(f"unexpected response from clamd: {said}")
-        status, reason = next(iter(found.values()))
+        status, reason = found
         if status == "FOUND":
             return Outcome(ScanResult(VIRUS, virus=reason.strip() or None, clamd=self.name))
         # clamd's own ERROR for this message: it works, another clamd would say the same.
         return self._refused(reason, OVERSIZE if "size limit exceeded" in reason else ERROR)
 
-    def _why(self, client: _Mended, error: Exception, otherwise: str) -> str:
-        sock = getattr(client, "clamd_socket", None)
-        cause = getattr(sock, "last_error", None) or error
-        if isinstance(cause, TimeoutError):
-            if client.deadline is not None and time.monotonic() >= client.deadline - 0.01:
-                return f"clamd did not finish within ScanTimeout ({self.scan_timeout:g} s)"
-            return f"clamd timed out (TimeOut {self.timeout:g} s)"
-        if cause is not error and isinstance(cause, OSError):
-            return f"connection failed: {cause.strerror or cause}"
-        return otherwise
+    async def _instream(
+        self, connection: _Connection, body: BinaryIO
+    ) -> tuple[str, str] | Outcome | None:
+        """Stream `body`, read every reply line until clamd closes; (status, reason) of a
+        FOUND (or else of the first ERROR), None if there was neither, or the Outcome of a
+        size-limit refusal."""
+        head = b"nINSTREAM\n"  # (pyclamd's form of the command: the reply ends with LF)
+        chunk = body.read(CHUNK)
+        while chunk:
+            after = body.read(CHUNK)  # known before the write: the end goes with the last
+            parts = (head, struct.pack("!L", len(chunk)), chunk) + (() if after else (_END,))
+            await connection.send(*parts)
+            head, chunk = b"", after
+        if head:
+            await connection.send(head, _END)  # an empty body
+        found: tuple[str, str] | None = None
+        while True:
+            reply = await connection.reply_line()
+            if not reply:
+                return found
+            if reply == SIZE_LIMIT_REPLY:
+                return self._refused(
+                    f"{reply} (raise StreamMaxLength in clamd.conf, or set MaxScanSize "
+                    f"below it)", OVERSIZE,
+                )
+            status, reason = _parse(reply)
+            if status == "FOUND" or (status == "ERROR" and found is None):
+                found = (status, reason)
 
     def _failed(self, detail: str, sent: bool = True) -> Outcome:
         result = ScanResult(ERROR, detail=detail, clamd=self.name)
@@ -289,12 +333,19 @@ class Clamd:
     def _refused(self, detail: str, status: ScanStatus = ERROR) -> Outcome:
         return Outcome(ScanResult(status, detail=detail, clamd=self.name))
 
-    def ping(self, timeout: float | None = None) -> bool:
+    async def ping(self, timeout: float | None = None) -> bool:
         """Whether clamd answers PING with PONG within `timeout` (default TimeOut)."""
-        client = self._client(self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
         try:
-            return bool(client.ping())
-        except (pyclamd.ConnectionError, OSError, ValueError):
+            async with asyncio.timeout(timeout) as guard:
+                connection = _Connection(self, timeout, loop.time() + timeout, guard)
+                await connection.connect()
+                await connection.send(b"nPING\n")
+                return await connection.reply_line() == "PONG"
+        except (_Unreachable, _Garbage, TimeoutError, OSError):
             return False
         finally:
-            client.close()
+            if connection is not None:
+                connection.close()

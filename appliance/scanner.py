@@ -7,21 +7,17 @@ of its clamd is retried once on another one; the message gets ERROR (a 451) only
 could scan it. When every clamd is out, scans still try them (as the original did with its one
 clamd): a clamd that has just come back is used at once, not only after the next probe.
 
-Each clamd has its own thread pool, whose size is that clamd's bound on concurrent scans, so the
-event loop never waits on clamd and a slow clamd cannot take the threads of the others.
+Scans run on the event loop (instream.py); each clamd has its own semaphore, that clamd's bound on
+concurrent scans, so a slow clamd cannot take the turns of the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Sequence
 
 from . import metrics
 from .addresses import Address
@@ -35,15 +31,14 @@ __all__ = ["CLEAN", "ERROR", "OVERSIZE", "VIRUS", "ScanResult", "ScanStatus", "S
 PROBE_FIRST, PROBE_MAX = 1.0, 15.0
 #: A scan that failed on its clamd is tried on at most this many clamds in all.
 MAX_SCAN_TRIES = 2
-_T = TypeVar("_T")
 
 
 class _Member:
-    """A clamd of the pool and its state, all on the event loop's thread but `clamd`."""
+    """A clamd of the pool and its state."""
 
     def __init__(self, clamd: Clamd, concurrency: int) -> None:
         self.clamd = clamd
-        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clamd")
+        self.turns = asyncio.Semaphore(concurrency)  # scans on this clamd at once
         self.up = True
         self.in_flight = 0
         self.probe: asyncio.Task[None] | None = None
@@ -118,16 +113,16 @@ class Scanner:
         return result
 
     async def _attempt(self, member: _Member, spool: Spool) -> Outcome:
-        loop = asyncio.get_running_loop()
         member.in_flight += 1
         try:
-            # The thread keeps each operation within TimeOut and the whole scan within
-            # ScanTimeout; this only guards against a thread that is stuck all the same.
-            async with asyncio.timeout(self.scan_timeout * 2 + self.timeout + 5):
-                return await loop.run_in_executor(member.threads, _scan, member.clamd, spool)
-        except TimeoutError:
-            result = ScanResult(ERROR, detail="clamd scan timed out", clamd=member.clamd.name)
-            return Outcome(result, clamd_failed=True)
+            # ScanTimeout counts from the start of the scan: waiting for a turn on this clamd
+            # is not its failure.
+            async with member.turns:
+                with spool.open() as body:
+                    return await member.clamd.scan(body)
+        except OSError as e:
+            detail = f"cannot read spool file: {e.strerror or e}"
+            return Outcome(ScanResult(ERROR, detail=detail, clamd=member.clamd.name))
         finally:
             member.in_flight -= 1
 
@@ -161,7 +156,7 @@ class Scanner:
                 await asyncio.sleep(wait)
                 if member.up:
                     break
-                if await _in_thread(lambda: member.clamd.ping(min(self.timeout, PROBE_MAX))):
+                if await member.clamd.ping(min(self.timeout, PROBE_MAX)):
                     self._back(member)
                     break
                 wait = min(wait * 2, PROBE_MAX)
@@ -171,9 +166,7 @@ class Scanner:
 
     async def check(self, timeout: float) -> list[str]:
         """The clamds that do not answer PING within `timeout` (at start-up and reload)."""
-        answers = await asyncio.gather(
-            *(_in_thread(functools.partial(m.clamd.ping, timeout)) for m in self._members)
-        )
+        answers = await asyncio.gather(*(m.clamd.ping(timeout) for m in self._members))
         return [m.clamd.name for m, ok in zip(self._members, answers, strict=True) if not ok]
 
     def retire(self) -> None:
@@ -187,40 +180,3 @@ class Scanner:
 
     def close(self) -> None:
         self.retire()
-        for member in self._members:
-            member.threads.shutdown(wait=False, cancel_futures=True)
-
-
-def _scan(clamd: Clamd, spool: Spool) -> Outcome:
-    try:
-        with spool.open() as body:
-            return clamd.scan(body)
-    except OSError as e:
-        detail = f"cannot read spool file: {e.strerror or e}"
-        return Outcome(ScanResult(ERROR, detail=detail, clamd=clamd.name))
-
-
-async def _in_thread(function: Callable[[], _T]) -> _T:
-    """Run a blocking call on a daemon thread of its own: the process's exit does not wait for
-    it (a PING to a silent clamd must not hold a SIGTERM), nor does it queue behind scans."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[_T | Exception] = loop.create_future()
-
-    def settle(value: _T | Exception) -> None:
-        if not done.done():
-            done.set_result(value)
-
-    def run() -> None:
-        value: _T | Exception
-        try:
-            value = function()
-        except Exception as e:  # noqa: BLE001 - handed to the loop as the outcome
-            value = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
-            loop.call_soon_threadsafe(settle, value)
-
-    threading.Thread(target=run, name="clamd-ping", daemon=True).start()
-    value = await done
-    if isinstance(value, Exception):
-        raise value
-    return value
