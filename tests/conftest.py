@@ -36,7 +36,7 @@ from helpers import (
 )
 from tlskit import Certs, make_certs, server_context
 
-from appliance.lab import PrivateClamd, RecordingNextHop
+from lab import PrivateClamd, RecordingNextHop
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.lab import EICAR, daemon_argv, free_tcp_port
+from lab import EICAR, daemon_argv, free_tcp_port
 
 __all__ = [
     "EICAR",

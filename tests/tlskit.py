@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.lab.certs import Certificate, make_ca, make_certificate
+from lab.certs import Certificate, make_ca, make_certificate
 
 
 @dataclass(frozen=True)

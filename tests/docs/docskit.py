@@ -204,7 +204,7 @@ def strip_comment(text: str) -> str:
 #: Programs whose command lines count as commands outside ```sh blocks (in ```sh blocks every
 #: line does): in output blocks and inline spans, when followed by an argument.
 PROGRAMS = frozenset({
-    "clamsmtpd", "clamsmtp-netsetup", "clamsmtp-lab", "swaks", "systemctl", "systemd-analyze",
+    "clamsmtpd", "clamsmtp-netsetup", "swaks", "systemctl", "systemd-analyze",
     "vagrant", "postconf", "postmap", "postfix", "ip", "iptables", "nft", "sysctl", "ss", "curl",
     "find", "install", "runuser", "adduser", "useradd", "groupadd", "journalctl", "apt-get",
     "kill", "git", "grep", "printf", "python", "python3", "smtp-source", "smtp-sink", "man",
@@ -334,7 +334,7 @@ RUN_HERE: dict[str, str] = {
         "test_check_config_of_the_shipped_file",
     r"clamsmtpd -d 4 -f /etc/clamsmtpd\.conf": "test_debug_level_4_shows_the_documented_dialogue",
     r"scripts/lab": "test_lab_stays_up_and_the_swaks_commands_it_prints_work",
-    r"scripts/(lab|netlab) --help|(\.venv/bin/)?python -m appliance(\.\w+)+( \.\.\.)?":
+    r"scripts/(lab|netlab) --help|(\.venv/bin/)?python -m (appliance|lab)(\.\w+)+( \.\.\.)?":
         "test_scripts_and_modules_print_their_help",
     r"scripts/netlab --cleanup": "test_netlab_cleanup_removes_only_leftover_namespaces",
     r"scripts/bench --scenarios 1k --targets ours --rounds 1 --no-latency"
@@ -537,9 +537,9 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 # -- running documented commands here --------------------------------------------------------
 
 SCRIPT_ENTRY = {
-    "scripts/lab": '"$REPO/.venv/bin/clamsmtp-lab" "$@"',
-    "scripts/bench": '"$REPO/.venv/bin/python" -m appliance.lab.bench "$@"',
-    "scripts/netlab": '"$REPO/.venv/bin/python" -m appliance.lab.netlab "$@"',
+    "scripts/lab": '"$REPO/.venv/bin/python" -m lab "$@"',
+    "scripts/bench": '"$REPO/.venv/bin/python" -m lab.bench "$@"',
+    "scripts/netlab": '"$REPO/.venv/bin/python" -m lab.netlab "$@"',
 }
 
 
@@ -547,9 +547,9 @@ def entry_argv(words: list[str]) -> list[str]:
     """What a documented command runs here: the venv's programs instead of the PATH's."""
     program, rest = words[0], words[1:]
     if program == "scripts/lab":
-        return [str(BIN / "clamsmtp-lab"), *rest]
+        return [sys.executable, "-m", "lab", *rest]
     if program in ("scripts/bench", "scripts/netlab"):
-        return [sys.executable, "-m", f"appliance.lab.{program[8:]}", *rest]
+        return [sys.executable, "-m", f"lab.{program[8:]}", *rest]
     if program in ("python", "python3", ".venv/bin/python"):
         return [sys.executable, *rest]
     if program.startswith(".venv/bin/"):

@@ -84,7 +84,7 @@ def _netlab_problem() -> str | None:
         return "needs root"
     if shutil.which("unshare") is None:
         return "needs unshare (util-linux)"
-    from appliance.lab import netlab
+    from lab import netlab
 
     problem = netlab.requirements()
     return problem[1] if problem else None
@@ -122,7 +122,7 @@ def test_the_small_benchmark_and_its_profile_run(tmp_path):
     plain = next(c for c in commands if c.words[0] == "scripts/bench")
     profiled = next(c for c in commands if c.words[0].endswith("py-spy"))
     inner = profiled.words[profiled.words.index("--") + 1:]
-    assert inner[1:4] == ["-m", "appliance.lab.bench", *plain.words[1:2]]
+    assert inner[1:4] == ["-m", "lab.bench", *plain.words[1:2]]
     assert inner[3:] == plain.words[1:], "the profile is of another load than the example"
     # the example run itself is the one profiled: run under py-spy, or alone if it cannot trace
     svg = tmp_path / "ours.svg"

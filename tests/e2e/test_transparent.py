@@ -8,7 +8,7 @@ The tests that use the module's lab run twice: TransparentProxy: on (netsetup --
 the server sees the gateway's address) and full (--mode tproxy: TPROXY, policy routing and a
 connection from the client's own address, which the server sees).
 
-The lab is `appliance.lab.netlab.NetLab`, built with the provisioning scripts of
+The lab is `lab.netlab.NetLab`, built with the provisioning scripts of
 vagrant/provision/ run inside the namespaces: the same code as `scripts/netlab` and a Vagrant
 lab. One lab serves the module; the last tests build their own (the lab command itself, a
 failed start, Ctrl-C). Every test checks what the mail server recorded, not only SMTP replies.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.lab import EICAR, netlab
-from appliance.lab.netlab import CLIENT, GATEWAY_OUT, SERVER, NetLab, nslab
+from lab import EICAR, netlab
+from lab.netlab import CLIENT, GATEWAY_OUT, SERVER, NetLab, nslab
 
 REQUIREMENTS = netlab.requirements()
 
@@ -330,7 +330,7 @@ def test_status_shows_the_rules_with_counters_and_the_policy_routing(lab):
 def test_netlab_demo_full_shows_the_clients_own_address_at_the_server():
     """--full: TPROXY; the server's peer is the client, EICAR refused, nothing left after."""
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.lab.netlab", "--demo", "--full"],
+        [sys.executable, "-m", "lab.netlab", "--demo", "--full"],
         capture_output=True, text=True, timeout=120, cwd=netlab.REPO_ROOT,
     )
     output = result.stdout + result.stderr
@@ -358,7 +358,7 @@ def test_netlab_demo_full_shows_the_clients_own_address_at_the_server():
 @needs_lab
 def test_netlab_demo_runs_green_and_leaves_nothing_behind():
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.lab.netlab", "--demo"],
+        [sys.executable, "-m", "lab.netlab", "--demo"],
         capture_output=True, text=True, timeout=120, cwd=netlab.REPO_ROOT,
     )
     output = result.stdout + result.stderr
@@ -448,7 +448,7 @@ class _Lines:
 @needs_lab
 def test_netlab_stays_up_until_ctrl_c():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.lab.netlab"], stdout=subprocess.PIPE,
+        [sys.executable, "-m", "lab.netlab"], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, cwd=netlab.REPO_ROOT,
     )
     try:

@@ -15,7 +15,7 @@ import pytest
 from faultkit import FakeClamd, FakeSMTPServer
 from helpers import next_hop_options
 
-from appliance.lab import PrivateClamd, RecordingNextHop
+from lab import PrivateClamd, RecordingNextHop
 
 
 def pytest_configure(config):

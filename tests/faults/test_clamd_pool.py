@@ -26,7 +26,7 @@ import pytest
 from faultkit import FakeClamd, assert_no_spool_files, clean_message, delivered_contents
 from helpers import free_port, reload_with
 
-from appliance.lab import PrivateClamd
+from lab import PrivateClamd
 
 
 @dataclass

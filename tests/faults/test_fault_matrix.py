@@ -353,7 +353,7 @@ def test_infected_message_never_passes_a_confused_clamd(client_leg, appliance, n
 @pytest.mark.fake_next_hop()
 def test_next_hop_refusing_connections_then_back(appliance, next_hop):
     """Connection refused -> 421 at once; the next hop back on its port -> served again."""
-    from appliance.lab import RecordingNextHop
+    from lab import RecordingNextHop
 
     port = next_hop.port
     next_hop.arm()  # (the fixture's probe session is over: see the next row for why it matters)

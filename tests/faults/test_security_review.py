@@ -29,7 +29,7 @@ from helpers import (
     wait_until,
 )
 
-from appliance.lab import RecordingNextHop
+from lab import RecordingNextHop
 
 ENVELOPE = ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>"]
 XCLIENT_EHLO = ["250-fake.test", "250-XCLIENT ADDR", "250 8BITMIME"]

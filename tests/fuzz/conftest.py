@@ -17,7 +17,7 @@ import pytest
 from fuzzkit import STATS, TIMEOUT, FuzzRig, SaslRecordingNextHop
 from helpers import free_port, proxy_directives, start_daemon, wait_accepting
 
-from appliance.lab import PrivateClamd
+from lab import PrivateClamd
 
 
 def pytest_terminal_summary(terminalreporter):

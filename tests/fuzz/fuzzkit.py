@@ -11,8 +11,8 @@ from pathlib import Path
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from appliance.lab import RecordingNextHop
-from appliance.lab.sink import _Controller, _Handler
+from lab import RecordingNextHop
+from lab.sink import _Controller, _Handler
 
 TIMEOUT = 3  # the daemon's TimeOut: every wait of the proxy is bounded by it
 USER, PASSWORD = b"fuzz-user", b"fuzz-secret"

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 from appliance.dialogue import ehlo_size, envelope_address, filter_ehlo, xforward_attributes
 from appliance.dotstuff import DataDecoder, normalise_line_endings, stuff
-from appliance.lab import EICAR
+from lab import EICAR
 
 #: Sessions per run: about 60-90 s for this file on the 2-core CI machine (see docs).
 SESSIONS = int(os.environ.get("CLAMSMTP_FUZZ_SESSIONS", "1200"))

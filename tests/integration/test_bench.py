@@ -1,4 +1,4 @@
-"""The benchmark (appliance/lab/bench/, scripts/bench): a smoke test on a tiny load, and the
+"""The benchmark (lab/bench/, scripts/bench): a smoke test on a tiny load, and the
 parts that can be checked without running one.
 
 The smoke test runs the real thing end to end (private clamd, smtp-sink, the C clamsmtpd, ours,
@@ -29,9 +29,9 @@ from collections import Counter
 import pytest
 
 import appliance
-from appliance.lab import bench
-from appliance.lab.bench import cli, loads, procstat, runs
-from appliance.lab.bench.loads import LoadResult, SourceResult
+from lab import bench
+from lab.bench import cli, loads, procstat, runs
+from lab.bench.loads import LoadResult, SourceResult
 
 as_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the benchmark runs as root (smtp-sink -u, the C clamsmtpd's "

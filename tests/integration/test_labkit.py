@@ -23,11 +23,11 @@ from helpers import (
     zip_bytes,
 )
 
-import appliance.lab.clamd as clamd_module
-from appliance.lab import PrivateClamd, RecordingNextHop, eicar_bytes
-from appliance.lab.__main__ import main as lab_main
-from appliance.lab.__main__ import parse_args, write_config
-from appliance.lab.clamd import FOUND_NAME, ClamdError
+import lab.clamd as clamd_module
+from lab import PrivateClamd, RecordingNextHop, eicar_bytes
+from lab.__main__ import main as lab_main
+from lab.__main__ import parse_args, write_config
+from lab.clamd import FOUND_NAME, ClamdError
 
 CLEAN_CORPUS = Path("/usr/share/clamav-testfiles")
 FOUND = ("FOUND", FOUND_NAME)
@@ -293,7 +293,7 @@ class TestApplianceFixtureWithTheReferenceDaemon:
             appliance.wait_log("no such line", timeout=0.2)
 
 
-# -- the lab runner (python -m appliance.lab / clamsmtp-lab) --------------------------------
+# -- the lab runner (scripts/lab, python -m lab) -------------------------------------------
 
 
 def test_lab_options_are_checked():
@@ -349,7 +349,7 @@ def test_delay_line_holds_each_chunk_in_each_direction():
     import socket
     import time
 
-    from appliance.lab.delayline import DelayLine
+    from lab.delayline import DelayLine
 
     with RecordingNextHop("127.0.0.1", 0) as hop, \
             DelayLine("127.0.0.1", hop.port, delay=0.05) as line:

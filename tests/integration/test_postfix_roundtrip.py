@@ -46,7 +46,7 @@ from helpers import (
     wait_until,
 )
 
-from appliance.lab import RecordingNextHop
+from lab import RecordingNextHop
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"

@@ -32,7 +32,7 @@ from helpers import (
 from test_postfix_roundtrip import POSTCONF, POSTFIX, _start_postfix, _stop_postfix
 from tlskit import client_context
 
-from appliance.lab import RecordingNextHop
+from lab import RecordingNextHop
 
 pytestmark = [
     pytest.mark.root,

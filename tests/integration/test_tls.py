@@ -319,7 +319,7 @@ def test_auth_over_tls_is_not_relayed_to_a_clear_next_hop(appliance, next_hop):
 @pytest.mark.next_hop_tls
 @pytest.mark.appliance_config(**CLIENT_TLS)
 def test_sighup_reloads_the_certificate(appliance, next_hop, tmp_path):
-    from appliance.lab.certs import make_certificate
+    from lab.certs import make_certificate
 
     fresh = make_certificate(tmp_path / "fresh", "renewed.test", next_hop.certs.ca)
     conf = appliance.conf_path.read_text()

@@ -6,7 +6,7 @@ ordered list with the expected rule listing.  The kernel is a small in-memory mo
 table (``FakeNat``) standing in for the one line that talks to python-iptables (``_kernel``);
 the ``nat`` fixture in conftest.py wires it in.  ``FakeNft`` stands in for the nft command.
 
-Imported as ``from netsetup_fakes import ...`` (this folder is on sys.path, as for nslab).
+Imported as ``from netsetup_fakes import ...`` (this folder is on sys.path through its conftest.py).
 """
 
 from __future__ import annotations

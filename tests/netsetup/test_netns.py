@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import sys
 
-import nslab
 import pytest
+
+from lab import nslab
 
 PROXY_PORT = 10025
 CHAIN = f"CLAMSMTP-{PROXY_PORT}"

@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 
-import nslab
 import pytest
 from test_netns import REASON, ruleset
+
+from lab import nslab
 
 PORT = "10025"
 CHAIN = f"CLAMSMTP-{PORT}"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 import shutil
 
-import nslab
 import pytest
 import test_netns
 from test_netns import FULL, PROXY_PORT, connect, netsetup, ok
 from test_netns import ruleset as legacy_ruleset
 
+from lab import nslab
 from netsetup.backends.nft import render_script
 from netsetup.plan import RedirectPlan
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 
-import nslab
 import pytest
 from test_netns import REASON
 from test_netsetup_faults import _lines, kill, ok, start, wait_no_processes
+
+from lab import nslab
 
 PORT = "10025"
 OPTIONS = ("--mode", "tproxy", "-i", "lan0")

@@ -6,7 +6,7 @@
 #
 # clamd listens on DIR/clamd.sock (use it as ClamAddress); DIR also holds clamd.conf, the
 # database, clamd.log and clamdrun.log. Without internet there are no real signatures, so the
-# database is one line: the EICAR test signature (appliance/lab/clamd.py). Idempotent: a second
+# database is one line: the EICAR test signature (lab/clamd.py). Idempotent: a second
 # `up` leaves the running clamd alone.
 #
 # Environment: CLAMD_WORKDIR (= --workdir, default /var/lib/clamsmtp-lab/clamd), and see lib.sh.
@@ -32,5 +32,5 @@ if [ -n "$(pid_of "$PIDFILE")" ]; then
     exit 0
 fi
 start_background "$WORKDIR/clamdrun.log" "$PIDFILE" clamd \
-    "$(tool python)" -m appliance.lab.clamdrun --workdir "$WORKDIR" --pidfile "$PIDFILE"
+    env PYTHONPATH="$LAB_PYTHONPATH" "$(tool python)" -m lab.clamdrun --workdir "$WORKDIR" --pidfile "$PIDFILE"
 say "ClamAddress: $WORKDIR/clamd.sock"

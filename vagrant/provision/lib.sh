@@ -22,6 +22,9 @@ fi
 CLAMSMTP_BIN="${CLAMSMTP_BIN:-}"
 START_TIMEOUT="${START_TIMEOUT:-60}"
 PROG="${BASH_SOURCE[1]##*/}"
+# The lab kit (lab/: clamdrun, sinkrun) is in neither the package nor scripts/install's venv:
+# `env PYTHONPATH="$LAB_PYTHONPATH" python -m lab.X` runs the checkout's.
+LAB_PYTHONPATH="$CLAMSMTP_REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "$PROG: $*"; }
 usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }

@@ -5,7 +5,7 @@
 #                                                        start it unless it already runs
 #   mailserver.sh down [--workdir DIR]                   stop it
 #
-# Runs `python -m appliance.lab.sinkrun` (the project's RecordingNextHop): it accepts every
+# Runs `python -m lab.sinkrun` (the project's RecordingNextHop): it accepts every
 # message on ADDR (default 25: every address, IPv4 and IPv6) and stores each one in
 # DIR/received/ as NNNNNN.eml (the message as received) and NNNNNN.json (the envelope), so a
 # test can check exactly what arrived. Its log, with one line per message: DIR/sink.log.
@@ -47,6 +47,6 @@ echo "$LISTEN $TLS_CERT" > "$WORKDIR/sink.listen"
 TLS_ARGS=()
 [ -z "$TLS_CERT" ] || TLS_ARGS=(--tls-cert "$TLS_CERT" --tls-key "${TLS_KEY:-$TLS_CERT}")
 start_background "$WORKDIR/sink.log" "$PIDFILE" "mail server" \
-    "$(tool python)" -m appliance.lab.sinkrun --listen "$LISTEN" \
+    env PYTHONPATH="$LAB_PYTHONPATH" "$(tool python)" -m lab.sinkrun --listen "$LISTEN" \
     --record-dir "$WORKDIR/received" --pidfile "$PIDFILE" "${TLS_ARGS[@]}"
 say "messages are stored in $WORKDIR/received"

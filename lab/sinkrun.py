@@ -1,6 +1,6 @@
 """Run a `RecordingNextHop` as a mail server that keeps every message it accepts as files.
 
-    python -m appliance.lab.sinkrun --record-dir DIR [--listen ADDR]... [--pidfile FILE]
+    python -m lab.sinkrun --record-dir DIR [--listen ADDR]... [--pidfile FILE]
                                     [--reply KEY=REPLY]... [--hostname NAME]
 
 ADDR is `PORT`, `[::]:PORT` or `*:PORT` (every address, IPv4 and IPv6), `0.0.0.0:PORT` (IPv4
@@ -69,7 +69,7 @@ def _reply(text: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=f"python -m appliance.lab.{PROG}",
+        prog=f"python -m lab.{PROG}",
         description="An SMTP server that stores each message it accepts as files.",
     )
     parser.add_argument("--listen", action="append", type=parse_listen, default=[],

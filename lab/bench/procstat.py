@@ -71,7 +71,7 @@ def machine_info() -> dict[str, str]:
                 memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     from appliance import __version__
 
-    repo = Path(__file__).resolve().parents[3]  # the checkout: appliance/lab/bench/procstat.py
+    repo = Path(__file__).resolve().parents[2]  # the checkout: lab/bench/procstat.py
     commit = _command_output(["git", "-C", str(repo), "describe", "--always", "--dirty"])
     return {
         "nproc": str(len(os.sched_getaffinity(0))),

@@ -1,6 +1,6 @@
 """Run the lab's private clamd (EICAR-only database) until SIGTERM or Ctrl-C.
 
-    python -m appliance.lab.clamdrun --workdir DIR [--tcp] [--pidfile FILE]
+    python -m lab.clamdrun --workdir DIR [--tcp] [--pidfile FILE]
 
 Writes DIR/clamd.conf and DIR/db/eicar.ndb (see `PrivateClamd`), starts clamd on
 DIR/clamd.sock, waits until it answers PING, then prints one line
@@ -31,7 +31,7 @@ PROG = "clamdrun"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=f"python -m appliance.lab.{PROG}",
+        prog=f"python -m lab.{PROG}",
         description="Run a private clamd with an EICAR-only signature database.",
     )
     parser.add_argument("--workdir", required=True,

@@ -104,7 +104,7 @@ class Lab:
         spool.mkdir(mode=0o700, exist_ok=True)
         conf = self.workdir / f"{target}.conf"
         conf.write_text(
-            "# written by appliance.lab.bench; the same for the C clamsmtpd and ours\n"
+            "# written by lab.bench; the same for the C clamsmtpd and ours\n"
             f"Listen: {HOST}:{port}\n"
             f"OutAddress: {HOST}:{self.sink_port}\n"
             f"ClamAddress: {self._clamd_addresses(target)}\n"

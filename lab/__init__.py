@@ -1,14 +1,18 @@
 """The local lab: real parts to run the appliance against, for people and for the tests.
 
+Not part of the product: it imports `appliance` (and runs `clamsmtp-netsetup`), the tests and
+scripts/lab, netlab and bench import it, never the other way round; the wheel and the .deb leave
+it out, and scripts/setup puts the checkout on the dev venv's path for it (docs/dev/lab.md).
+
 - `PrivateClamd` (clamd.py): clamd with a one-line EICAR database on a private socket.
 - `RecordingNextHop` (sink.py): an aiosmtpd server that records what it receives and can be
   scripted to refuse.
 - `DelayLine` (delayline.py): a TCP relay holding each chunk N ms each way, a WAN on loopback.
 - `daemon_argv()`: how to start the daemon under test in the foreground.
-- `python -m appliance.lab` / `clamsmtp-lab` (__main__.py): all of it wired together.
-- `python -m appliance.lab.clamdrun` / `.sinkrun`: PrivateClamd and a RecordingNextHop that
+- `python -m lab` / `scripts/lab` (__main__.py): all of it wired together.
+- `python -m lab.clamdrun` / `.sinkrun`: PrivateClamd and a RecordingNextHop that
   stores each message as files, as long-running programs for vagrant/provision/*.sh.
-- `python -m appliance.lab.netlab` / `scripts/netlab` (netlab.py): the transparent gateway end
+- `python -m lab.netlab` / `scripts/netlab` (netlab.py): the transparent gateway end
   to end in network namespaces, built with those provisioning scripts (root only); its
   `NetLab` is in netgateway.py, the topology and requirements in nettopo.py.
 """

@@ -40,7 +40,7 @@ def _csv(choices: Sequence[str], name: str):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.lab.bench",
+        prog="python -m lab.bench",
         description="Benchmark this project's clamsmtpd against the C clamsmtpd on loopback: "
         "smtp-source load, smtp-sink next hop, a private clamd; plus the ceilings "
         "'direct' (smtp-source to smtp-sink) and 'clamd alone' (INSTREAM).",

@@ -1,6 +1,6 @@
 """The WAN row (`--wan`): one session sending 20 messages with a client that pipelines when
 offered (as Postfix's smtp client does), the next hop 25 ms away each way (the lab's delay
-line, appliance/lab/delayline.py: this kernel has no netem), measured in one run:
+line, lab/delayline.py: this kernel has no netem), measured in one run:
 
     client ─> delay line ─> smtp-sink                       direct
     client ─> ours       ─> delay line ─> smtp-sink         ours

@@ -28,10 +28,10 @@ again in later rounds. Exit status: 0 when every run of ours and of the ceilings
 clamsmtpd is the reference: what it loses is reported, not a failure), 1 otherwise, 2 when
 tools are missing or not run as root.
 
-    python -m appliance.lab.bench              # full run, a few minutes
-    python -m appliance.lab.bench --quick      # under a minute
-    python -m appliance.lab.bench --scenarios 1k --targets ours --rounds 1   # what to profile
-    python -m appliance.lab.bench --tls        # the TLS row: both legs TLS against clear
+    python -m lab.bench              # full run, a few minutes
+    python -m lab.bench --quick      # under a minute
+    python -m lab.bench --scenarios 1k --targets ours --rounds 1   # what to profile
+    python -m lab.bench --tls        # the TLS row: both legs TLS against clear
 
 scripts/bench runs scripts/setup first; docs/performance.md explains the columns.
 """

@@ -9,12 +9,9 @@ by ``destroy``/the context managers, also when a test fails.
                           g1 198.51.100.1/24  2001:db8:2::1/64  (IPv4 and IPv6 forwarding on)
                 └─veth─ server ns  s0 198.51.100.25/24  2001:db8:2::25/64  default via the gateway
 
-``appliance/lab/netlab.py`` (``scripts/netlab``, tests/e2e) builds its gateway lab with it too.
+``lab/netlab.py`` (``scripts/netlab``, tests/e2e) builds its gateway lab with it too.
 
-Use from another test directory with::
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "netsetup"))
-    import nslab
+Use it with ``from lab import nslab`` (the lab package of the source checkout; see lab/__init__.py).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60
 
 CLIENT_V4, GATEWAY_IN_V4 = "192.0.2.10", "192.0.2.1"

@@ -1,10 +1,10 @@
-"""clamsmtp-lab: run the appliance between a private clamd and a visible next hop, on loopback.
+"""scripts/lab (python -m lab): the appliance between a private clamd and a visible next hop.
 
     client (swaks, smtplib) -> 127.0.0.1:10026 clamsmtpd -> 127.0.0.1:10025 next hop (prints mail)
                                      |
                                      +-> private clamd (EICAR-only database)
 
-`clamsmtp-lab` stays up until Ctrl-C or SIGTERM; `clamsmtp-lab --demo` sends one clean and one
+`scripts/lab` stays up until Ctrl-C or SIGTERM; `scripts/lab --demo` sends one clean and one
 EICAR message, shows what happened, and exits 0 if the clean one arrived and EICAR did not.
 """
 
@@ -31,7 +31,7 @@ LAB_HOST = "127.0.0.1"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="clamsmtp-lab",
+        prog="scripts/lab",
         description="Run clamsmtpd in a local lab: a private clamd, a next hop that prints what "
         "it receives, everything on 127.0.0.1.",
     )
@@ -72,7 +72,7 @@ def write_config(workdir: Path, *, listen_port: int, next_hop_port: int, clamd_s
     spool.chmod(0o700)
     conf = workdir / "clamsmtpd.conf"
     conf.write_text(
-        "# clamsmtpd.conf written by clamsmtp-lab\n"
+        "# clamsmtpd.conf written by scripts/lab\n"
         f"Listen: {LAB_HOST}:{listen_port}\n"
         f"OutAddress: {LAB_HOST}:{next_hop_port}\n"
         f"ClamAddress: {clamd_socket}\n"

@@ -1,19 +1,19 @@
 """The namespace lab's topology and what it needs: nslab, the addresses, the requirements.
 
 Shared by `NetLab` (netgateway.py) and the `scripts/netlab` command (netlab.py). The namespaces
-themselves are made by tests/netsetup/nslab.py, loaded here from the source checkout.
+themselves are made by nslab.py (also used by the root-only tests of tests/netsetup).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import pwd
 import shutil
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from . import nslab
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PROVISION = REPO_ROOT / "vagrant" / "provision"
 PROXY_PORT = 10025
 PREFIX = "nl"  # namespaces nlc-PID-HEX (client), nlg-... (gateway), nls-... (mail server)
@@ -21,19 +21,6 @@ TIMEOUT = 120.0
 #: The daemon's User in the lab when it exists (the Debian clamsmtp package creates it).
 DAEMON_USER = "clamsmtp"
 
-
-def _load_nslab():
-    """tests/netsetup/nslab.py, the namespace helper shared with the netsetup tests."""
-    if "nslab" in sys.modules:
-        return sys.modules["nslab"]
-    path = REPO_ROOT / "tests" / "netsetup"
-    if not (path / "nslab.py").exists():
-        raise ImportError(f"netlab runs from a source checkout: {path}/nslab.py is missing")
-    sys.path.insert(0, str(path))
-    return importlib.import_module("nslab")
-
-
-nslab = _load_nslab()
 CLIENT_V4, CLIENT_V6 = nslab.CLIENT_V4, nslab.CLIENT_V6
 GATEWAY_IN_V4, GATEWAY_IN_V6 = nslab.GATEWAY_IN_V4, nslab.GATEWAY_IN_V6
 GATEWAY_OUT_V4, GATEWAY_OUT_V6 = nslab.GATEWAY_OUT_V4, nslab.GATEWAY_OUT_V6

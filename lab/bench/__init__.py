@@ -1,5 +1,5 @@
 """The benchmark: this project's clamsmtpd against the C clamsmtpd on loopback, with the ceilings
-"direct" and "clamd alone" (`python -m appliance.lab.bench`, scripts/bench). What it measures
+"direct" and "clamd alone" (`python -m lab.bench`, scripts/bench). What it measures
 and how: __main__.py; the columns: docs/performance.md.
 
 - workload.py: the targets, the loads (Scenario, SCENARIOS), the Plan, the messages.

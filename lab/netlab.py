@@ -10,9 +10,9 @@ The client dials the mail server's address on port 25. In the gateway, the REDIR
 destination (SO_ORIGINAL_DST), scans the message with clamd and forwards it to the mail server.
 Each machine is set up by its provisioning script from vagrant/provision/ (clamd.sh,
 mailserver.sh, gateway.sh, client.sh) run inside its namespace with `ip netns exec`: the same
-scripts a Vagrant lab runs in real VMs. The topology itself comes from tests/netsetup/nslab.py.
+scripts a Vagrant lab runs in real VMs. The topology itself comes from nslab.py.
 
-    scripts/netlab --demo     (python -m appliance.lab.netlab --demo)
+    scripts/netlab --demo     (python -m lab.netlab --demo)
         one clean and one EICAR message over IPv4 and over IPv6, TLS on both legs (the client
         says STARTTLS to the gateway's certificate, the gateway to the mail server's); prints
         the SMTP outcomes, what the mail server received, clamsmtpd's log and the netsetup
