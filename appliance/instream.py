@@ -66,13 +66,6 @@ class ScanResult:
     detail: str = ""  # what clamd (or the connection) said, for ERROR and OVERSIZE
     clamd: str = ""  # the clamd that gave this result (or failed last), for logs
 
-    @property
-    def log_status(self) -> str:
-        """The `status=` value of the original's log line."""
-        if self.status == VIRUS:
-            return f"VIRUS:{self.virus}" if self.virus else "VIRUS"
-        return CLEAN if self.status == CLEAN else "CLAMAV-ERROR"
-
 
 @dataclass(frozen=True, slots=True)
 class Outcome:

@@ -35,10 +35,25 @@ class Kind(enum.StrEnum):
 
 FORWARD, DISCARD, REJECT, TEMPFAIL = Kind.FORWARD, Kind.DISCARD, Kind.REJECT, Kind.TEMPFAIL
 
-#: The log status of a message delivered because its virus is in VirusAllow: ALLOWED:<name>
-STATUS_ALLOWED = "ALLOWED"
-#: The log status of a message refused or deferred because it is too big to scan.
-STATUS_OVERSIZE = "OVERSIZE"
+
+
+class Status(enum.StrEnum):
+    """The words of the log line's `status=`: the original's CLEAN, VIRUS and CLAMAV-ERROR,
+    and ours. Some take a detail after a colon (`detailed`)."""
+
+    CLEAN = "CLEAN"
+    VIRUS = "VIRUS"  # VIRUS:<name> (VIRUS alone when clamd named none)
+    CLAMAV_ERROR = "CLAMAV-ERROR"  # the scan could not be done (a message too big for clamd too)
+    ALLOWED = "ALLOWED"  # ALLOWED:<name>: delivered because the virus is in VirusAllow
+    OVERSIZE = "OVERSIZE"  # refused or deferred as too big to scan (OversizeAction)
+    UNSCANNED = "UNSCANNED"  # UNSCANNED:<reason>, see Unscanned
+
+    def detailed(self, detail: str | None) -> str:
+        """`VIRUS:Eicar-Test-Signature`; the word alone without a detail."""
+        return f"{self.value}:{detail}" if detail else self.value
+
+
+STATUS_ALLOWED, STATUS_OVERSIZE = Status.ALLOWED, Status.OVERSIZE
 INFECTED_HEADER = b"X-Virus-Infected: Virus Detected!\r\n"
 #: The header on mail delivered without a scan. Never the configured scan header (Header:),
 #: which says the message was scanned: a filter downstream must be able to tell the two apart.
@@ -65,7 +80,7 @@ class Unscanned(enum.StrEnum):
     @property
     def status(self) -> str:
         """The `status=` value of the log line."""
-        return f"UNSCANNED:{self.value}"
+        return Status.UNSCANNED.detailed(self.value)
 
     @property
     def header(self) -> bytes:
@@ -79,7 +94,7 @@ class Verdict:
     reply: str | None = None  # our own reply to the client (None: relay the next hop's)
     extra_header: bytes = b""  # added after the configured Header when forwarding
     infected: bool = False  # quarantine and VirusAction apply
-    status: str = CLEAN  # the `status=` of the log line
+    status: str = Status.CLEAN  # the `status=` of the log line
     unscanned: Unscanned | None = None  # why it goes on without a scan (then no scan header)
 
     @property
@@ -114,14 +129,15 @@ class Policy:
 
 def decide(result: ScanResult, policy: Policy) -> Verdict:
     """Map a scan result and the configured policy to what happens to the message."""
-    status = result.log_status
+    status = log_status(result)
     if result.status == CLEAN:
         return Verdict(FORWARD, status=status)
     if result.status == VIRUS:
         if result.virus and any(fnmatch.fnmatchcase(result.virus, p) for p in policy.virus_allow):
             name = safe_virus_name(result.virus)
             header = f"{ALLOWED_HEADER}: {name}\r\n".encode()
-            return Verdict(FORWARD, extra_header=header, status=f"{STATUS_ALLOWED}:{result.virus}")
+            allowed = Status.ALLOWED.detailed(result.virus)
+            return Verdict(FORWARD, extra_header=header, status=allowed)
         if policy.action == Action.PASS:
             return Verdict(FORWARD, extra_header=INFECTED_HEADER, infected=True, status=status)
         if policy.action == Action.BOUNCE:
@@ -138,6 +154,14 @@ def decide(result: ScanResult, policy: Policy) -> Verdict:
     if policy.scan_error == ScanErrorAction.PASS:
         return unscanned(Unscanned.ERROR)
     return Verdict(TEMPFAIL, REPLY_LOCAL_ERROR, status=status)
+
+
+def log_status(result: ScanResult) -> str:
+    """The original's `status=` for a scan result: CLEAN, VIRUS:<name>, or CLAMAV-ERROR for
+    anything that is neither (a message too big for clamd included, as in 1.10)."""
+    if result.status == VIRUS:
+        return Status.VIRUS.detailed(result.virus)
+    return Status.CLEAN if result.status == CLEAN else Status.CLAMAV_ERROR
 
 
 def skip_reason(policy: Policy, client_ip: str, authenticated: bool) -> Unscanned | None:
