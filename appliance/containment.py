@@ -31,6 +31,7 @@ class InfectedHosts:
         self._recent: OrderedDict[str, deque[float]] = OrderedDict()
         self._blocked: OrderedDict[str, float] = OrderedDict()  # address -> end (monotonic)
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._heard: set[str] = set()  # blocks another worker started (Workers): not logged here
 
     def configure(self, limit: tuple[int, int] | None, block: float) -> None:
         """Apply InfectedHostLimit (COUNT, SECONDS) and InfectedHostBlock; at start and SIGHUP.
@@ -60,11 +61,13 @@ class InfectedHosts:
             return 0.0
         return left
 
-    def record(self, address: str) -> bool:
-        """An infected message from `address`; True when it makes the address blocked now."""
+    def record(self, address: str, now: float | None = None, *, heard: bool = False) -> bool:
+        """An infected message from `address` (at `now`, monotonic); True when it makes the
+        address blocked now. `heard`: another worker's message (Workers > 1), counted the same,
+        but the block it may start is that worker's to log and count in the metrics."""
         if not self.count or address in self._blocked:
             return False
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         times = self._recent.pop(address, None)
         if times is None:
             times = deque(maxlen=self.count)
@@ -76,25 +79,37 @@ class InfectedHosts:
         if len(times) < self.count:
             self._recent[address] = times
             return False
-        self._start_block(address, now)
+        self._start_block(address, now + self.block, heard)
         return True
 
-    def _start_block(self, address: str, now: float) -> None:
+    def blocked_until(self) -> list[tuple[str, float]]:
+        """The blocks running now: (address, end), for a worker that starts (Workers > 1)."""
+        return list(self._blocked.items())
+
+    def hear_block(self, address: str, end: float) -> None:
+        """A block another worker holds (Workers > 1), until `end` (monotonic)."""
+        if self.count and address not in self._blocked and end > time.monotonic():
+            self._start_block(address, end, heard=True)
+
+    def _start_block(self, address: str, end: float, heard: bool = False) -> None:
         if len(self._blocked) >= self.max_hosts:
             oldest = next(iter(self._blocked))
             log.warning("infected host table full (%d): %s unblocked early", self.max_hosts,
                         oldest)
             self._unblock(oldest, quiet=True)
-        self._blocked[address] = now + self.block
+        self._blocked[address] = end
         metrics.INFECTED_HOSTS_BLOCKED.inc()
-        metrics.INFECTED_HOST_BLOCKS.inc()
-        log.warning("host %s blocked for %d s: %d infected messages within %d s "
-                    "(InfectedHostLimit)", address, self.block, self.count, self.window)
+        if heard:
+            self._heard.add(address)
+        else:
+            metrics.INFECTED_HOST_BLOCKS.inc()
+            log.warning("host %s blocked for %d s: %d infected messages within %d s "
+                        "(InfectedHostLimit)", address, self.block, self.count, self.window)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # (no loop: the end is seen by blocked_for)
-        self._timers[address] = loop.call_later(self.block, self._unblock, address)
+        self._timers[address] = loop.call_later(end - time.monotonic(), self._unblock, address)
 
     def _unblock(self, address: str, quiet: bool = False) -> None:
         if self._blocked.pop(address, None) is None:
@@ -103,6 +118,9 @@ class InfectedHosts:
         if timer is not None:
             timer.cancel()
         metrics.INFECTED_HOSTS_BLOCKED.dec()
+        if address in self._heard:
+            self._heard.discard(address)
+            quiet = True
         if not quiet:
             log.info("host %s no longer blocked (InfectedHostBlock over)", address)
 

@@ -24,7 +24,7 @@ from .nexthop import destination_for
 from .relay import RelayContext, RelaySession
 from .replies import REPLY_BUSY
 from .scanner import Scanner
-from .shared import WorkerState
+from .shared import SharedInfectedHosts, WorkerState
 from .spool import MEMORY_LIMIT, check_directory
 from .tls import TLSContexts
 from .tls import load as load_tls
@@ -145,7 +145,8 @@ class Appliance:
         # shared by every configuration
         self.outgoing = OwnConnections() if worker is None else worker.own_connections()
         self.actions = VirusActions(config.virus_action)  # one across reloads: stop() sees all
-        self.infected = InfectedHosts()  # one across reloads; empty at every start
+        # one across reloads; empty at every start; with workers, told of the others' news
+        self.infected = InfectedHosts() if worker is None else worker.infected_hosts()
         self.context = self._context(config, tls=tls if tls is not None else load_tls(config))
         self._server: asyncio.AbstractServer | None = None
         self._clamd_check: asyncio.Task | None = None
@@ -158,6 +159,8 @@ class Appliance:
         self, config: Config, previous: RelayContext | None = None, *, tls: TLSContexts
     ) -> RelayContext:
         concurrency = min(config.max_connections, MAX_CONCURRENT_SCANS)
+        if self.worker is not None:  # the daemon's scans per clamd, shared out (at least 1)
+            concurrency = max(1, concurrency // self.worker.state.workers)
         old = previous.scanner if previous is not None else None
         settings = (config.clam_addresses, config.timeout, config.scan_timeout, concurrency)
         if old is not None and settings == (
@@ -238,6 +241,8 @@ class Appliance:
         else:
             self._server = await loop.create_server(self._protocol, sock=self.sock)
         log.info("listening on %s", _describe(self.sock))
+        if isinstance(self.infected, SharedInfectedHosts):
+            self.infected.start()
         if self.metrics_sock is not None:
             self._metrics_server = await metrics.serve(self.metrics_sock)
             log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
@@ -272,6 +277,8 @@ class Appliance:
             self._server.close()
         if self._clamd_check is not None:
             self._clamd_check.cancel()
+        if isinstance(self.infected, SharedInfectedHosts):
+            self.infected.stop()
         metrics.close(self._metrics_server)
         self.context.stopping = True
         for session in list(self.sessions):

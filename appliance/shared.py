@@ -1,6 +1,6 @@
 """What stays one for the whole daemon when `Workers` > 1: the count of open connections
-(MaxConnections), the connection ids, and the table of the proxy's own outgoing connections
-(the loop guard). Why this shape: docs/dev/workers.md.
+(MaxConnections), the connection ids, the table of the proxy's own outgoing connections (the
+loop guard), and InfectedHostLimit's table. Why this shape: docs/dev/workers.md.
 
 It lives in one anonymous shared memory mapping that the parent makes before the first fork,
 so every worker (and every replacement of one) sees the same pages. Each worker writes only
@@ -12,12 +12,16 @@ With `Workers: 1` none of this exists: the daemon runs as it always did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import mmap
+import socket
+import time
 from collections.abc import Iterator
 
 from .addresses import plain_ip
+from .containment import InfectedHosts
 from .upstream import OwnConnections
 
 #: The first connection id, as the one-process daemon (maillog): ids stay `%06X`-shaped.
@@ -50,6 +54,19 @@ class DaemonState:
         self.port_state = ports.from_buffer(self._map, offsets[3])
         #: ... and its local address, as IPv6 (IPv4 v4-mapped)
         self.address = addresses.from_buffer(self._map, offsets[4])
+        #: one datagram inbox per worker slot, [read end, write end]: the InfectedHostLimit
+        #: news. Kept open by the parent, so a replacement finds what was sent meanwhile.
+        self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                        for _ in range(workers)]
+        for pair in self.inboxes:
+            for end in pair:
+                end.setblocking(False)
+
+    def close(self) -> None:
+        """The parent, at exit."""
+        for pair in self.inboxes:
+            for end in pair:
+                end.close()
 
     def open_connections(self) -> int:
         return sum(self.active)
@@ -99,6 +116,26 @@ class WorkerState:
             k = issued[index]
             issued[index] = k + 1
             yield (FIRST_ID + k * workers + index) & 0xFFFFFFFF or FIRST_ID
+
+    def tell(self, message: str, to: int | None = None) -> None:
+        """Send `message` to worker `to`, or to every other worker. A full inbox (a worker
+        stopped for a long while) loses it: containment is best effort, mail flow is not."""
+        for index, (_, inbox) in enumerate(self.state.inboxes):
+            if index != self.index and to in (None, index):
+                with contextlib.suppress(OSError):
+                    inbox.send(message.encode())
+
+    def messages(self) -> Iterator[str]:
+        """What the other workers sent, until the inbox is empty (never blocks)."""
+        inbox = self.state.inboxes[self.index][0]
+        while True:
+            try:
+                yield inbox.recv(512).decode("ascii", "replace")
+            except OSError:  # (BlockingIOError: empty)
+                return
+
+    def infected_hosts(self) -> SharedInfectedHosts:
+        return SharedInfectedHosts(self)
 
     def sessions(self) -> SharedSessions:
         return SharedSessions(self)
@@ -163,6 +200,54 @@ class SharedOwnConnections(OwnConnections):
         if state.port_state[port] != _CONNECTED:
             return False
         return bytes(state.address[port]) == _packed(peer[0])
+
+
+class SharedInfectedHosts(InfectedHosts):
+    """InfectedHostLimit for the daemon: each worker keeps the whole table, told of every
+    other worker's infected messages (counted as its own, with their time) and, when it
+    starts, of the blocks running (a replacement asks the others: `start`)."""
+
+    def __init__(self, worker: WorkerState) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def start(self) -> None:
+        """With the loop running: read the news as it comes, and ask for the blocks now."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.worker.state.inboxes[self.worker.index][0], self.receive)
+        self.worker.tell(f"H {self.worker.index}")
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(
+                self.worker.state.inboxes[self.worker.index][0])
+
+    def record(self, address: str, now: float | None = None, *, heard: bool = False) -> bool:
+        now = time.monotonic() if now is None else now
+        if not heard and self.count:
+            self.receive()  # the others' news first: together they may reach the limit
+            self.worker.tell(f"I {now!r} {address}")
+        return super().record(address, now, heard=heard)
+
+    def blocked_for(self, address: str) -> float:
+        self.receive()  # news sent before this client connected counts for it
+        return super().blocked_for(address)
+
+    def receive(self) -> None:
+        for message in self.worker.messages():
+            kind, _, rest = message.partition(" ")
+            try:
+                if kind == "I":
+                    when, address = rest.split(" ", 1)
+                    self.record(address, float(when), heard=True)
+                elif kind == "B":
+                    until, address = rest.split(" ", 1)
+                    self.hear_block(address, float(until))
+                elif kind == "H":
+                    for host, end in self.blocked_until():
+                        self.worker.tell(f"B {end!r} {host}", to=int(rest))
+            except ValueError:
+                continue  # (written by our own workers: not expected)
 
 
 def _packed(host: str) -> bytes:

@@ -278,6 +278,7 @@ class Supervisor:
                                     describe_status(status))
 
     def close(self) -> None:
+        self.state.close()
         if self.metrics_directory is not None:
             shutil.rmtree(self.metrics_directory, ignore_errors=True)
 

@@ -15,6 +15,7 @@ import pytest
 import replies as R
 from helpers import (
     EICAR,
+    ONE_AND_TWO_WORKERS,
     free_port,
     raw_session_in_data,
     reload_with,
@@ -317,7 +318,10 @@ def metric(appliance, name: str) -> float:
     InfectedHostLimit="2 60", InfectedHostBlock=3, VirusActionAsRoot="on",
     MetricsListen=lambda hop: f"127.0.0.1:{free_port()}",
 )
-def test_infected_host_is_blocked_then_let_back(appliance, next_hop, tmp_path):
+@ONE_AND_TWO_WORKERS
+def test_infected_host_is_blocked_then_let_back(workers, appliance, next_hop, tmp_path):
+    """(With two workers the two messages and the refused connection may each go to either:
+    the count, the block and the metrics are the daemon's.)"""
     script = tmp_path / "action.sh"
     script.write_text(f'#!/bin/sh\necho "BLOCKED=${{BLOCKED-unset}}" >> {tmp_path}/env.txt\n')
     script.chmod(0o755)

@@ -8,11 +8,27 @@ import asyncio
 import os
 import re
 
+import pytest
+
 from appliance.shared import FIRST_ID, DaemonState
 
 
-def test_max_connections_counts_every_worker():
-    state = DaemonState(2)
+@pytest.fixture
+def daemon():
+    """DaemonState(workers), closed after the test."""
+    made = []
+
+    def make(workers: int) -> DaemonState:
+        made.append(DaemonState(workers))
+        return made[-1]
+
+    yield make
+    for state in made:
+        state.close()
+
+
+def test_max_connections_counts_every_worker(daemon):
+    state = daemon(2)
     a, b = state.worker(0), state.worker(1)
     assert [a.claim(3), b.claim(3), b.claim(3)] == [True, True, True]
     assert not a.claim(3) and not b.claim(3)  # the daemon has 3, whoever asks
@@ -20,16 +36,16 @@ def test_max_connections_counts_every_worker():
     assert a.claim(3) and state.open_connections() == 3
 
 
-def test_a_dead_workers_places_are_given_back():
-    state = DaemonState(2)
+def test_a_dead_workers_places_are_given_back(daemon):
+    state = daemon(2)
     a, b = state.worker(0), state.worker(1)
     assert a.claim(2) and a.claim(2) and not b.claim(2)
     state.forget(0)
     assert b.claim(2) and state.open_connections() == 1
 
 
-def test_sessions_leaving_give_their_place_back_once():
-    state = DaemonState(1)
+def test_sessions_leaving_give_their_place_back_once(daemon):
+    state = daemon(1)
     worker = state.worker(0)
     sessions = worker.sessions()
     session = object()
@@ -40,8 +56,8 @@ def test_sessions_leaving_give_their_place_back_once():
     assert state.open_connections() == 0
 
 
-def test_ids_are_unique_across_workers_and_replacements():
-    state = DaemonState(3)
+def test_ids_are_unique_across_workers_and_replacements(daemon):
+    state = daemon(3)
     ids = [state.worker(i).connection_ids() for i in range(3)]
     seen = [next(ids[i % 3]) for i in range(30)]
     state.forget(1)
@@ -51,11 +67,11 @@ def test_ids_are_unique_across_workers_and_replacements():
     assert all(re.fullmatch("[0-9A-F]{6}", f"{i:06X}") for i in seen)
 
 
-def test_the_loop_guard_sees_another_workers_connection():
+def test_the_loop_guard_sees_another_workers_connection(daemon):
     """Worker A bound and connected from port P; a connection from P that B accepts is ours.
     The same port from another address, or a port nobody holds, is not."""
     async def run() -> None:
-        state = DaemonState(2)
+        state = daemon(2)
         a, b = state.worker(0).own_connections(), state.worker(1).own_connections()
         port = 40000 + os.getpid() % 1000
         a.bound(port)
@@ -72,13 +88,41 @@ def test_the_loop_guard_sees_another_workers_connection():
     asyncio.run(run())
 
 
-def test_a_dead_workers_ports_are_forgotten():
+def test_a_dead_workers_ports_are_forgotten(daemon):
     async def run() -> None:
-        state = DaemonState(2)
+        state = daemon(2)
         a, b = state.worker(0).own_connections(), state.worker(1).own_connections()
         a.bound(2525)
         a.connected(2525, ("127.0.0.1", 2525))
         state.forget(0)
         assert not await b.is_ours(("127.0.0.1", 2525), wait=0.1)
+
+    asyncio.run(run())
+
+
+def test_infected_host_limit_counts_and_blocks_for_the_daemon(daemon):
+    """InfectedHostLimit 2 per 60 s: one infected message through each worker blocks the
+    host in both (logged and counted once, by the worker that saw the second); a replacement
+    worker asks for the blocks running and has them too."""
+    async def run() -> None:
+        state = daemon(2)
+        a, b = state.worker(0).infected_hosts(), state.worker(1).infected_hosts()
+        for hosts in (a, b):
+            hosts.configure((2, 60), 30)
+            hosts.start()
+        assert not a.record("192.0.2.9")
+        assert b.record("192.0.2.9")  # the second for the daemon: blocked now, by b
+        assert 29 < a.blocked_for("192.0.2.9") <= 30 and b.blocked_for("192.0.2.9") > 29
+        assert not a.blocked_for("192.0.2.10")
+        a.stop()
+        state.forget(0)
+        replacement = state.worker(0).infected_hosts()
+        replacement.configure((2, 60), 30)
+        replacement.start()  # asks b
+        await asyncio.sleep(0.05)  # b answers from its loop
+        assert 29 < replacement.blocked_for("192.0.2.9") <= 30
+        for hosts in (b, replacement):
+            hosts.configure(None, 30)  # (lift the blocks: their timers are this loop's)
+            hosts.stop()
 
     asyncio.run(run())
