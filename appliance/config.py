@@ -95,9 +95,6 @@ class ClientTLS(enum.StrEnum):
     PASSTHROUGH = "passthrough"
 
 
-ACTIONS = tuple(Action)
-
-
 class Transparency(enum.Enum):
     """`TransparentProxy`: off, on (the destination the client dialled, from our address) or
     full (that destination, from the client's own address: TPROXY and IP_TRANSPARENT).

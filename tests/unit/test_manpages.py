@@ -258,7 +258,7 @@ def test_entries_give_the_limits_and_default_ports_of_config_py():
         for phrase in phrases:
             assert phrase in entry(name), (name, phrase)
     action = CONF_PAGE.split(".B Action\n", 1)[1].split(".B Quarantine\n", 1)[0]
-    assert set(config.ACTIONS) <= set(tags(action))
+    assert set(config.Action) <= set(tags(action))
 
 
 def test_the_file_format_lists_every_boolean_spelling():
