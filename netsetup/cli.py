@@ -2,8 +2,7 @@
 
 Exit codes (netsetup.errors.ExitCode): 0 ok, 1 a change failed (iptables: our objects rolled
 back; nft: one transaction, never rolled back), 2 usage or config error (also: our rules exist
-with the other backend), 3 not root, 4 missing kernel support, 5 interface not found,
-6 is no longer used (it was: nftables host, the nft backend could not write rules).
+with the other backend), 3 not root, 4 missing kernel support, 5 interface not found.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import ipaddress
 import os
 import pwd
 import sys
+from collections.abc import Callable
 
 from netsetup import discovery
 from netsetup.backends import Choice, choose
@@ -361,94 +361,115 @@ def run(args: argparse.Namespace) -> int:
         _check_tproxy_listen(listen if args.proxy_port is None else None)
     choice = choose(args.backend, plan, discovery.nft_tables(), dry_run=args.dry_run, log=_out)
     routing = PolicyRouting(dry_run=args.dry_run, log=_out)
+    job = Job(args, choice, plan, listen, facts, defaulted, routing)
     try:
-        return _dispatch(args, choice, plan, listen, facts, defaulted, routing)
+        _out(f"backend:     {choice.backend.name} ({choice.backend.description}), {choice.reason}")
+        _out(f"host rules:  {choice.host}")
+        return COMMANDS[args.command](job)
     finally:
         routing.close()
         for backend in (choice.backend, *choice.also):
             backend.close()
 
 
-def _dispatch(
-    args: argparse.Namespace,
-    choice: Choice,
-    plan: RedirectPlan,
-    listen: Listen,
-    facts: discovery.HostFacts,
-    defaulted: bool,
-    routing: PolicyRouting,
-) -> int:
-    backend = choice.backend
-    _out(f"backend:     {backend.name} ({backend.description}), {choice.reason}")
-    _out(f"host rules:  {choice.host}")
-    if args.command == "enable" and choice.also:
-        other = choice.also[0]
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every command works from: the options, the chosen backend and the plan."""
+
+    args: argparse.Namespace
+    choice: Choice
+    plan: RedirectPlan
+    listen: Listen
+    facts: discovery.HostFacts
+    defaulted: bool  # the families were not given: IPv6 may be dropped if unsupported
+    routing: PolicyRouting
+
+
+def _checked_plan(job: Job) -> RedirectPlan:
+    """Warn, and check the backend can install the plan (IPv4 only, if IPv6 was only implied
+    and is what lacks support); the plan to use from here on."""
+    plan = job.plan
+    for warning in job.choice.warnings:
+        _warn(warning)
+    try:
+        job.choice.backend.check(plan)
+    except KernelSupportError as error:
+        if not (job.defaulted and error.family == 6):
+            raise
+        _warn(f"{error}; continuing with IPv4 only")
+        plan = dataclasses.replace(plan, families=(4,))
+        job.choice.backend.check(plan)
+    listen = job.listen if job.args.proxy_port is None else None
+    for warning in _plan_warnings(plan, listen, job.facts):
+        _warn(warning)
+    return plan
+
+
+def _status(job: Job) -> int:
+    plan = _checked_plan(job)
+    for line in _describe(plan, job.listen, job.facts, discovered=not job.args.interface):
+        _out(line)
+    for line in job.choice.backend.status(plan):
+        _out(line)
+    for line in job.routing.status(plan):
+        _out(line)
+    for other in job.choice.also:
+        _warn(
+            f"our rules are also installed with the {other.name} backend: only one may "
+            f"redirect; remove them with `{PROG} disable --backend {other.name}`"
+        )
+        _out(f"also installed with backend {other.name} ({other.description}):")
+        for line in other.status(plan):
+            _out(line)
+    return ExitCode.OK
+
+
+def _disable(job: Job) -> int:
+    """Ours from the chosen backend, from every other that holds ours (auto), then the
+    routing; each part in its own try, so one failure does not skip the others."""
+    plan, backend, routing = job.plan, job.choice.backend, job.routing
+    if job.args.dry_run:
+        _out("dry run: nothing is changed; disable would run:")
+    others = job.choice.also if job.args.backend == "auto" else ()
+    try:
+        backend.disable(plan)
+    finally:  # a failure in one mechanism does not skip the other
+        try:
+            for other in others:  # auto removes ours from every mechanism that holds them
+                _out(f"also removing ours from backend {other.name}:")
+                other.disable(plan)
+        finally:  # the rules are gone first: nothing is marked for the table any more
+            routing.disable(plan)
+    for other in job.choice.also:
+        if other not in others:
+            _warn(
+                f"our rules are also installed with the {other.name} backend; remove "
+                f"them with `{PROG} disable --backend {other.name}` (or plain `disable`)"
+            )
+    families = ", ".join(f"IPv{f}" for f in plan.families)
+    if not backend.changes and not routing.changes and not any(o.changes for o in others):
+        _out(f"nothing to remove: no rules of ours for proxy port {plan.proxy_port} ({families})")
+    else:
+        done = "would remove" if job.args.dry_run else "removed"
+        _out(f"{done}: our rules for proxy port {plan.proxy_port} ({families})")
+    return ExitCode.OK
+
+
+def _enable(job: Job) -> int:
+    backend, routing = job.choice.backend, job.routing
+    if job.choice.also:
+        other = job.choice.also[0]
         raise UsageError(
-            f"our rules for proxy port {plan.proxy_port} are also installed with the "
+            f"our rules for proxy port {job.plan.proxy_port} are also installed with the "
             f"{other.name} backend ({other.description}); two mechanisms would redirect the "
             f"same mail: run `{PROG} disable --backend {other.name}` (with the same "
             "--proxy-port) first"
         )
-    if args.command != "disable":
-        for warning in choice.warnings:
-            _warn(warning)
-        try:
-            backend.check(plan)
-        except KernelSupportError as error:
-            if not (defaulted and error.family == 6):
-                raise
-            _warn(f"{error}; continuing with IPv4 only")
-            plan = dataclasses.replace(plan, families=(4,))
-            backend.check(plan)
-        for warning in _plan_warnings(plan, listen if args.proxy_port is None else None, facts):
-            _warn(warning)
-    if args.command == "status":
-        for line in _describe(plan, listen, facts, discovered=not args.interface):
-            _out(line)
-        for line in backend.status(plan):
-            _out(line)
-        for line in routing.status(plan):
-            _out(line)
-        for other in choice.also:
-            _warn(
-                f"our rules are also installed with the {other.name} backend: only one may "
-                f"redirect; remove them with `{PROG} disable --backend {other.name}`"
-            )
-            _out(f"also installed with backend {other.name} ({other.description}):")
-            for line in other.status(plan):
-                _out(line)
-        return ExitCode.OK
-    if args.command == "enable":
-        for line in _describe(plan, listen, facts, discovered=not args.interface):
-            _out(line)
-    if args.dry_run:
-        _out(f"dry run: nothing is changed; {args.command} would run:")
-    if args.command == "disable":
-        others = choice.also if args.backend == "auto" else ()
-        try:
-            backend.disable(plan)
-        finally:  # a failure in one mechanism does not skip the other
-            try:
-                for other in others:  # auto removes ours from every mechanism that holds them
-                    _out(f"also removing ours from backend {other.name}:")
-                    other.disable(plan)
-            finally:  # the rules are gone first: nothing is marked for the table any more
-                routing.disable(plan)
-        for other in choice.also:
-            if other not in others:
-                _warn(
-                    f"our rules are also installed with the {other.name} backend; remove "
-                    f"them with `{PROG} disable --backend {other.name}` (or plain `disable`)"
-                )
-        families = ", ".join(f"IPv{f}" for f in plan.families)
-        if not backend.changes and not routing.changes and not any(o.changes for o in others):
-            _out(
-                f"nothing to remove: no rules of ours for proxy port {plan.proxy_port} ({families})"
-            )
-        else:
-            done = "would remove" if args.dry_run else "removed"
-            _out(f"{done}: our rules for proxy port {plan.proxy_port} ({families})")
-        return ExitCode.OK
+    plan = _checked_plan(job)
+    for line in _describe(plan, job.listen, job.facts, discovered=not job.args.interface):
+        _out(line)
+    if job.args.dry_run:
+        _out("dry run: nothing is changed; enable would run:")
     try:
         # routing first: a TPROXY rule without its route would let the mail pass unscanned
         routing.enable(plan)
@@ -470,13 +491,20 @@ def _dispatch(
             )
         raise
     _out(
-        f"{'would enable' if args.dry_run else 'enabled'}: TCP "
+        f"{'would enable' if job.args.dry_run else 'enabled'}: TCP "
         f"{','.join(map(str, plan.ports))} on {', '.join(plan.interfaces)}"
         f"{' and local mail' if plan.local else ''} -> port {plan.proxy_port}"
         + (" (tproxy: the servers see the clients' addresses)" if plan.mode is Mode.TPROXY
            else "")
     )
     return ExitCode.OK
+
+
+COMMANDS: dict[str, Callable[[Job], int]] = {
+    "enable": _enable,
+    "disable": _disable,
+    "status": _status,
+}
 
 
 def _rollback(backend, plan: RedirectPlan, routing: PolicyRouting) -> None:

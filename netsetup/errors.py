@@ -16,7 +16,6 @@ class ExitCode(IntEnum):
     NOT_ROOT = 3
     NO_KERNEL_SUPPORT = 4  # nat table, REDIRECT/addrtype/owner or the xtables extensions missing
     NO_INTERFACE = 5  # --interface names a link that does not exist, or none to intercept on
-    NFTABLES_HOST = 6  # no longer used: the nft backend once refused (it applies rules now)
 
 
 class NetsetupError(Exception):
