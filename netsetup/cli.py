@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from netsetup import discovery
 from netsetup.backends import Choice, choose
+from netsetup.changes import enable_in_order
 from netsetup.daemonconf import DEFAULT_CONFIG_PATH, Listen, read_listen, read_mode
 from netsetup.errors import (
     EXTRA_MODULES,
@@ -36,7 +37,7 @@ from netsetup.plan import (
     RedirectPlan,
     check_interface_name,
 )
-from netsetup.routing import PolicyRouting, RouteOp
+from netsetup.routing import PolicyRouting
 
 PROG = "clamsmtp-netsetup"
 FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
@@ -470,26 +471,8 @@ def _enable(job: Job) -> int:
         _out(line)
     if job.args.dry_run:
         _out("dry run: nothing is changed; enable would run:")
-    try:
-        # routing first: a TPROXY rule without its route would let the mail pass unscanned
-        routing.enable(plan)
-        backend.enable(plan)
-    except OperationFailed as error:
-        if not backend.atomic or isinstance(error.op, RouteOp):
-            _rollback(backend, plan, routing)
-            raise OperationFailed(error.op, f"{error.reason} (rolled back)") from error
-        raise  # one transaction, aborted by the kernel: nothing changed, nothing to undo
-    except BaseException as error:
-        if not backend.atomic:
-            _rollback(backend, plan, routing)
-        elif isinstance(error, KeyboardInterrupt):
-            # never roll back a transaction: the kernel took it whole or not at all, and a
-            # rollback would delete the earlier (working) installation too
-            _warn(
-                f"interrupted during one {backend.name} transaction, applied whole or not at "
-                "all; nothing is rolled back: state unknown: run status"
-            )
-        raise
+    # routing first: a TPROXY rule without its route would let the mail pass unscanned
+    enable_in_order((routing, backend), plan, log=_out, warn=_warn)
     _out(
         f"{'would enable' if job.args.dry_run else 'enabled'}: TCP "
         f"{','.join(map(str, plan.ports))} on {', '.join(plan.interfaces)}"
@@ -505,20 +488,6 @@ COMMANDS: dict[str, Callable[[Job], int]] = {
     "disable": _disable,
     "status": _status,
 }
-
-
-def _rollback(backend, plan: RedirectPlan, routing: PolicyRouting) -> None:
-    """Only for a backend that is not atomic (iptables: our chains, one change at a time), or
-    when the policy routing failed before the backend changed anything."""
-    _out("enable failed; rolling back (removing our own chains, ip rules and routes):")
-    try:
-        backend.disable(plan)
-    except NetsetupError as undo:
-        _warn(f"rollback incomplete: {undo}")
-    try:
-        routing.disable(plan)
-    except NetsetupError as undo:
-        _warn(f"rollback incomplete: {undo}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,18 +10,18 @@ instead of being forwarded:
     ip -4 route add local 0.0.0.0/0 dev lo table 10025      (and -6, ::/0)
 
 Each change is a ``RouteOp``: it prints as that ``ip`` command, is what ``--dry-run`` shows, and
-is all ``_apply`` ever gets. ``disable`` removes exactly ours (our mark, mask, table and
-priority; the local default route in our table) and nothing else; ``enable`` starts with it.
+is all ``_apply`` (``netsetup.changes``, shared with the backends) ever gets. ``disable``
+removes exactly ours (our mark, mask, table and priority; the local default route in our
+table) and nothing else; ``enable`` starts with it.
 """
 
 from __future__ import annotations
 
-import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from netsetup.changes import KernelChanges, print_line
 from netsetup.errors import NetsetupError, OperationFailed
 from netsetup.plan import MARK_MASK, RULE_PRIORITY, Mode, RedirectPlan
 
@@ -30,7 +30,6 @@ ANY = {4: "0.0.0.0/0", 6: "::/0"}
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
 RTPROT_BOOT = 3
-DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each change
 
 
 @dataclass(frozen=True)
@@ -69,18 +68,14 @@ def disable_ops(plan: RedirectPlan, family: int, state: RouteState) -> list[Rout
             + [RouteOp("del-route", family, plan.fwmark, plan.route_table)] * state.routes)
 
 
-class PolicyRouting:
+class PolicyRouting(KernelChanges[RouteOp]):
     """The ip rules and routes of a TPROXY plan, with the backends' dry run and logging."""
 
-    def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = print):
-        self.dry_run = dry_run
-        self.log = log
-        self.changes = 0
+    name = "policy routing"
+
+    def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = print_line):
+        super().__init__(dry_run=dry_run, log=log)
         self._conn = None  # one netlink socket for the whole command (opening one is slow)
-        try:
-            self._delay = max(0.0, float(os.environ.get(DELAY_ENV) or 0))
-        except ValueError:
-            self._delay = 0.0
 
     # -- kernel access ---------------------------------------------------------------------
 
@@ -96,29 +91,27 @@ class PolicyRouting:
             self._conn.close()
             self._conn = None
 
-    def _apply(self, op: RouteOp) -> None:
-        self.log(f"  {op}")
-        self.changes += 1
-        if self.dry_run:
-            return
-        try:
-            ipr = self._ipr()
-            family = AF[op.family]
-            if op.action.endswith("rule"):
-                ipr.rule(op.action[:3], family=family, priority=op.priority,
-                         fwmark=op.mark, fwmask=MARK_MASK, table=op.table)
-            else:
-                lo = ipr.link_lookup(ifname="lo")[0]
-                ipr.route(op.action[:3], family=family, type=RTN_LOCAL, oif=lo,
-                          table=op.table, dst=ANY[op.family].split("/")[0], dst_len=0,
-                          scope=RT_SCOPE_HOST if op.family == 4 else 0,
-                          proto=RTPROT_BOOT)
-        except Exception as error:  # NetlinkError and friends
-            reason = getattr(error, "args", [None, None])
-            text = reason[1] if len(reason) > 1 and isinstance(reason[1], str) else str(error)
-            raise OperationFailed(op, text or type(error).__name__) from error
-        if self._delay:
-            time.sleep(self._delay)
+    def _make(self, op: RouteOp, *, fail: bool) -> None:
+        ipr = self._ipr()
+        family = AF[op.family]
+        if op.action.endswith("rule"):
+            ipr.rule(op.action[:3], family=family, priority=op.priority,
+                     fwmark=op.mark, fwmask=MARK_MASK, table=op.table)
+        else:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.route(op.action[:3], family=family, type=RTN_LOCAL, oif=lo,
+                      table=op.table, dst=ANY[op.family].split("/")[0], dst_len=0,
+                      scope=RT_SCOPE_HOST if op.family == 4 else 0,
+                      proto=RTPROT_BOOT)
+
+    def _reason(self, error: Exception) -> str:
+        """NetlinkError(code, text): the text ("No such file or directory")."""
+        reason = error.args
+        text = reason[1] if len(reason) > 1 and isinstance(reason[1], str) else str(error)
+        return text or type(error).__name__
+
+    def _already_gone(self, op: RouteOp, error: OperationFailed) -> bool:
+        return error.reason.startswith("No such")
 
     def read(self, plan: RedirectPlan, family: int) -> RouteState:
         try:
@@ -154,25 +147,18 @@ class PolicyRouting:
                 self._apply(op)
 
     def disable(self, plan: RedirectPlan) -> None:
-        """Ours in every family of the plan, whatever the mode (one left from a tproxy run)."""
-        first: NetsetupError | None = None
-        for family in plan.families:
-            try:
-                state = self.read(plan, family)
-            except NetsetupError as error:
-                if not self.dry_run:
-                    first = first or error
-                continue
-            for op in disable_ops(plan, family, state):
-                try:
-                    self._apply(op)
-                except OperationFailed as error:
-                    if not error.reason.startswith("No such"):  # not "gone meanwhile"
-                        first = first or error
-                        continue
-                    self.log(f"  (ignored: {error.reason})")
-        if first is not None:
-            raise first
+        """Ours in every family of the plan, whatever the mode (one left from a tproxy run);
+        each family, and each removal, in its own try."""
+        self._each(plan.families, lambda family: self._disable_family(plan, family))
+
+    def _disable_family(self, plan: RedirectPlan, family: int) -> None:
+        try:
+            state = self.read(plan, family)
+        except NetsetupError:
+            if self.dry_run:
+                return
+            raise
+        self._each(disable_ops(plan, family, state), self._remove)
 
     def status(self, plan: RedirectPlan) -> list[str]:
         lines = []

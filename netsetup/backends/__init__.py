@@ -3,17 +3,21 @@
 A backend owns named objects only (chains ``CLAMSMTP-<port>[-LOCAL]``, or the nftables table
 ``clamsmtp-<port>``), so several instances can coexist and removal finds exactly its own.
 ``enable`` starts with ``disable``; ``disable`` removes whatever of its own it finds and nothing
-else; ``status`` only reads.  Every kernel change goes through the backend's one ``_apply(op)``
-(for nft, one ``nft -f -`` transaction).
+else; ``status`` only reads.  Every kernel change goes through the one ``_apply(op)`` of
+``netsetup.changes.KernelChanges`` (for nft, ``op`` is one ``nft -f -`` transaction): a backend
+writes only how to make one operation, which operations enable and disable are, and how to read
+back what is ours.
 """
 
 from __future__ import annotations
 
 import importlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from netsetup.changes import KernelChanges, print_line
 from netsetup.discovery import NftTable
 from netsetup.errors import KernelSupportError, UsageError
 from netsetup.plan import RedirectPlan
@@ -35,19 +39,14 @@ def is_our_table(table: NftTable, proxy_port: int | None = None) -> bool:
     return table.name == f"{NFT_PREFIX}{proxy_port}"
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
+Op = TypeVar("Op")
 
 
-class Backend(ABC):
-    name: str = ""
+class Backend(KernelChanges[Op]):
+    """One firewall mechanism: ``enable``/``disable`` (KernelChanges), plus what only a backend
+    has: whether it can work here, a check before any change, and ``status``."""
+
     description: str = ""
-    atomic: bool = False  # True: a failed change changed nothing (no rollback needed)
-
-    def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = _print):
-        self.dry_run = dry_run
-        self.log = log
-        self.changes = 0  # operations passed to _apply (made, or shown by a dry run)
 
     @classmethod
     @abstractmethod
@@ -58,19 +57,8 @@ class Backend(ABC):
         """Raise KernelSupportError (or another NetsetupError) before any change is made."""
 
     @abstractmethod
-    def enable(self, plan: RedirectPlan) -> None:
-        """Install the plan; starts by removing this plan's own objects."""
-
-    @abstractmethod
-    def disable(self, plan: RedirectPlan) -> None:
-        """Remove this plan's own objects (all families in the plan); never anything else."""
-
-    @abstractmethod
     def status(self, plan: RedirectPlan) -> list[str]:
         """Lines describing what is installed, with packet and byte counters."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release helpers (worker processes); the backend is not used afterwards."""
 
     def host_rules(self) -> dict[str, int]:
         """{table: rules} of this mechanism that are not ours (read-only, for ``auto``)."""
@@ -115,7 +103,7 @@ def choose(
     nft: tuple[NftTable, ...] | None,
     *,
     dry_run: bool = False,
-    log: Callable[[str], None] = _print,
+    log: Callable[[str], None] = print_line,
 ) -> Choice:
     """The backend to use, and why.
 

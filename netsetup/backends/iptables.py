@@ -4,7 +4,8 @@ python-iptables links libiptc, so it reads and writes the *legacy* tables (what
 ``iptables-legacy`` shows); on a Debian 12 host whose ``iptables`` is iptables-nft these rules
 live next to the nftables ones.  Each kernel change is an ``Op``: it prints as the
 ``iptables-legacy`` command that does the same, it is what ``--dry-run`` shows, and it is all
-``_apply`` (the one choke point) ever receives.  ``enable_ops`` and ``disable_ops`` are pure:
+``_apply`` (the one choke point, in ``netsetup.changes``) ever receives; ``_make`` hands it to
+python-iptables.  ``enable_ops`` and ``disable_ops`` are pure:
 the ordered operations for a plan and, for removal, the state read from the kernel.
 
 python-iptables runs in one worker process per address family (see ``xtables``); this module
@@ -17,11 +18,12 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from netsetup import backends
 from netsetup.backends.xtables import TABLE, FamilyWorker
+from netsetup.changes import print_line
 from netsetup.discovery import kernel_xt_names, legacy_tables
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import (
@@ -36,8 +38,6 @@ from netsetup.plan import (
 HOOKS = (HOOK_FORWARDED, HOOK_LOCAL)
 XTABLES_LOCK = "/run/xtables.lock"  # the lock iptables-legacy takes (XTABLES_LOCKFILE overrides)
 LOCK_TIMEOUT = 10.0
-FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the change after N successful ones fails
-DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each kernel change
 TABLES = ("nat", "mangle")  # REDIRECT's and TPROXY's: disable looks in both
 KERNEL_MODULES = {
     "TPROXY": "xt_TPROXY",
@@ -150,19 +150,12 @@ def disable_ops(plan: RedirectPlan, family: int, state: NatState, table: str = T
     return ops
 
 
-class IptablesBackend(backends.Backend):
+class IptablesBackend(backends.Backend[Op]):
     name = "iptables"
     description = "legacy xtables through python-iptables"
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        fail_after = os.environ.get(FAIL_AFTER_ENV)
-        self._fail_after = int(fail_after) if fail_after and fail_after.isdigit() else None
-        self._made = 0  # kernel changes that succeeded (NETSETUP_FAIL_AFTER counts these)
-        try:
-            self._delay = max(0.0, float(os.environ.get(DELAY_ENV) or 0))
-        except ValueError:
-            self._delay = 0.0
+    def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = print_line):
+        super().__init__(dry_run=dry_run, log=log)
         self._lock_depth = 0
         self._workers: dict[int, FamilyWorker] = {}
 
@@ -174,28 +167,6 @@ class IptablesBackend(backends.Backend):
             return False
         return True
 
-    # -- the one choke point -------------------------------------------------------------
-
-    def _apply(self, op: Op) -> None:
-        """Log ``op``, then (unless dry run) make it, or raise OperationFailed naming it."""
-        self.log(f"  {op}")
-        self.changes += 1
-        if self.dry_run:
-            return
-        if self._fail_after is not None and self._made >= self._fail_after:
-            self._fail_after = None
-            raise OperationFailed(op, f"injected failure ({FAIL_AFTER_ENV}, test only)")
-        try:
-            self._kernel(op)
-        except NetsetupError:
-            raise
-        except Exception as error:  # IPTCError, XTablesError, ValueError from python-iptables
-            raise OperationFailed(op, str(error) or type(error).__name__) from error
-        self._made += 1
-        if self._delay:
-            # lets a test that kills us "at change N" be sure change N+1 has not started yet
-            time.sleep(self._delay)
-
     # -- kernel access (python-iptables, in one worker process per family) ---------------
 
     def _worker(self, family: int) -> FamilyWorker:
@@ -203,8 +174,11 @@ class IptablesBackend(backends.Backend):
             self._workers[family] = FamilyWorker(family)
         return self._workers[family]
 
-    def _kernel(self, op: Op) -> None:
+    def _make(self, op: Op, *, fail: bool) -> None:
         self._worker(op.family).call("apply", op)
+
+    def _already_gone(self, op: Op, error: OperationFailed) -> bool:
+        return op.nonfatal  # a jump or a chain removed meanwhile: what removal wanted
 
     def _read_state(self, family: int, table: str = TABLE) -> NatState:
         """Our view of one family's nat (or mangle) table; never creates the table just to
@@ -298,26 +272,25 @@ class IptablesBackend(backends.Backend):
                     self._apply(op)
 
     def disable(self, plan: RedirectPlan) -> None:
-        """Each family in its own try: a failure in one does not skip the other."""
-        first_error: NetsetupError | None = None
+        """Each family and table in its own try: a failure in one does not skip the others."""
+        # both tables, whatever the mode: a plan's chains from a run in the other mode
+        # (TransparentProxy changed since) are its own too
+        tables = sorted(TABLES, key=lambda t: t != plan.table)
         with self._locked():
-            for family in plan.families:
-                # both tables, whatever the mode: a plan's chains from a run in the other mode
-                # (TransparentProxy changed since) are its own too
-                for table in sorted(TABLES, key=lambda t: t != plan.table):
-                    try:
-                        self._disable_table(plan, family, table)
-                    except NetsetupError as error:
-                        first_error = first_error or error
-                    except Exception as error:  # reading the state failed
-                        first_error = first_error or NetsetupError(
-                            f"IPv{family}: cannot read the legacy {table} table: {error}"
-                        )
-        if first_error is not None:
-            raise first_error
+            self._each(
+                [(family, table) for family in plan.families for table in tables],
+                lambda where: self._disable_table(plan, *where),
+            )
 
     def _disable_table(self, plan: RedirectPlan, family: int, table: str) -> None:
-        state = self._state_or_empty(family, table)
+        try:
+            state = self._state_or_empty(family, table)
+        except NetsetupError:
+            raise
+        except Exception as error:  # reading the state failed
+            raise NetsetupError(
+                f"IPv{family}: cannot read the legacy {table} table: {error}"
+            ) from None
         others = sorted(
             c for c in state.chains
             if c.startswith(CHAIN_PREFIX + "-") and c not in plan.owned_chains
@@ -328,12 +301,7 @@ class IptablesBackend(backends.Backend):
                 "installed with another --proxy-port?)"
             )
         for op in disable_ops(plan, family, state, table):
-            try:
-                self._apply(op)
-            except OperationFailed as error:
-                if not op.nonfatal:
-                    raise
-                self.log(f"  (ignored: {error.reason})")
+            self._remove(op)
 
     def _state_or_empty(self, family: int, table: str = TABLE) -> NatState:
         try:

@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from netsetup import backends
+from netsetup.changes import INJECTED
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import HOOK_FORWARDED, Mode, RedirectPlan, Rule, chain_layout
 
@@ -28,10 +29,8 @@ NAT_PRIORITY = -100  # dstnat
 MANGLE_PRIORITY = "mangle"  # -150: TPROXY's chain (a filter chain at the mangle priority)
 NFT = "/usr/sbin/nft"
 TIMEOUT = 30.0
-FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the transaction after N good ones fails
-DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each transaction
-# Appended to a transaction by the test-only hook: the kernel rejects it (ENOENT) after it has
-# taken every rule before it, so the whole transaction must be aborted.
+# Appended to a transaction by the test-only hook (NETSETUP_FAIL_AFTER): the kernel rejects it
+# (ENOENT) after it has taken every rule before it, so the whole transaction must be aborted.
 INJECTED_FAILURE = "delete table ip clamsmtp-injected-failure"
 FAMILY_NAMES = {4: "ip", 6: "ip6"}
 _COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
@@ -208,20 +207,10 @@ def parse_listing(text: str) -> ListedTable:
     return ListedTable(family, name, chains, rules, flags)
 
 
-class NftBackend(backends.Backend):
+class NftBackend(backends.Backend[Transaction]):
     name = "nft"
     description = "nftables through the nft command"
     atomic = True  # a failed change changed nothing: there is nothing to roll back
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        fail_after = os.environ.get(FAIL_AFTER_ENV)
-        self._fail_after = int(fail_after) if fail_after and fail_after.isdigit() else None
-        self._made = 0
-        try:
-            self._delay = max(0.0, float(os.environ.get(DELAY_ENV) or 0))
-        except ValueError:
-            self._delay = 0.0
 
     @classmethod
     def nft_path(cls) -> str | None:
@@ -252,17 +241,13 @@ class NftBackend(backends.Backend):
             command = " ".join(["nft", *args])
             raise NftTimeout(f"`{command}` did not finish in {TIMEOUT:.0f}s") from None
 
-    def _apply(self, tx: Transaction) -> None:
-        """Log ``tx``, then (unless dry run) run it, or raise OperationFailed naming it."""
-        for line in tx.shown:
-            self.log(line)
-        self.changes += 1
-        if self.dry_run:
-            return
-        script, injected = tx.script, False
-        if self._fail_after is not None and self._made >= self._fail_after:
-            self._fail_after = None
-            script, injected = script + INJECTED_FAILURE + "\n", True
+    def _shown(self, tx: Transaction) -> Sequence[str]:
+        return tx.shown
+
+    def _make(self, tx: Transaction, *, fail: bool) -> None:
+        """Run ``tx`` as one ``nft -f -``; ``fail``: append a statement the kernel rejects
+        after taking all the others, so the test sees the whole transaction aborted."""
+        script = tx.script + (INJECTED_FAILURE + "\n" if fail else "")
         try:
             result = self._nft("-f", "-", script=script)
         except NftTimeout as error:
@@ -274,12 +259,9 @@ class NftBackend(backends.Backend):
             ) from None
         if result.returncode != 0:
             reason = " ".join(result.stderr.split()) or f"nft exited {result.returncode}"
-            if injected:
-                reason = f"injected failure ({FAIL_AFTER_ENV}, test only): {reason}"
+            if fail:
+                reason = f"{INJECTED}: {reason}"
             raise OperationFailed(tx, f"{reason}; the transaction was aborted, nothing changed")
-        self._made += 1
-        if self._delay:
-            time.sleep(self._delay)
 
     def _tables(self) -> list[tuple[str, str]]:
         """(family, name) of every ip, ip6 and inet table (the families ours can have)."""

@@ -6,8 +6,8 @@ import pytest
 from netsetup_fakes import FakeNat, FakeRouting
 
 from netsetup import routing
-from netsetup.backends.iptables import FAIL_AFTER_ENV, IptablesBackend
-from netsetup.errors import OperationFailed
+from netsetup.backends.iptables import IptablesBackend
+from netsetup.changes import FAIL_AFTER_ENV
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def nat(monkeypatch):
 
     monkeypatch.delenv(FAIL_AFTER_ENV, raising=False)
     monkeypatch.setattr(IptablesBackend, "_apply", recording_apply)
-    monkeypatch.setattr(IptablesBackend, "_kernel", lambda self, op: fake.apply(op))
+    monkeypatch.setattr(IptablesBackend, "_make", lambda self, op, *, fail: fake.apply(op))
     monkeypatch.setattr(IptablesBackend, "_read_state",
                         lambda self, f, t="nat": fake.state(f, t))
     monkeypatch.setattr(IptablesBackend, "_rows", lambda self, f, c, t="nat": fake.rows(f, c, t))
@@ -37,18 +37,6 @@ def nat(monkeypatch):
 def _fake_routing(monkeypatch) -> FakeRouting:
     """PolicyRouting's netlink reads and writes go to a FakeRouting (no real ip rules)."""
     fake = FakeRouting()
-    real_apply = routing.PolicyRouting._apply
-
-    def kernel_apply(self, op):
-        if self.dry_run:
-            return real_apply(self, op)
-        self.log(f"  {op}")
-        self.changes += 1
-        try:
-            fake.apply(op)
-        except OSError as error:
-            raise OperationFailed(op, str(error)) from error
-
-    monkeypatch.setattr(routing.PolicyRouting, "_apply", kernel_apply)
+    monkeypatch.setattr(routing.PolicyRouting, "_make", lambda self, op, *, fail: fake.apply(op))
     monkeypatch.setattr(routing.PolicyRouting, "read", lambda self, plan, f: fake.state(f))
     return fake

@@ -9,8 +9,9 @@ import pytest
 from netsetup_fakes import FACTS, NFT_HOST, FakeNat, FakeNft, fake_root_host, quiet
 
 from netsetup import cli, discovery
-from netsetup.backends.iptables import FAIL_AFTER_ENV, IptablesBackend, enable_ops
+from netsetup.backends.iptables import IptablesBackend, enable_ops
 from netsetup.backends.nft import NftBackend
+from netsetup.changes import FAIL_AFTER_ENV
 from netsetup.discovery import HostFacts, Interface, NftTable
 from netsetup.errors import ExitCode, KernelSupportError
 from netsetup.plan import RedirectPlan

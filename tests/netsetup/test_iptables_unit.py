@@ -8,12 +8,12 @@ import pytest
 from netsetup_fakes import FULL, PLAN, FakeNat, quiet
 
 from netsetup.backends.iptables import (
-    FAIL_AFTER_ENV,
     IptablesBackend,
     NatState,
     disable_ops,
     enable_ops,
 )
+from netsetup.changes import FAIL_AFTER_ENV
 from netsetup.errors import KernelSupportError, OperationFailed
 from netsetup.plan import Rule
 

@@ -4,11 +4,13 @@ the CLI around them: exact ordered operations, as for REDIRECT (no root, no kern
 from __future__ import annotations
 
 import pytest
-from netsetup_fakes import FakeNat, fake_root_host
+from netsetup_fakes import FakeNat, FakeNft, fake_root_host
 
-from netsetup import cli
+from netsetup import cli, discovery
 from netsetup.backends.iptables import enable_ops
-from netsetup.backends.nft import render_script
+from netsetup.backends.nft import NftBackend, render_script
+from netsetup.changes import FAIL_AFTER_ENV
+from netsetup.discovery import NftTable
 from netsetup.errors import ExitCode
 from netsetup.plan import Mode, RedirectPlan
 from netsetup.routing import RouteState, disable_ops
@@ -178,3 +180,29 @@ def test_a_refused_route_removal_fails_disable_but_a_vanished_one_does_not(host,
     host.routing.routes[4] = 0  # gone by hand meanwhile, the rule still there
     assert cli.main(["disable", "-f", host.config, "--ipv4"]) == 0
     assert host.routing.rules == {4: 0, 6: 0}
+
+
+def test_foreign_routes_with_the_nft_backend_remove_our_table_too(host, monkeypatch, capsys):
+    """Refused after enable's first step removed our ip rule and route: the nft table of an
+    earlier enable is removed as well (it would TPROXY without a route), as with iptables."""
+    fake = FakeNft(tables=[("inet", "clamsmtp-10025")])
+    monkeypatch.setattr(NftBackend, "_nft", fake)
+    monkeypatch.setattr(discovery, "nft_tables", lambda: (NftTable("inet", "clamsmtp-10025",
+                                                                   1, 5),))
+    host.routing.rules, host.routing.routes, host.routing.other_routes[4] = {4: 1, 6: 1}, {
+        4: 1, 6: 1}, 1
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0"]) == ExitCode.FAILED
+    out, err = capsys.readouterr()
+    assert "routing table 10025 holds routes that are not ours" in err
+    assert "enable failed; rolling back" in out
+    assert fake.scripts == ["add table inet clamsmtp-10025\ndelete table inet clamsmtp-10025\n"]
+    assert host.routing.rules == {4: 0, 6: 0} and host.routing.routes == {4: 0, 6: 0}
+
+
+def test_an_injected_routing_failure_is_rolled_back(host, monkeypatch, capsys):
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0", "--ipv4"]) == ExitCode.FAILED
+    assert f"{ROUTING_V4[1]}`: injected failure" in capsys.readouterr().err
+    assert host.routing.applied == ROUTING_V4[:1] + [
+        "ip -4 route del local 0.0.0.0/0 dev lo table 10025"]
+    assert host.snapshot() == FakeNat().snapshot()
