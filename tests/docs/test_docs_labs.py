@@ -135,3 +135,22 @@ def test_the_small_benchmark_and_its_profile_run(tmp_path):
         assert svg.read_text().lstrip().startswith("<?xml"), result.stderr
     ok(result)
     assert "every message of every run accepted" in result.stdout, result.stdout
+
+
+def apt_packages_of_setup() -> list[str]:
+    """scripts/setup's APT_PACKAGES, read from the script (its words, comments removed)."""
+    text = (REPO / "scripts" / "setup").read_text()
+    body = re.search(r"^APT_PACKAGES=\((.*?)^\)", text, re.S | re.M)
+    assert body, "APT_PACKAGES=( ... ) not found in scripts/setup"
+    return [word for line in body.group(1).splitlines() for word in line.split("#")[0].split()]
+
+
+def test_quoted_setup_output_counts_the_packages_setup_installs():
+    """A transcript quoting `setup: apt packages: all N installed` says scripts/setup's N."""
+    count = len(apt_packages_of_setup())
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    quoted = [(page.relative_to(REPO), int(n)) for page in pages
+              for n in re.findall(r"setup: apt packages: all (\d+) installed", page.read_text())]
+    assert quoted, "no transcript quotes scripts/setup's package line any more: drop this test"
+    assert [f"{page}: says {n}, scripts/setup installs {count}" for page, n in quoted
+            if n != count] == []

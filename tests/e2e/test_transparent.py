@@ -75,6 +75,27 @@ def _processes_using(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _demo_shape(lines: list[str]) -> set[str]:
+    """`scripts/netlab --demo` output lines with what differs between runs (work directory,
+    namespace names, every number: pids, uids, sizes, counters) replaced by placeholders."""
+    shape = set()
+    for line in lines:
+        line = re.sub(r"/tmp/clamsmtp-netlab-[^/\s)]+", "WORKDIR", line.rstrip())
+        line = re.sub(r"\bnl[cgs]-\d+-[0-9a-f]+\b", "NS", line)
+        line = re.sub(r"\d+", "N", line)
+        if line and not line.startswith("setup: "):  # scripts/setup's lines: not netlab's
+            shape.add(line)
+    return shape
+
+
+def _documented_demo_run() -> list[str]:
+    """docs/transparent.md's transcript of `scripts/netlab --demo`."""
+    text = (netlab.REPO_ROOT / "docs" / "transparent.md").read_text()
+    block = re.search(r"```\n(setup: apt packages.*?\nnetlab: stopped\n)```", text, re.S)
+    assert block, "docs/transparent.md: the scripts/netlab --demo transcript is missing"
+    return block.group(1).splitlines()
+
+
 def _namespaces() -> set[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
     return {line.split()[0] for line in listing.stdout.splitlines() if line.split()}
@@ -374,6 +395,10 @@ def test_netlab_demo_runs_green_and_leaves_nothing_behind():
                  "subject='netlab demo: clean (IPv6)'",
                  "IPv6 (ip6tables-legacy, table nat): installed"):
         assert line in output
+    # docs/transparent.md shows a run "as it printed": the same lines, up to the numbers
+    documented, printed = _demo_shape(_documented_demo_run()), _demo_shape(output.splitlines())
+    assert (sorted(documented - printed), sorted(printed - documented)) == ([], []), (
+        "docs/transparent.md's netlab --demo transcript (left) differs from a run (right)")
     names = re.search(r"namespaces: client (\S+), gateway (\S+), mail server (\S+)", output)
     workdir = Path(re.search(r"\(work directory (\S+)\)", output).group(1))
     assert not set(names.groups()) & _namespaces()
