@@ -8,12 +8,13 @@ answers the client, and removes the spool file.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 from . import metrics
 from .actions import VirusEvent, quarantine
+from .channel import ClientGone
 from .dotstuff import DataDecoder, Stuffer, stuff
 from .header import expand_header
 from .maillog import summary
@@ -40,8 +41,12 @@ from .verdict import (
 DATA_CHUNK = 1 << 18
 
 
-class ClientGone(Exception):
-    """The client closed, or did not speak within TimeOut."""
+@dataclass
+class Envelope:
+    """One transaction as the next hop accepted it (for logs and VirusAction)."""
+
+    mail_from: str | None = None
+    rcpt_tos: list[str] = field(default_factory=list)
 
 
 class NextHopLostInMessage(UpstreamError):
@@ -58,7 +63,7 @@ class MessageFlow:
         if not envelope.rcpt_tos:
             await self.push(REPLY_NEED_RCPT)
             return
-        self.envelope = self._create_envelope()  # whatever happens, the transaction ends here
+        self.envelope = Envelope()  # whatever happens, the transaction ends here
         self.session.in_data = True
         await self.push(REPLY_START_DATA)
         policy = Policy.of(self.config)
@@ -201,14 +206,11 @@ class MessageFlow:
     async def _read_body_chunk(self) -> bytes:
         """The next piece of the body as the client sent it; ClientGone at its end or TimeOut."""
         try:
-            async with asyncio.timeout(self.config.timeout):
-                chunk = await self._reader.read(DATA_CHUNK)
+            chunk = await self.channel.read_chunk(DATA_CHUNK)
         except TimeoutError:
             self.session.log.warning("network read operation timed out (client, in DATA)")
             await self._say_and_close(REPLY_TIMEOUT)
             raise ClientGone from None
-        except OSError:
-            chunk = b""
         if not chunk:
             self.session.log.error("unexpected end of data from client")
             raise ClientGone
@@ -222,9 +224,8 @@ class MessageFlow:
 
     def _unread(self, decoder: DataDecoder) -> None:
         if decoder.rest:
-            # A command sent right behind the end of data belongs to the command loop. aiosmtpd
-            # itself reaches into the reader's buffer (for STARTTLS); there is no public unread.
-            self._reader._buffer[0:0] = decoder.rest  # type: ignore[attr-defined]
+            # A command sent right behind the end of data belongs to the command loop.
+            self.channel.unread(decoder.rest)
             decoder.rest = b""
 
     async def _stream_through(self, spool: Spool, decoder: DataDecoder, verdict: Verdict) -> None:

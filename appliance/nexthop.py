@@ -11,10 +11,17 @@ from collections.abc import Callable
 from . import origdst
 from .addresses import Address
 from .config import Config, Transparency
-from .relay import DestinationError
-from .replies import REPLY_LOOP
+from .replies import REPLY_LOOP, REPLY_NEXT_HOP_DOWN
 
 Destination = Callable[[str, asyncio.BaseTransport], Address]
+
+
+class DestinationError(Exception):
+    """No next hop for this connection (transparent lookup failed, or it would loop to us)."""
+
+    def __init__(self, message: str, reply: str = REPLY_NEXT_HOP_DOWN) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) -> Destination:

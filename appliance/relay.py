@@ -1,9 +1,8 @@
 """The client side of one connection: relay the SMTP dialogue, intercept DATA.
 
-This is aiosmtpd's SMTP protocol class (transport, Session and Envelope, the per-verb `smtp_*`
-dispatch, `push`, the exception-to-reply choke point) with its command loop replaced: a
-transparent relay must pass verbs aiosmtpd does not know, the continuation lines of AUTH, and the
-next hop's replies verbatim, and it must stream DATA to disk instead of collecting it in memory.
+The relay owns the client's connection (`channel.ClientChannel`): a transparent relay must pass
+verbs no SMTP server library knows, the continuation lines of AUTH, and the next hop's replies
+verbatim, and it must stream DATA to disk instead of collecting it in memory (docs/dev/relay.md).
 
 Flow, one way: the next hop's replies come from `upstream`, the body goes to `spool`, `scanner`
 scans it, `verdict` decides, and this module carries the decision out.
@@ -16,16 +15,14 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from aiosmtpd.smtp import SMTP, Session
 
 from . import metrics, xclient
 from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
+from .channel import ClientChannel, ClientGone, LineTooLong
 from .config import Config, Transparency
 from .containment import InfectedHosts
 from .dialogue import (
@@ -39,9 +36,9 @@ from .dialogue import (
     xforward_attributes,
 )
 from .maillog import ConnectionLog, next_connection_id, summary
-from .message import ClientGone, MessageFlow, NextHopLostInMessage
+from .message import Envelope, MessageFlow, NextHopLostInMessage
+from .nexthop import DestinationError
 from .replies import (
-    PASSTHRU_NAME,
     REPLY_AUTH_LINE_TOO_LONG,
     REPLY_AUTH_NEEDS_TLS,
     REPLY_BARE_CR,
@@ -67,15 +64,15 @@ from .replies import (
     REPLY_XCLIENT_FAILED,
 )
 from .scanner import Scanner
-from .splice import splice
+from .splice import StreamEnd, splice
 from .tls import TLSContexts
 from .upstream import HandshakeError, OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import Unscanned
 
-T = TypeVar("T")
-
 #: A client line of this many bytes or more (CRLF included) is refused, as the original (4224 - 2).
 MAX_LINE = 4222
+#: An AUTH answer (a SASL response) may be longer than a command line, up to this.
+MAX_AUTH_LINE = 1 << 17
 
 #: Recipients per message, as Postfix's smtpd_recipient_limit: past it, 452 (RFC 5321 4.5.3.1.10)
 MAX_RECIPIENTS = 1000
@@ -86,13 +83,6 @@ MAX_GROUP = 100
 #: Before the next hop's leg is encrypted (OutTLS: encrypt, verify) only these are relayed.
 _BEFORE_TLS = frozenset({b"EHLO", b"HELO", b"QUIT", b"NOOP", b"RSET"})
 
-
-class DestinationError(Exception):
-    """No next hop for this connection (transparent lookup failed, or it would loop to us)."""
-
-    def __init__(self, message: str, reply: str = REPLY_NEXT_HOP_DOWN) -> None:
-        super().__init__(message)
-        self.reply = reply
 
 
 @dataclass
@@ -115,15 +105,15 @@ class RelayContext:
     infected: InfectedHosts = field(default_factory=InfectedHosts)
 
 
-class RelaySessionState(Session):
-    """aiosmtpd's Session plus what a relay needs to know about the connection."""
+class RelaySessionState:
+    """What a relay needs to know about the connection."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
+    def __init__(self) -> None:
         self.conn_id = next_connection_id()
         self.log = ConnectionLog(self.conn_id)
         self.client_ip = ""
         self.local_ip = ""
+        self.host_name: str | None = None  # the client's HELO/EHLO name (for XCLIENT)
         self.upstream: Upstream | None = None
         self.xforward: dict[str, str] = {}  # ADDR / HELO the next hop accepted via XFORWARD
         #: XClient: on and the next hop took XCLIENT for this client (then never sent again)
@@ -151,87 +141,51 @@ class RelaySessionState(Session):
                 f"{tls_contexts.describe_session(next_hop)}")
 
 
-class RelaySession(MessageFlow, SMTP):
-    """One proxied SMTP connection."""
-
-    session: RelaySessionState
-    #: The StreamReader's limit: a line longer than this is thrown away piece by piece, and the
-    #: reader stops reading from the socket at twice this much buffered. It is far above
-    #: MAX_LINE (checked on each line) so that DATA arrives in large chunks, not in 8 KB ones
-    #: with a pause and a resume of the socket in between.
-    line_length_limit = 1 << 17
+class RelaySession(MessageFlow):
+    """One proxied SMTP connection. The server's protocol factory returns its `channel`."""
 
     def __init__(self, context: RelayContext) -> None:
         self.context = context
         self.config = context.config
         self._closing = False
-        self._last_data = 0.0
+        self.session = RelaySessionState()
+        self.envelope = Envelope()
+        self._task: asyncio.Task | None = None
+        self.channel = ClientChannel(context.config.timeout, self._connected, self._lost)
         # Counted from here, not from connection_made: asyncio creates the protocols of a
         # whole burst of accepted connections before any of them is "made".
         context.sessions.add(self)
-        # aiosmtpd's SMTP.__init__ runs inspect.getmembers() over the handler and this class
-        # on every connection, for an AUTH engine and hooks the relay does not use: a fifth of
-        # the relay's CPU per message. Its protocol plumbing that we keep (connection_made/lost,
-        # the session and envelope factories) needs only the attributes set here; aiosmtpd is
-        # pinned to 1.4.x, and every integration test goes through this path.
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=self.line_length_limit, loop=loop)
-        asyncio.StreamReaderProtocol.__init__(
-            self, reader, client_connected_cb=self._streams_ready, loop=loop
-        )
-        self.loop = loop
-        self.event_handler = _NO_HOOKS
-        self.hostname = PASSTHRU_NAME
-        self._timeout_duration = context.config.timeout
-        self._timeout_handle: asyncio.TimerHandle | None = None
-        self._original_transport = None
-        self._tls_protocol = None
-        self._handle_hooks: dict = {}
-        self._handler_coroutine: asyncio.Task | None = None
-        self.session = None  # type: ignore[assignment]
-        self.envelope = None
-        self.transport = None
 
-    # -- aiosmtpd plumbing ------------------------------------------------------------------
+    @property
+    def transport(self) -> asyncio.BaseTransport | None:
+        """The client's transport (TLS once STARTTLS is through); None once it is lost."""
+        return self.channel.transport
 
-    def _streams_ready(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # What aiosmtpd's own callback does; ours because its name differs between 1.4.3
-        # (Debian 12: _client_connected_cb) and 1.4.6 (_cb_client_connected).
-        self._reader = reader
-        self._writer = writer
+    # -- the connection ---------------------------------------------------------------------
 
-    def _create_session(self) -> RelaySessionState:
-        return RelaySessionState(self.loop)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._last_data = self.loop.time()
+    def _connected(self, channel: ClientChannel) -> None:
         metrics.CONNECTIONS.inc()
         metrics.ACTIVE.inc()
-        super().connection_made(transport)
         session = self.session
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
+        peer = channel.get_extra_info("peername")
+        local = channel.get_extra_info("sockname")
         session.client_ip = plain_ip(peer[0]) if isinstance(peer, tuple) else "127.0.0.1"
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock = channel.get_extra_info("socket")
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Each reply leaves in one write: Nagle would hold a reply sent right behind another
             # (the 354 behind a pipelined group's replies) for the client's delayed ACK, 40 ms.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session.local_ip = plain_ip(local[0]) if isinstance(local, tuple) else "127.0.0.1"
         session.log.info("accepted connection from: %s", session.client_ip)
+        self._task = asyncio.get_running_loop().create_task(self._handle_client())
 
-    def eof_received(self) -> bool | None:
-        # aiosmtpd cancels the session here. We let our reads see the end of the stream instead,
-        # so a client gone mid-DATA is logged and cleaned up in order, like any other end.
-        keep_open = asyncio.StreamReaderProtocol.eof_received(self)
-        self._reader.feed_eof()  # (a reader set up by STARTTLS: its own end of stream)
-        return keep_open
-
-    def connection_lost(self, error: Exception | None) -> None:
+    def _lost(self) -> None:
+        """The client's connection is gone: whatever the session was doing has nobody left to
+        answer (a message not yet forwarded is not: the client never saw its 250)."""
         self._release()
-        super().connection_lost(error)
-        self._reader.feed_eof()  # (a reader set up by STARTTLS: its own end of stream)
+        if self._task is not None:
+            self._task.cancel()
 
     def _release(self) -> None:
         """The session no longer counts against MaxConnections (once)."""
@@ -244,16 +198,10 @@ class RelaySession(MessageFlow, SMTP):
         await self._send(data + b"\r\n")
 
     async def _send(self, data: bytes) -> None:
-        self._writer.write(data)
-        if not self._writer.transport.get_write_buffer_size():
-            return  # all of it went to the kernel: drain() would not wait
         try:
-            async with asyncio.timeout(self.config.timeout):
-                await self._writer.drain()
+            await self.channel.send(data)
         except TimeoutError:
             self.session.log.warning("network write operation timed out (client)")
-            raise ClientGone from None
-        except OSError:
             raise ClientGone from None
 
     async def _push_reply(self, reply: Reply) -> None:
@@ -267,22 +215,17 @@ class RelaySession(MessageFlow, SMTP):
 
     def close(self) -> None:
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        self.channel.close()
 
     def shutdown(self) -> None:
         """Server stopping: an idle session is told so now; one in DATA finishes first."""
         if not self.session.in_data and self.transport is not None and not self._closing:
-            self.transport.write((REPLY_SHUTDOWN + "\r\n").encode())  # type: ignore[attr-defined]
+            self.channel.write((REPLY_SHUTDOWN + "\r\n").encode())
             self.close()
 
     # -- the command loop -------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
-        # Our reads and writes carry their own TimeOut; aiosmtpd's idle timer would also fire
-        # while the client is rightly waiting for a long scan.
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
         log = self.session.log
         try:
             await self._serve()
@@ -410,22 +353,16 @@ class RelaySession(MessageFlow, SMTP):
             )
 
     async def _read_command(self) -> bytes | None:
-        """One command line without its line ending; None if it was too long (already answered)."""
+        """One command line without its line ending; None if it was refused (already answered)."""
         try:
-            try:
-                line = await self.read_client(self._readline)
-            except asyncio.LimitOverrunError:
-                await self.read_client(self._discard_long_line)
-                line = b"x" * MAX_LINE
+            line = await self.channel.read_line(MAX_LINE)
+        except LineTooLong:
+            await self.push(REPLY_LINE_TOO_LONG)
+            return None
         except TimeoutError:
             self.session.log.warning("network read operation timed out (client)")
             await self._say_and_close(REPLY_TIMEOUT)
             raise ClientGone from None
-        except (asyncio.IncompleteReadError, OSError):
-            raise ClientGone from None
-        if len(line) >= MAX_LINE:
-            await self.push(REPLY_LINE_TOO_LONG)
-            return None
         line = line.rstrip(b"\r\n")
         if b"\r" in line:
             # A next hop that takes a bare CR for a line end would read several commands (even
@@ -442,46 +379,12 @@ class RelaySession(MessageFlow, SMTP):
         self._debug_lines("CLIENT < ", (loggable_command(line),))
         return line
 
-    async def read_client(self, read: Callable[[], Awaitable[T]]) -> T:
-        """`await read()` with TimeOut counted from the client's last byte, as the original's
-        socket timeout: a slow but steady client is not cut off in the middle of a line.
-        StreamReader reads keep their data when cancelled, so the read is simply made again."""
-        timeout = self.config.timeout
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    return await read()
-            except TimeoutError:
-                idle = self.loop.time() - self._last_data
-                if idle >= self.config.timeout:
-                    raise
-                timeout = self.config.timeout - idle
-
-    def _readline(self) -> Awaitable[bytes]:
-        return self._reader.readuntil(b"\n")
-
-    def data_received(self, data: bytes) -> None:
-        self._last_data = self.loop.time()
-        # Into the relay's own reader, not StreamReaderProtocol's: STARTTLS gives the session
-        # a new reader, and what came in clear behind it stays in the old one.
-        self._reader.feed_data(data)
-
-    async def _discard_long_line(self) -> None:
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as e:
-                await self._reader.readexactly(e.consumed)
-
     # -- pipelining (RFC 2920) --------------------------------------------------------------
 
     def _buffered_line(self) -> bytes | None:
         """The next whole command line the client already sent (with its LF), not consumed;
         None if no whole line is buffered."""
-        buffer = self._reader._buffer  # type: ignore[attr-defined]  (as _unread: no public peek)
-        end = buffer.find(b"\n", 0, MAX_LINE)
-        return bytes(buffer[:end + 1]) if end >= 0 else None
+        return self.channel.peek_line(MAX_LINE)
 
     def _next_grouped(self, rcpts: int) -> bytes | None:
         """Take the next buffered line if it may join the group: a clean command line (every
@@ -496,8 +399,7 @@ class RelaySession(MessageFlow, SMTP):
         verb = command_verb(line)
         if verb not in GROUPED_VERBS or (verb == b"RCPT" and rcpts >= MAX_RECIPIENTS):
             return None
-        del self._reader._buffer[:len(raw)]  # type: ignore[attr-defined]
-        self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        self.channel.skip(len(raw))
         self._debug_lines("CLIENT < ", (line,))
         return line
 
@@ -557,7 +459,7 @@ class RelaySession(MessageFlow, SMTP):
             raw = self._buffered_line()
             if raw is None:
                 break
-            del self._reader._buffer[:len(raw)]  # type: ignore[attr-defined]
+            self.channel.skip(len(raw))
             owed += 1
             if command_verb(raw) == b"DATA":
                 break  # what follows is its body, not commands
@@ -590,12 +492,12 @@ class RelaySession(MessageFlow, SMTP):
     def _track(self, line: bytes, verb: bytes) -> None:
         """Follow the envelope as the next hop accepted it (for logs and VirusAction)."""
         if verb == b"MAIL":
-            self.envelope = self._create_envelope()
+            self.envelope = Envelope()
             self.envelope.mail_from = envelope_address(line)
         elif verb == b"RCPT":
             self.envelope.rcpt_tos.append(envelope_address(line))
         elif verb == b"RSET":
-            self.envelope = self._create_envelope()
+            self.envelope = Envelope()
         elif verb == b"XFORWARD":
             self.session.xforward.update(xforward_attributes(line))
 
@@ -620,9 +522,8 @@ class RelaySession(MessageFlow, SMTP):
         else:
             reply = await self.session.upstream.command(line)
         if reply.positive:
-            self.envelope = self._create_envelope()
+            self.envelope = Envelope()
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
-            self.session.extended_smtp = verb == b"EHLO"
             self.session.size_limit = ehlo_size(reply.lines)
             self.session.pipelining = verb == b"EHLO" and advertises(reply.lines, b"PIPELINING")
             if self.config.xclient and not self.session.introduced:
@@ -739,14 +640,13 @@ class RelaySession(MessageFlow, SMTP):
         while reply.code == 334:
             await self._push_reply(reply)
             try:
-                answer = await self.read_client(self._readline)
-            except asyncio.LimitOverrunError:
-                await self.read_client(self._discard_long_line)
+                answer = await self.channel.read_line(MAX_AUTH_LINE)
+            except LineTooLong:
                 answer = b"*"  # cancels the exchange at the next hop (RFC 4954 4)
                 await upstream.command(answer)
                 await self.push(REPLY_AUTH_LINE_TOO_LONG)
                 return
-            except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            except TimeoutError:
                 raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")
             answer = answer.rstrip(b"\r\n")
@@ -786,11 +686,11 @@ class RelaySession(MessageFlow, SMTP):
             await self.push(REPLY_TLS_IN_TRANSACTION)
             return
         await self.push(REPLY_TLS_READY)
-        # A new reader before the handshake: bytes the client sent behind STARTTLS in clear
-        # stay in the old one, never answered (RFC 3207 section 6, CVE-2011-0411).
-        self._reader = asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop)
+        # No await between the 220 and the handshake: bytes the client sent behind STARTTLS
+        # in clear are in the channel's buffer now, and it drops them (RFC 3207 section 6,
+        # CVE-2011-0411).
         try:
-            await self._writer.start_tls(context, ssl_handshake_timeout=self.config.timeout)
+            session.client_tls = await self.channel.start_tls(context, self.config.timeout)
         except (OSError, EOFError, TimeoutError) as e:
             metrics.TLS_HANDSHAKE_FAILURES.labels("client").inc()
             if isinstance(e, (TimeoutError, ConnectionAbortedError)):
@@ -799,18 +699,14 @@ class RelaySession(MessageFlow, SMTP):
                 reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
             session.log.warning("TLS handshake with client failed: %s", reason)
             # asyncio calls no connection_lost() for a TLS session that never started
-            self.transport.abort()
+            self.channel.abort()
             self._release()
             raise ClientGone from None
-        self.transport = self._writer.transport
-        self._reader.set_transport(self.transport)
-        session.client_tls = self.transport.get_extra_info("ssl_object")
         session.log.info("client TLS: %s, %s", session.client_tls.version(),
                          session.client_tls.cipher()[0])
         # RFC 3207 4.2: everything learnt before is forgotten; the client says EHLO again
-        self.envelope = self._create_envelope()
+        self.envelope = Envelope()
         session.host_name = None
-        session.extended_smtp = False
         session.pipelining = False
 
     async def _pass_starttls(self, line: bytes) -> None:
@@ -831,10 +727,7 @@ class RelaySession(MessageFlow, SMTP):
             return
         next_hop = upstream.raw_streams()
         # as for ClientTLS: on, clear text the client sent behind STARTTLS is dropped
-        self._reader = asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop)
-        self._reader.set_transport(self.transport)
-        if not self.transport.is_reading():
-            self.transport.resume_reading()
+        self.channel.end_passthrough()
         session.passthrough = True
         session.log.info("STARTTLS passed through to the next hop: the session is spliced, "
                          "its mail is NOT scanned")
@@ -843,7 +736,7 @@ class RelaySession(MessageFlow, SMTP):
         try:
             # (cancelled when the client's connection is lost: the session ends either way)
             _, _, idle = await splice(
-                (self._reader, self._writer), next_hop, self.config.timeout
+                self.channel, StreamEnd(*next_hop), self.config.timeout
             )
         finally:
             if idle:
@@ -860,7 +753,7 @@ class RelaySession(MessageFlow, SMTP):
         await self.push(REPLY_XCLIENT)
 
 
-# Our verbs only: aiosmtpd's own smtp_* methods take other arguments and are not used.
+# The verbs with a handler of their own; every other verb is relayed as it is (_relay).
 _VERBS: dict[bytes, Callable] = {
     verb[5:].encode(): method
     for cls in (MessageFlow, RelaySession)
@@ -868,9 +761,3 @@ _VERBS: dict[bytes, Callable] = {
     if verb.startswith("smtp_")
 }
 
-
-class _NoHooks:
-    """aiosmtpd wants a handler; ours has no hooks (the session decides everything)."""
-
-
-_NO_HOOKS = _NoHooks()

@@ -224,12 +224,12 @@ class Appliance:
             if len(self.sessions) >= limit:
                 metrics.CONNECTIONS_BUSY.inc()
                 return _Busy(limit)
-            return RelaySession(self.context)
+            return RelaySession(self.context).channel
         if not self.worker.claim(limit):  # MaxConnections counts every worker's sessions
             metrics.CONNECTIONS_BUSY.inc()
             return _Busy(limit)
         try:
-            return RelaySession(self.context)
+            return RelaySession(self.context).channel
         except BaseException:
             self.worker.release()
             raise

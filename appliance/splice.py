@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
 CHUNK = 1 << 16
 
 
-async def splice(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    timeout: float,
-) -> tuple[int, int, bool]:
+class End(Protocol):
+    """One side of a splice: the client's channel, or a StreamEnd of the next hop's streams."""
+
+    async def read(self, size: int) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+
+
+class StreamEnd:
+    """An asyncio (reader, writer) pair as a splice end."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.read = reader.read
+        self.write = writer.write
+        self.drain = writer.drain
+        self.can_write_eof = writer.can_write_eof
+        self.write_eof = writer.write_eof
+
+
+async def splice(a: End, b: End, timeout: float) -> tuple[int, int, bool]:
     """Copy a -> b and b -> a until both directions have ended (an end of stream is passed on
     as one, with write_eof), or nothing moved for `timeout` seconds in either direction.
     Returns (bytes a -> b, bytes b -> a, whether it ended on the timeout)."""
@@ -24,7 +42,7 @@ async def splice(
     last = [loop.time()]
     idle = [False]
 
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    async def pump(reader: End, writer: End) -> int:
         moved = 0
         while True:
             try:
@@ -51,8 +69,8 @@ async def splice(
             except (TimeoutError, OSError):
                 return moved
 
-    forward = loop.create_task(pump(a[0], b[1]))
-    backward = loop.create_task(pump(b[0], a[1]))
+    forward = loop.create_task(pump(a, b))
+    backward = loop.create_task(pump(b, a))
     try:
         done, _ = await asyncio.wait([forward, backward], return_when=asyncio.FIRST_COMPLETED)
         if idle[0]:

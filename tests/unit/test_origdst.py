@@ -93,7 +93,7 @@ def test_full_mode_forwards_to_the_address_the_client_dialled():
 
 
 def test_full_mode_loop_guard_refuses_a_connection_straight_to_the_proxy_port():
-    from appliance.relay import DestinationError
+    from appliance.nexthop import DestinationError
     from appliance.replies import REPLY_LOOP
 
     with pytest.raises(DestinationError, match="is this proxy") as info:

@@ -1,0 +1,348 @@
+"""The client's connection, as the relay needs it: lines, DATA chunks, replies, STARTTLS, splice.
+
+An asyncio.Protocol with a buffer of its own, so that every seam the relay depends on is public
+and ours: a line is taken from the buffer (`LineBuffer`, sans-IO: tests feed it bytes), a whole
+buffered line can be peeked at (pipelined groups), the DATA decoder's leftover goes back with
+`unread`, and STARTTLS starts in place with `loop.start_tls`, the buffer emptied first (RFC 3207
+section 6: what the client sent behind STARTTLS in clear is never read).
+
+TimeOut counts from the client's last byte, with one timer per connection, re-armed only when it
+fires: a read costs no timer of its own. Why this shape: docs/dev/relay.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+#: Past this many buffered bytes the socket is not read until the relay has taken some: a
+#: client sending faster than the next hop takes it costs this much memory, not more.
+HIGH_WATER = 1 << 18
+#: Reading resumes once the buffer is back under this.
+LOW_WATER = 1 << 17
+
+
+class ClientGone(Exception):
+    """The client closed, or did not speak within TimeOut."""
+
+
+class LineTooLong(Exception):
+    """A line of at least the limit (its line ending counted): it was read to its end and
+    thrown away, so the next read starts at the next line."""
+
+
+class LineBuffer:
+    """Bytes in, lines out: the client's unread bytes, with no I/O of its own."""
+
+    __slots__ = ("_data", "_discarding")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._discarding = False  # inside a line already known to be too long
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def feed(self, data: bytes) -> None:
+        self._data += data
+
+    def line(self, limit: int) -> bytes | None:
+        """The next line with its LF, if it is all here; None if more is needed. LineTooLong for
+        a line of `limit` bytes or more, once its LF is here (until then its bytes are dropped
+        as they come, so it costs no memory)."""
+        data = self._data
+        if self._discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                data.clear()
+                return None
+            del data[:end + 1]
+            self._discarding = False
+            raise LineTooLong
+        end = data.find(b"\n", 0, limit - 1)
+        if end >= 0:
+            line = bytes(data[:end + 1])
+            del data[:end + 1]
+            return line
+        if len(data) < limit - 1:
+            return None
+        self._discarding = True
+        return self.line(limit)
+
+    def peek_line(self, limit: int) -> bytes | None:
+        """The next line with its LF if it is all here within `limit` bytes, not taken."""
+        if self._discarding:
+            return None
+        end = self._data.find(b"\n", 0, limit)
+        return bytes(self._data[:end + 1]) if end >= 0 else None
+
+    def take(self, size: int) -> bytes:
+        """Up to `size` bytes, whatever they are (DATA)."""
+        data = self._data
+        if len(data) <= size:
+            chunk = bytes(data)
+            data.clear()
+        else:
+            chunk = bytes(data[:size])
+            del data[:size]
+        return chunk
+
+    def skip(self, size: int) -> None:
+        del self._data[:size]
+
+    def unread(self, data: bytes) -> None:
+        """Put `data` back in front: what the DATA decoder read past the end of the message."""
+        self._data[0:0] = data
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._discarding = False
+
+
+class ClientChannel(asyncio.Protocol):
+    """One client connection. `on_connect(channel)` is called once it is made; `on_lost()`
+    once it is lost (the relay cancels the session then, as a connection without a client
+    has nothing left to answer)."""
+
+    def __init__(
+        self, timeout: float, on_connect: Callable[[ClientChannel], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.buffer = LineBuffer()
+        self.tls = False
+        self._on_connect = on_connect
+        self._on_lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        self._last_data = 0.0
+        self._eof = False
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._lost = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._last_data = self._loop.time()
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self._loop.time()
+        self.buffer.feed(data)
+        if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return not self.tls  # half-closed TCP: the replies still go out (TLS cannot)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client's connection was lost"))
+        self._on_lost()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _idle_check(self) -> None:
+        """The connection's one timer: fires TimeOut after the last byte, or is set again."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        due = self._last_data + self.timeout
+        if self._loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(due, self._idle_check)
+
+    async def _wait(self, idle_timeout: bool = True) -> None:
+        """Until more bytes (or the end) arrive; TimeoutError after TimeOut of silence."""
+        if self._reading_paused and len(self.buffer) < LOW_WATER and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if idle_timeout and self._timer is None:
+            self._timer = self._loop.call_at(self._last_data + self.timeout, self._idle_check)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _consumed(self) -> None:
+        if self._reading_paused and len(self.buffer) < LOW_WATER and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def read_line(self, limit: int) -> bytes:
+        """The next line with its line ending. LineTooLong (the line was read to its end and
+        dropped), TimeoutError after TimeOut of silence, ClientGone at the end of the stream
+        (a line cut by it included)."""
+        buffer = self.buffer
+        while True:
+            line = buffer.line(limit)
+            if line is not None:
+                self._consumed()
+                return line
+            if self._eof:
+                raise ClientGone
+            await self._wait()
+
+    def peek_line(self, limit: int) -> bytes | None:
+        """The next whole line already received (with its LF), left in place; None if there
+        is none (pipelining: the client sent it without waiting for a reply)."""
+        return self.buffer.peek_line(limit)
+
+    def skip(self, size: int) -> None:
+        """Drop `size` bytes already peeked at (a line taken into a pipelined group)."""
+        self.buffer.skip(size)
+        self._consumed()
+
+    async def read_chunk(self, size: int) -> bytes:
+        """Up to `size` bytes as they come (DATA); b"" at the end of the stream, TimeoutError
+        after TimeOut of silence."""
+        buffer = self.buffer
+        while not len(buffer):
+            if self._eof:
+                return b""
+            await self._wait()
+        chunk = buffer.take(size)
+        self._consumed()
+        return chunk
+
+    def unread(self, data: bytes) -> None:
+        """Give back bytes read past the end of a message: they are the next command."""
+        if data:
+            self.buffer.unread(data)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def send(self, data: bytes) -> None:
+        """Write, and wait (up to TimeOut) while the client is slow to take it: TimeoutError;
+        ClientGone if the connection is lost meanwhile."""
+        transport = self.transport
+        if transport is None:
+            return  # (as a write to a closed socket: the next read finds the end)
+        transport.write(data)
+        if not self._write_paused:
+            return  # under the transport's high-water mark: nothing to wait for
+        waiter = self._loop.create_future()
+        self._drain_waiter = waiter
+        timer = self._loop.call_later(self.timeout, _expire, waiter)
+        try:
+            await waiter
+        except OSError:
+            raise ClientGone from None
+        finally:
+            timer.cancel()
+            self._drain_waiter = None
+
+    # -- TLS, splice, close -----------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> ssl.SSLObject:
+        """The server side of TLS on this connection, right after our 220 to STARTTLS. What the
+        client sent behind STARTTLS in clear is dropped first. Errors are the handshake's
+        (OSError, EOFError, TimeoutError); the connection is then aborted."""
+        transport = self.transport
+        if transport is None:
+            raise ClientGone
+        self.buffer.clear()
+        self._reading_paused = False  # (start_tls pauses and resumes the socket itself)
+        self.tls = True
+        tls_transport = await self._loop.start_tls(
+            transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout,
+        )
+        if tls_transport is None:  # (typeshed allows it; asyncio returns a transport or raises)
+            raise ConnectionAbortedError("no TLS transport")
+        self.transport = tls_transport
+        self._last_data = self._loop.time()
+        ssl_object: ssl.SSLObject = tls_transport.get_extra_info("ssl_object")
+        return ssl_object
+
+    def end_passthrough(self) -> None:
+        """Before a splice: what the client sent behind STARTTLS in clear is dropped."""
+        self.buffer.clear()
+        self._consumed()
+        if self.transport is not None and not self.transport.is_reading():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def read(self, size: int) -> bytes:
+        """Splice end: up to `size` bytes, no TimeOut of its own (the splice keeps one)."""
+        while not len(self.buffer):
+            if self._eof:
+                return b""
+            await self._wait(idle_timeout=False)
+        chunk = self.buffer.take(size)
+        self._consumed()
+        return chunk
+
+    async def drain(self) -> None:
+        """Splice end: wait while the client is slow to take what was written."""
+        if self._lost:
+            raise ConnectionResetError("the client's connection was lost")
+        if self._write_paused:
+            waiter = self._loop.create_future()
+            self._drain_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+
+    def can_write_eof(self) -> bool:
+        return self.transport is not None and self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        if self.transport is not None:
+            self.transport.write_eof()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default if self.transport is None else self.transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
