@@ -65,6 +65,7 @@ def bind(address: Address, directive: str = "Listen", transparent: bool = False)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
         elif address.port_only:
+            assert address.port is not None  # Address: every TCP address has a port
             sock = _bind_any(address.port, transparent)
         else:
             infos = socket.getaddrinfo(
@@ -149,7 +150,7 @@ class Appliance:
         self.infected = InfectedHosts() if worker is None else worker.infected_hosts()
         self.context = self._context(config, tls=tls if tls is not None else load_tls(config))
         self._server: asyncio.AbstractServer | None = None
-        self._clamd_check: asyncio.Task | None = None
+        self._clamd_check: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> Config:
