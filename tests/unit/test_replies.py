@@ -5,6 +5,10 @@ and every test that asserts on the table keeps testing what clients really see."
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import replies as R
 
 from appliance import config, replies, verdict
@@ -37,3 +41,31 @@ def test_the_ehlo_rewrite_and_the_headers():
     assert config.DEFAULT_HEADER.encode() == R.DEFAULT_HEADER
     assert R.INFECTED_HEADER + b"\r\n" == verdict.INFECTED_HEADER
     assert config.DEFAULT_REJECT_MESSAGE == R.REJECTED
+
+
+def _reply_literals(root: Path) -> list[str]:
+    """String literals in the product that read as an SMTP reply (`421 ...`), outside
+    replies.py; docstrings left out."""
+    found = []
+    for path in sorted((root / "appliance").rglob("*.py")):
+        if path.name == "replies.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and id(node) not in docstrings:
+                text = node.value.decode("latin-1") if isinstance(node.value, bytes) \
+                    else node.value
+                if isinstance(text, str) and _REPLY.match(text):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {text!r}")
+    return found
+
+
+_REPLY = re.compile(r"[2-5][0-9][0-9][ -]")
+
+
+def test_no_reply_is_spelled_outside_replies_py():
+    assert _reply_literals(Path(__file__).resolve().parents[2]) == []
