@@ -19,10 +19,13 @@ import mmap
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 from .addresses import plain_ip
 from .containment import InfectedHosts
 from .upstream import OwnConnections
+
+_Session = TypeVar("_Session")
 
 #: The first connection id, as the one-process daemon (maillog): ids stay `%06X`-shaped.
 FIRST_ID = 0x100000
@@ -137,14 +140,14 @@ class WorkerState:
     def infected_hosts(self) -> SharedInfectedHosts:
         return SharedInfectedHosts(self)
 
-    def sessions(self) -> SharedSessions:
+    def sessions(self) -> SharedSessions[Any]:  # (of the relay's sessions: a floor above)
         return SharedSessions(self)
 
     def own_connections(self) -> SharedOwnConnections:
         return SharedOwnConnections(self)
 
 
-class SharedSessions(set):  # type: ignore[type-arg]
+class SharedSessions(set[_Session]):
     """The worker's live sessions (what `RelayContext.sessions` holds); a session leaving
     gives its place back to the daemon-wide count. The place is taken by `claim` in the
     server, before the session is made: a session in this set has been counted once."""
