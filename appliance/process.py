@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import os
 import pwd
 import signal
@@ -44,12 +45,22 @@ def lookup_user(user: str) -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
+#: Modules Python imports on first use that the daemon uses after the privilege drop: every
+#: getaddrinfo() of a host name (OutAddress, ClamAddress, XCLIENT) runs in asyncio's default
+#: executor (concurrent.futures.thread) and encodes the name with the idna codec. The
+#: interpreter's own files may be closed to `User` (a Python under /root, mode 0700): imported
+#: as root, before the drop, or the first host name fails ("unknown encoding: idna").
+FIRST_USE_MODULES = ("encodings.idna", "concurrent.futures.thread")
+
+
 def drop_privileges(account: Account, keep: frozenset[int] = frozenset()) -> None:
     """Become `account` for good: its own groups only (the original kept root's), then gid, uid.
 
     `keep`: capabilities that stay effective afterwards (CAP_NET_ADMIN for TransparentProxy:
     full), and only those: every other one leaves even the bounding set.
     """
+    for module in FIRST_USE_MODULES:
+        importlib.import_module(module)
     os.initgroups(account.name, account.gid)
     os.setgid(account.gid)
     if keep and account.uid != 0:

@@ -110,6 +110,37 @@ def test_binds_a_low_port_then_runs_as_user_without_root_groups(tmp_path, nobody
         shutil.rmtree(shared)
 
 
+def test_host_names_still_resolve_after_the_privilege_drop(tmp_path, nobody, next_hop, clamd):
+    """OutAddress and ClamAddress as host names, User: nobody. A host name goes to getaddrinfo
+    through the idna codec, which Python imports on first use: with an interpreter the user
+    cannot read (this machine's Python is under /root, mode 0700) the import failed after the
+    drop, so the start-up clamd check died silently and every message got a 451
+    ("LookupError: unknown encoding: idna")."""
+    shared = tempfile.mkdtemp(prefix="clamsmtpd-privileges-")
+    os.chmod(shared, 0o755)
+    spool = Path(shared) / "spool"
+    spool.mkdir(mode=0o700)
+    os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+    port = free_port()
+    proc = _start(tmp_path, (
+        f"Listen: 127.0.0.1:{port}\nOutAddress: localhost:{next_hop.port}\n"
+        f"ClamAddress: localhost:{clamd.tcp_port}\nTempDirectory: {spool}\nUser: nobody\n"))
+    try:
+        wait_until(lambda: _accepts(port), timeout=15,
+                   what=f"the daemon on port {port}; log: {_stderr(tmp_path)}")
+        with smtp_client(type("A", (), {"host": "127.0.0.1", "port": port})) as client:
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        (received,) = next_hop.wait_for(1)
+        assert b"X-Virus-Scanned:" in received.original_content
+        assert "running as user nobody" in _stderr(tmp_path)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        shutil.rmtree(shared)
+    assert "LookupError" not in _stderr(tmp_path)
+    assert "status=CLEAN" in _stderr(tmp_path)
+
+
 def _accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
