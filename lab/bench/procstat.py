@@ -30,6 +30,31 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and its children (a daemon with Workers: its workers)."""
+    try:
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    except (OSError, ValueError):
+        return [pid]
+
+
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """cpu_seconds of a process and its children now (None if the process is gone): the
+    whole of a daemon with Workers, whose parent serves nothing."""
+    if pid is None:
+        return None
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(child) or 0.0 for child in _tree(pid)[1:])
+
+
+def tree_peak_rss_kb(pid: int) -> int | None:
+    """peak_rss_kb summed over a process and its children (each worker's own peak)."""
+    peaks = [peak_rss_kb(p) for p in _tree(pid)]
+    return None if peaks[0] is None else sum(p or 0 for p in peaks)
+
+
 def peak_rss_kb(pid: int) -> int | None:
     """VmHWM: the process's peak resident set size since it started, in KiB."""
     try:

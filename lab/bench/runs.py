@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import stop_process
 from .lab import BenchError, Lab, _file_size, _log_lines
 from .loads import run_clamd_alone, run_latency_client, run_smtp_source
-from .procstat import cpu_seconds, peak_rss_kb
+from .procstat import cpu_seconds, tree_cpu_seconds, tree_peak_rss_kb
 from .results import Run, percentile
 from .workload import (
     CLAMD,
@@ -43,10 +43,10 @@ def measure_proxy(lab: Lab, plan: Plan, target: str, scenario: Scenario, round_n
         if warm.error or warm.failures:
             run.error = "warm-up failed: " + (warm.error or ", ".join(warm.failures))
             return run
-        cpu0, clamd0 = cpu_seconds(proc.pid), lab.clamd_cpu()
+        cpu0, clamd0 = tree_cpu_seconds(proc.pid), lab.clamd_cpu()
         result = run_smtp_source(port, scenario.size, scenario.sessions, messages, timeout,
                                  keep_connection=plan.keep_connection)
-        cpu1, clamd1 = cpu_seconds(proc.pid), lab.clamd_cpu()
+        cpu1, clamd1 = tree_cpu_seconds(proc.pid), lab.clamd_cpu()
         run.messages, run.seconds, run.failures = messages, result.seconds, result.failures
         run.accepted = max(0, min(result.completed, messages) - sum(result.failures.values()))
         run.error, run.hung = result.error, result.hung
@@ -54,7 +54,7 @@ def measure_proxy(lab: Lab, plan: Plan, target: str, scenario: Scenario, round_n
             run.proxy_cpu = cpu1 - cpu0
         if None not in (clamd0, clamd1):
             run.clamd_cpu = clamd1 - clamd0
-        run.rss_kb = peak_rss_kb(proc.pid)
+        run.rss_kb = tree_peak_rss_kb(proc.pid)
         if proc.poll() is not None:
             run.error = f"the proxy exited with status {proc.returncode} during the load"
             return run

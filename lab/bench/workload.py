@@ -16,12 +16,13 @@ KB = 1024
 MB = 1024 * KB
 
 # target keys, in the order rows are printed
-DIRECT, CLAMD, C, OURS, OURS2 = "direct", "clamd", "c", "ours", "ours2"
-TARGETS = (DIRECT, CLAMD, C, OURS, OURS2)
-PROXIES = (C, OURS, OURS2)
-#: ours2: ours with `ClamAddress` listing two private clamds (the second started on demand)
+DIRECT, CLAMD, C, OURS, OURS2, OURSW2 = "direct", "clamd", "c", "ours", "ours2", "oursw2"
+TARGETS = (DIRECT, CLAMD, C, OURS, OURS2, OURSW2)
+PROXIES = (C, OURS, OURS2, OURSW2)
+#: ours2: ours with `ClamAddress` listing two private clamds (the second started on demand);
+#: oursw2: ours with `Workers: 2` (one clamd)
 TARGET_NAMES = {DIRECT: "direct", CLAMD: "clamd alone", C: "C clamsmtpd", OURS: "ours",
-                OURS2: "ours 2clamds"}
+                OURS2: "ours 2clamds", OURSW2: "ours 2workers"}
 
 
 @dataclass(frozen=True)

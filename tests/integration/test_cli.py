@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from helpers import free_port, send_raw, start_daemon, wait_until
 
 DAEMON = [sys.executable, "-m", "appliance.cli"]
@@ -172,21 +173,31 @@ def _detached_conf(tmp_path: Path, next_hop, clam_address: str, port: int, pid_f
     return conf
 
 
-def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd, workers):
+    """(With two workers: the pid file names the parent, the workers are its children, and
+    they are gone when it is.)"""
     port = free_port()
     pid_file = tmp_path / "clamsmtpd.pid"
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)
-    conf = _detached_conf(tmp_path, next_hop, clamd.socket_path, port, pid_file, spool)
+    conf = _detached_conf(tmp_path, next_hop, clamd.socket_path, port, pid_file, spool,
+                          extra=f"Workers: {workers}\n")
     code, stderr = run_detached("-f", str(conf), stderr=tmp_path / "stderr")  # no -d: it forks,
     assert code == 0, stderr  # and the first process returns once the daemon serves
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
                          what="the pid file"))
+    children = []
     try:
         assert os.getsid(pid) != os.getsid(0)  # in a session of its own, detached from ours
         assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        assert len(children) == (workers if workers > 1 else 0)
     finally:
         os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: all(not os.path.exists(f"/proc/{c}") or _is_zombie(c) for c in children),
+               timeout=15, what=f"the workers {children} to exit")
     wait_until(lambda: not pid_file.exists(), timeout=15, what="the pid file to be removed")
     # the pid file goes just before the interpreter exits: on a loaded machine that takes a while
     wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), timeout=10,

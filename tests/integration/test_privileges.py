@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,19 @@ def _stderr(tmp_path) -> str:
     return (tmp_path / "stderr").read_text(errors="replace")
 
 
+def _tree(pid: int) -> list[int]:
+    """The daemon and its workers (Workers > 1)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [pid, *map(int, f.read().split())]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_binds_a_low_port_then_runs_as_user_without_root_groups(tmp_path, nobody, next_hop,
-                                                               clamd):
+                                                               clamd, workers):
+    """(With two workers: the parent and both workers alike, and the metrics the workers
+    write as nobody add up.)"""
     port = _low_port()
+    metrics_port = free_port()
     # pytest's tmp_path lies under a 0700 root directory, which the user could not traverse
     shared = tempfile.mkdtemp(prefix="clamsmtpd-privileges-")
     os.chmod(shared, 0o755)
@@ -86,21 +97,31 @@ def test_binds_a_low_port_then_runs_as_user_without_root_groups(tmp_path, nobody
     proc = _start(tmp_path, (
         f"Listen: 127.0.0.1:{port}\nOutAddress: 127.0.0.1:{next_hop.port}\n"
         f"ClamAddress: 127.0.0.1:{clamd.tcp_port}\nTempDirectory: {spool}\n"
-        f"User: nobody\nPidFile: {pid_file}\n"))
+        f"User: nobody\nPidFile: {pid_file}\nWorkers: {workers}\n"
+        f"MetricsListen: 127.0.0.1:{metrics_port}\n"))
     try:
         wait_until(lambda: send_raw("127.0.0.1", port, ["QUIT"]) if _accepts(port) else None,
                    timeout=15, what=f"the daemon on port {port}; log: {_stderr(tmp_path)}")
-        status = _status(proc.pid)
-        uid = str(nobody.pw_uid)
-        gid = str(nobody.pw_gid)
-        assert status["Uid"].split() == [uid] * 4
-        assert status["Gid"].split() == [gid] * 4
-        assert "0" not in status["Groups"].split()  # root's supplementary groups are gone
-        assert status["CapEff"].strip("0") == ""  # no capability left
+        if workers > 1:
+            wait_until(lambda: "workers serving" in _stderr(tmp_path), what="every worker")
+        pids = _tree(proc.pid)
+        assert len(pids) == (1 if workers == 1 else 1 + workers)
+        for pid in pids:
+            status = _status(pid)
+            uid = str(nobody.pw_uid)
+            gid = str(nobody.pw_gid)
+            assert status["Uid"].split() == [uid] * 4
+            assert status["Gid"].split() == [gid] * 4
+            assert "0" not in status["Groups"].split()  # root's supplementary groups are gone
+            assert status["CapEff"].strip("0") == ""  # no capability left
         assert pid_file.read_text() == f"{proc.pid}\n"
-        with smtp_client(type("A", (), {"host": "127.0.0.1", "port": port})) as client:
-            client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
-        assert len(next_hop.wait_for(1)) == 1
+        for _ in range(4):
+            with smtp_client(type("A", (), {"host": "127.0.0.1", "port": port})) as client:
+                client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert len(next_hop.wait_for(4)) == 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            assert 'clamsmtpd_messages_total{status="clean"} 4.0' in response.read().decode()
         assert "running as user nobody" in _stderr(tmp_path)
         assert os.listdir(spool) == []
     finally:
@@ -213,17 +234,21 @@ def _wait_listening(proc: subprocess.Popen, tmp_path, port: int) -> None:
     assert _accepts(port)
 
 
-def test_full_transparency_keeps_only_cap_net_admin_after_the_drop(tmp_path, nobody):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_transparency_keeps_only_cap_net_admin_after_the_drop(tmp_path, nobody, workers):
     port = free_port()
-    proc = _start(tmp_path, _full(tmp_path, port, "nobody"))
+    proc = _start(tmp_path, _full(tmp_path, port, "nobody") + f"Workers: {workers}\n")
     try:
         _wait_listening(proc, tmp_path, port)
-        status = _status(proc.pid)
-        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
-        caps = _caps(proc.pid)
-        # effective and permitted: CAP_NET_ADMIN alone; nothing a child could inherit
-        assert caps == {"CapInh": 0, "CapPrm": NET_ADMIN, "CapEff": NET_ADMIN,
-                        "CapBnd": NET_ADMIN, "CapAmb": 0}
+        if workers > 1:
+            wait_until(lambda: "workers serving" in _stderr(tmp_path), what="every worker")
+        for pid in _tree(proc.pid):  # (the workers inherit the parent's, and no more)
+            status = _status(pid)
+            assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
+            caps = _caps(pid)
+            # effective and permitted: CAP_NET_ADMIN alone; nothing a child could inherit
+            assert caps == {"CapInh": 0, "CapPrm": NET_ADMIN, "CapEff": NET_ADMIN,
+                            "CapBnd": NET_ADMIN, "CapAmb": 0}
         assert "kept CAP_NET_ADMIN, and no other capability" in _stderr(tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
