@@ -5,12 +5,8 @@ private clamd and our daemon, with the main.cf and master.cf lines read from the
       -> clamsmtpd (free port, the doc's 10026) -> Postfix re-injection smtpd (free port, the
       doc's 10025, content_filter=) -> queue -> relayhost: a RecordingNextHop (free port)
 
-The Postfix instance is private: its own config, queue and data directories and mail log
-(maillog_file) in a fresh /var/tmp/clamsmtp-postfix-* directory (the daemons run as user
-postfix and must be able to enter it; pytest's tmp_path is root's only), started with
-`postfix -c DIR start` (root may name any config directory; the machine's /etc/postfix is
-neither read for the settings nor changed) and stopped, and the directory removed, at the end.
-Every service runs unchrooted, on 127.0.0.1 only.
+The Postfix instance is private (tests/postfixkit.py): its own configuration, queue and log
+in /var/tmp, on 127.0.0.1 only, stopped and removed at the end.
 
 A second private instance has clamsmtpd with `XClient: on` in front of its smtpd, trusting
 clamsmtpd's 127.0.0.1 (mynetworks, smtpd_authorized_xclient_hosts): a client at 127.0.0.2 must
@@ -20,14 +16,10 @@ not be able to relay through it, with or without HELO (issue 12).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import signal
 import smtplib
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +37,17 @@ from helpers import (
     wait_accepting,
     wait_until,
 )
+from postfixkit import PrivatePostfix, needs_postfix
 
 from lab import RecordingNextHop
 
-POSTFIX = "/usr/sbin/postfix"
-POSTCONF = "/usr/sbin/postconf"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "postfix.md"
 DOC_FILTER_PORT, DOC_REINJECT_PORT = 10026, 10025  # Debian's ports, as the doc writes them
 DELIVERY_TIMEOUT = 30.0
 
 pytestmark = [
     pytest.mark.root,  # Postfix's master must start as root (tests/conftest.py skips otherwise)
-    pytest.mark.skipif(not (os.access(POSTFIX, os.X_OK) and os.access(POSTCONF, os.X_OK)),
-                       reason=f"{POSTFIX} or {POSTCONF} is missing (Debian package postfix)"),
+    needs_postfix,
 ]
 
 # -- the doc's snippets ------------------------------------------------------------------------
@@ -94,70 +84,36 @@ def documented_master_cf(reinject_port: int) -> str:
 # -- the private Postfix instance ----------------------------------------------------------------
 
 MAIN_CF = """\
-# a private instance for tests/integration/test_postfix_roundtrip.py
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-maillog_file = {base}/maillog
 myhostname = postfix.test
 myorigin = $myhostname
 mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{hop_port}
-smtp_dns_support_level = disabled
-smtputf8_enable = no
-biff = no
 
 # docs/postfix.md, "2. main.cf" (ports substituted):
 {documented}"""
 
-# Debian's master.cf services that SMTP in and out needs, all unchrooted; the public smtpd on a
-# free port instead of 25.
-MASTER_CF = """\
-127.0.0.1:{smtpd_port} inet n - n - - smtpd
-pickup     unix  n       -       n       60      1       pickup
-cleanup    unix  n       -       n       -       0       cleanup
-qmgr       unix  n       -       n       300     1       qmgr
-rewrite    unix  -       -       n       -       -       trivial-rewrite
-bounce     unix  -       -       n       -       0       bounce
-defer      unix  -       -       n       -       0       bounce
-trace      unix  -       -       n       -       0       bounce
-verify     unix  -       -       n       -       1       verify
-flush      unix  n       -       n       1000?   0       flush
-proxymap   unix  -       -       n       -       -       proxymap
-proxywrite unix  -       -       n       -       1       proxymap
-smtp       unix  -       -       n       -       -       smtp
-relay      unix  -       -       n       -       -       smtp
-showq      unix  n       -       n       -       -       showq
-error      unix  -       -       n       -       -       error
-retry      unix  -       -       n       -       -       error
-discard    unix  -       -       n       -       -       discard
-anvil      unix  -       -       n       -       1       anvil
-scache     unix  -       -       n       -       1       scache
-postlog    unix-dgram n  -       n       -       1       postlogd
-
+MASTER_CF = """
 # docs/postfix.md, "3. master.cf" (ports substituted):
 {documented}"""
 
 
 @dataclass
 class Pipeline:
-    base: Path
-    config_dir: Path
-    maillog: Path
+    postfix: PrivatePostfix
     smtpd_port: int  # Postfix's public smtpd (the doc's :25)
     filter_port: int  # clamsmtpd (the doc's 10026)
     reinject_port: int  # Postfix's re-injection smtpd (the doc's 10025)
     hop: RecordingNextHop
     daemon_log: Path
 
+    @property
+    def config_dir(self) -> Path:
+        return self.postfix.config_dir
+
     def postfix_log(self) -> str:
-        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+        return self.postfix.log()
 
     def clamsmtpd_log(self) -> str:
         return self.daemon_log.read_text(errors="replace")
@@ -176,83 +132,14 @@ class Pipeline:
             raise AssertionError(f"{error}\n{self.logs()}") from None
 
     def postconf(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([POSTCONF, "-c", str(self.config_dir), *args],
-                              capture_output=True, text=True, timeout=30)
-
-
-def _alive(pid: int) -> bool:
-    """`pid` runs (a zombie, already dead and waiting for its parent, does not count)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _instance_pids(config_dir: Path) -> list[int]:
-    """The processes of our instance: master passes MAIL_CONFIG=config_dir to its children."""
-    needle = f"MAIL_CONFIG={config_dir}".encode() + b"\0"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ and _alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-def _stop_postfix(config_dir: Path, master_pid: int | None) -> None:
-    subprocess.run([POSTFIX, "-c", str(config_dir), "stop"], capture_output=True, timeout=30)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not (master_pid and _alive(master_pid)) and not _instance_pids(config_dir):
-            return
-        time.sleep(0.1)
-    for pid in ([master_pid] if master_pid else []) + _instance_pids(config_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _start_postfix(base: Path, config_dir: Path) -> int:
-    """`postfix -c config_dir start`; the master's pid."""
-    (base / "queue").mkdir(mode=0o755)  # Postfix makes its subdirectories itself
-    data = base / "data"
-    data.mkdir(mode=0o700)
-    shutil.chown(data, "postfix", "postfix")  # master.lock is made by user postfix
-    # postconf waits a second or two for a main.cf or master.cf changed just now to settle
-    past = time.time() - 10
-    for name in ("main.cf", "master.cf"):
-        os.utime(config_dir / name, (past, past))
-    result = subprocess.run([POSTFIX, "-c", str(config_dir), "start"], capture_output=True,
-                            text=True, timeout=60)
-    pid_file = base / "queue" / "pid" / "master.pid"
-    maillog = base / "maillog"
-    if result.returncode != 0:
-        log = maillog.read_text(errors="replace") if maillog.exists() else ""
-        pytest.fail(f"postfix -c {config_dir} start exited {result.returncode}\n"
-                    f"{result.stdout}{result.stderr}\n--- maillog:\n{log}", pytrace=False)
-    return int(pid_file.read_text().split()[0])
+        return self.postfix.postconf(*args)
 
 
 @pytest.fixture(scope="module")
 def pipeline(clamd, tmp_path_factory):
     work = tmp_path_factory.mktemp("postfix-roundtrip")
     smtpd_port, filter_port, reinject_port, hop_port = (free_port() for _ in range(4))
-    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="clamsmtp-postfix-"))
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
-        base.chmod(0o755)
-        config_dir = base / "etc"
-        config_dir.mkdir(mode=0o755)
-        (config_dir / "main.cf").write_text(MAIN_CF.format(
-            base=base, hop_port=hop_port, documented=documented_main_cf(filter_port)))
-        (config_dir / "master.cf").write_text(MASTER_CF.format(
-            smtpd_port=smtpd_port, documented=documented_master_cf(reinject_port)))
-
         hop = cleanup.enter_context(RecordingNextHop("127.0.0.1", hop_port))
 
         # clamsmtpd as in the doc's clamsmtpd.conf: Listen on the filter port, OutAddress the
@@ -275,11 +162,12 @@ def pipeline(clamd, tmp_path_factory):
         cleanup.callback(stop_daemon)
         wait_accepting(proc, ("127.0.0.1", filter_port), daemon_log.read_text)
 
-        master_pid: int | None = None
-        cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
-        master_pid = _start_postfix(base, config_dir)
-        yield Pipeline(base, config_dir, base / "maillog", smtpd_port, filter_port,
-                       reinject_port, hop, daemon_log)
+        postfix = cleanup.enter_context(PrivatePostfix(
+            smtpd_port,
+            MAIN_CF.format(hop_port=hop_port, documented=documented_main_cf(filter_port)),
+            MASTER_CF.format(documented=documented_master_cf(reinject_port)),
+            comment="a private instance for tests/integration/test_postfix_roundtrip.py"))
+        yield Pipeline(postfix, smtpd_port, filter_port, reinject_port, hop, daemon_log)
 
 
 # -- sending -------------------------------------------------------------------------------------
@@ -393,23 +281,11 @@ def test_the_running_instance_has_the_documented_lines(pipeline):
 # -- XClient: on in front of a Postfix that trusts clamsmtpd (issue 12) -------------------------
 
 XCLIENT_MAIN_CF = """\
-# a private instance: clamsmtpd (127.0.0.1) in front of it, with XClient: on
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-maillog_file = {base}/maillog
 myhostname = postfix.test
 mydestination = postfix.test
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 mynetworks = 127.0.0.1/32
 smtpd_authorized_xclient_hosts = 127.0.0.1
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtp_dns_support_level = disabled
-smtputf8_enable = no
-biff = no
 """
 
 
@@ -419,29 +295,21 @@ def xclient_postfix(clamd, tmp_path_factory):
     and clamsmtpd with XClient: on in front of it; yields clamsmtpd's port."""
     work = tmp_path_factory.mktemp("postfix-xclient")
     smtpd_port, proxy_port = free_port(), free_port()
-    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="clamsmtp-postfix-"))
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
-        base.chmod(0o755)
-        config_dir = base / "etc"
-        config_dir.mkdir(mode=0o755)
-        (config_dir / "main.cf").write_text(XCLIENT_MAIN_CF.format(base=base))
-        (config_dir / "master.cf").write_text(MASTER_CF.format(smtpd_port=smtpd_port,
-                                                               documented=""))
-        master_pid: int | None = None
-        cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
-        master_pid = _start_postfix(base, config_dir)
+        postfix = cleanup.enter_context(PrivatePostfix(
+            smtpd_port, XCLIENT_MAIN_CF,
+            comment="a private instance: clamsmtpd (127.0.0.1) in front of it, with XClient: on"))
 
         spool = work / "spool"
         spool.mkdir(mode=0o700)
         daemon_log = work / "clamsmtpd.log"
-        postfix = SimpleNamespace(host="127.0.0.1", port=smtpd_port)
+        upstream = SimpleNamespace(host="127.0.0.1", port=smtpd_port)
         proc = start_daemon(work / "clamsmtpd.conf",
-                            proxy_directives(proxy_port, postfix, clamd, spool, TimeOut=30,
+                            proxy_directives(proxy_port, upstream, clamd, spool, TimeOut=30,
                                              XClient="on"), daemon_log)
         cleanup.callback(lambda: (proc.terminate(), proc.wait(10)))
         wait_accepting(proc, ("127.0.0.1", proxy_port), daemon_log.read_text)
-        yield SimpleNamespace(port=proxy_port, maillog=base / "maillog", daemon_log=daemon_log)
+        yield SimpleNamespace(port=proxy_port, maillog=postfix.maillog, daemon_log=daemon_log)
 
 
 def _relay_attempt(port: int, source: str, greeting: list[str]) -> list[str]:

@@ -4,19 +4,16 @@
             --STARTTLS--> Postfix smtpd (a private instance, nexthop.test's certificate,
                           OutTLS: verify against the lab CA) -> relayhost: a RecordingNextHop
 
-The private Postfix instance is run as in test_postfix_roundtrip.py (its own configuration,
-queue and log in /var/tmp, `postfix -c DIR start`, stopped and removed at the end); the
-certificates are made at test time (tests/tlskit.py).
+The private Postfix instance is tests/postfixkit.py's (its own configuration, queue and log in
+/var/tmp, `postfix -c DIR start`, stopped and removed at the end); the certificates are made at
+test time (tests/tlskit.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import smtplib
-import tempfile
-from pathlib import Path
 
 import pytest
 import replies as R
@@ -29,60 +26,23 @@ from helpers import (
     wait_accepting,
     wait_until,
 )
-from test_postfix_roundtrip import POSTCONF, POSTFIX, _start_postfix, _stop_postfix
+from postfixkit import PrivatePostfix, needs_postfix
 from tlskit import client_context
 
 from lab import RecordingNextHop
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not (Path(POSTFIX).exists() and Path(POSTCONF).exists()),
-                       reason=f"{POSTFIX} or {POSTCONF} is missing (Debian package postfix)"),
-]
+pytestmark = [pytest.mark.root, needs_postfix]
 
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-maillog_file = {base}/maillog
 myhostname = nexthop.test
 mydestination =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{hop_port}
-smtp_dns_support_level = disabled
-smtputf8_enable = no
-biff = no
 smtpd_tls_security_level = may
 smtpd_tls_cert_file = {cert}
 smtpd_tls_key_file = {key}
 smtpd_tls_loglevel = 1
-"""
-
-MASTER_CF = """\
-127.0.0.1:{smtpd_port} inet n - n - - smtpd
-pickup     unix  n       -       n       60      1       pickup
-cleanup    unix  n       -       n       -       0       cleanup
-qmgr       unix  n       -       n       300     1       qmgr
-rewrite    unix  -       -       n       -       -       trivial-rewrite
-bounce     unix  -       -       n       -       0       bounce
-defer      unix  -       -       n       -       0       bounce
-trace      unix  -       -       n       -       0       bounce
-verify     unix  -       -       n       -       1       verify
-proxymap   unix  -       -       n       -       -       proxymap
-smtp       unix  -       -       n       -       -       smtp
-relay      unix  -       -       n       -       -       smtp
-error      unix  -       -       n       -       -       error
-retry      unix  -       -       n       -       -       error
-discard    unix  -       -       n       -       -       discard
-anvil      unix  -       -       n       -       1       anvil
-scache     unix  -       -       n       -       1       scache
-tlsmgr     unix  -       -       n       1000?   1       tlsmgr
-postlog    unix-dgram n  -       n       -       1       postlogd
 """
 
 
@@ -90,26 +50,18 @@ postlog    unix-dgram n  -       n       -       1       postlogd
 def postfix_tls(clamd, tls_certs, tmp_path_factory):
     work = tmp_path_factory.mktemp("postfix-tls")
     smtpd_port, proxy_port, hop_port = (free_port() for _ in range(3))
-    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="clamsmtp-postfix-tls-"))
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
-        base.chmod(0o755)
-        config_dir = base / "etc"
-        config_dir.mkdir(mode=0o755)
-        (config_dir / "main.cf").write_text(MAIN_CF.format(
-            base=base, hop_port=hop_port, cert=tls_certs.hop.cert, key=tls_certs.hop.key))
-        (config_dir / "master.cf").write_text(MASTER_CF.format(smtpd_port=smtpd_port))
         hop = cleanup.enter_context(RecordingNextHop("127.0.0.1", hop_port))
-        master_pid = None
-        cleanup.callback(lambda: _stop_postfix(config_dir, master_pid))
-        master_pid = _start_postfix(base, config_dir)
+        postfix = cleanup.enter_context(PrivatePostfix(smtpd_port, MAIN_CF.format(
+            hop_port=hop_port, cert=tls_certs.hop.cert, key=tls_certs.hop.key),
+            comment="a private instance for tests/integration/test_postfix_tls.py"))
 
         spool = work / "spool"
         spool.mkdir(mode=0o700)
         log = work / "clamsmtpd.log"
-        postfix = type("Postfix", (), {"host": "127.0.0.1", "port": smtpd_port})
+        upstream = type("Postfix", (), {"host": "127.0.0.1", "port": smtpd_port})
         directives = proxy_directives(
-            proxy_port, postfix, clamd, spool, TimeOut=30, Action="bounce",
+            proxy_port, upstream, clamd, spool, TimeOut=30, Action="bounce",
             OutTLS="verify", OutTLSName="nexthop.test", TLSCAFile=tls_certs.ca.cert,
             ClientTLS="on", TLSCertificate=tls_certs.proxy.cert, TLSKey=tls_certs.proxy.key)
         proc = start_daemon(work / "clamsmtpd.conf", directives, log)
@@ -117,8 +69,7 @@ def postfix_tls(clamd, tls_certs, tmp_path_factory):
         wait_accepting(proc, ("127.0.0.1", proxy_port), log.read_text)
         yield type("Pipeline", (), {
             "port": proxy_port, "hop": hop, "certs": tls_certs,
-            "postfix_log": lambda: (base / "maillog").read_text(errors="replace")
-            if (base / "maillog").exists() else "",
+            "postfix_log": postfix.log,
             "daemon_log": lambda: log.read_text(errors="replace"),
         })
 
