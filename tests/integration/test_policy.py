@@ -129,11 +129,13 @@ def test_virus_action_as_root_is_refused(tmp_path):
 @ONE_AND_TWO_WORKERS
 def test_sighup_reloads_the_configuration(workers, appliance, next_hop):
     assert f"{send(appliance, INFECTED)[0]}" == "250"
-    _set_and_reload(appliance, Action="bounce", Listen="127.0.0.1:1")  # (every worker's line)
+    _set_and_reload(appliance, Action="bounce", Listen="127.0.0.1:1",  # (every worker's line)
+                    Workers=3)
     for _ in range(3 * workers):  # whichever worker takes the connection
         code, text = send(appliance, INFECTED)
         assert f"{code} {text.decode()}" == R.REJECTED
     assert "SIGHUP: Listen changed: restart clamsmtpd to apply it" in appliance.log()
+    assert "SIGHUP: Workers changed: restart clamsmtpd to apply it" in appliance.log()
 
 
 def test_sighup_to_a_clamd_that_does_not_answer_is_warned_about(appliance, next_hop, tmp_path):
