@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from appliance import config
 from appliance.config import DIRECTIVES, Config, ConfigError, Reload, parse_config, replace
 
 FILE = "r.conf"
+REPO = Path(__file__).resolve().parents[2]
 OWN = [d for d in DIRECTIVES if d.alias_of is None]
 
 
@@ -75,3 +77,18 @@ def test_a_value_set_in_code_gets_the_files_words(line: str, field: str, value: 
         assert expected.group(0) in str(from_code.value), (from_file.value, from_code.value)
     else:
         assert from_file.value.reason.split("'")[0] in str(from_code.value)
+
+
+def test_configuration_md_table_gives_each_default_as_check_config_shows_it():
+    table = (REPO / "docs" / "configuration.md").read_text().split("## Directives at a glance")[1]
+    cells = dict(re.findall(r"^\| \[`(\w+)`\]\([^)]*\) \| ([^|]*) \|", table, flags=re.M))
+    described = config.describe(parse_config("OutAddress: 25\n", FILE)).splitlines()
+    shown = dict(line.split(": ", 1) for line in described if not line.startswith("#")
+                 and ": " in line)
+    checked = 0
+    for directive in OWN:
+        value = shown.get(directive.name)
+        if value and directive.name != "OutAddress":
+            assert f"`{value}`" in cells[directive.name], (directive.name, value)
+            checked += 1
+    assert checked >= 20
