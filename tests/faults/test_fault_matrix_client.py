@@ -1,0 +1,210 @@
+"""The fault matrix: the client resetting, leaving, flooding, dripping and stalling.
+
+The promise under test: a 250 from the proxy after DATA means the next hop has the message;
+anything else is a 4xx (or, for a virus, what Action says); an infected message never gets
+through; no spool file is left behind; and the daemon keeps serving afterwards. So each row
+checks what the client was told, what the next hop got (nothing, or exactly one copy), that the
+spool is empty while the daemon still runs, and that one more clean message goes through.
+The rows' shared driver (transaction, CLIENT_LEG, ...) is matrixkit.py; the misbehaving peers
+are faultkit.py's. docs/reliability.md lists every row.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import replies as R
+from faultkit import (
+    assert_no_spool_files,
+    assert_still_serving,
+    clean_message,
+    delivered_contents,
+    rst_close,
+)
+from helpers import ONE_AND_TWO_WORKERS, read_reply, wait_until
+from matrixkit import CLIENT_LEG, ENVELOPE, connect, open_session
+
+# -- the client --------------------------------------------------------------------------------
+
+
+@pytest.mark.fake_next_hop()
+@CLIENT_LEG
+def test_client_resetting_mid_data(client_leg, appliance, next_hop):
+    """The client sends half a body, then an RST (SO_LINGER 0): nothing is delivered, the spool
+    is cleaned up at once (not at shutdown), the next hop is hung up on, the daemon serves on."""
+    next_hop.arm()
+    sock, _ = open_session(appliance, tls=client_leg == "tls")
+    sock.sendall(b"DATA\r\n")
+    assert sock.recv(100).startswith(b"354")
+    sock.sendall(b"Subject: half\r\n\r\n" + base64.b64encode(os.urandom(300_000)))
+    wait_until(appliance.spool_files, what="the spool file")
+    rst_close(sock)
+    assert next_hop.wait_ended(next_hop.armed_session().index).ended == "peer closed"
+    assert_no_spool_files(appliance)
+    assert next_hop.transactions(complete_only=False)[-1].data == b""  # no DATA was sent on
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.parametrize("close", ["rst", "fin"])
+@pytest.mark.appliance_config(TimeOut=5)
+@pytest.mark.fake_clamd(behaviour="slow", delay=1.0, reply=b"stream: OK\n")
+@pytest.mark.fake_next_hop()
+@CLIENT_LEG
+def test_client_leaving_while_its_message_is_scanned(client_leg, close, appliance, next_hop,
+                                                     own_clamd):
+    """The client sends the whole message, then leaves while clamd is still busy. It was never
+    told 250, so it will send again: the message may be delivered once (today: after a FIN the
+    proxy finishes the job, an RST cancels the session) or dropped, never twice; nothing is
+    left behind."""
+    next_hop.arm()
+    token = f"orphan-{time.time_ns()}".encode()
+    sock, _ = open_session(appliance, tls=client_leg == "tls")
+    sock.sendall(b"DATA\r\n")
+    assert sock.recv(100).startswith(b"354")
+    sock.sendall(clean_message(token.decode()) + b".\r\n")
+    wait_until(lambda: own_clamd.scans, what="the scan to start")
+    if close == "rst":
+        rst_close(sock)
+    else:
+        sock.close()
+    next_hop.wait_ended(next_hop.armed_session().index, timeout=10)
+    copies = [c for c in delivered_contents(next_hop) if token in c]
+    assert len(copies) <= 1
+    assert_no_spool_files(appliance)
+    assert_still_serving(appliance, next_hop)
+    assert len([c for c in delivered_contents(next_hop) if token in c]) == len(copies)
+
+
+def _burst(appliance, next_hop, n: int) -> list[socket.socket]:
+    """`n` connections queued at once: the daemon is stopped while they connect."""
+    next_hop.arm()  # the fixture's probe session is over at the next hop...
+    time.sleep(0.2)  # ... and so in the daemon: it holds no slot any more
+    pids = appliance.pids()  # (with Workers, its workers too)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        return [socket.create_connection(appliance.address, timeout=15) for _ in range(n)]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.appliance_config(MaxConnections=4)
+@pytest.mark.fake_next_hop()
+@ONE_AND_TWO_WORKERS
+def test_flood_of_twice_max_connections(workers, appliance, next_hop):
+    """2 x MaxConnections land in the listen queue at once (the daemon is SIGSTOPped meanwhile,
+    as a busy moment would do), each then sending a message: MaxConnections are served (each
+    message delivered exactly once), the rest told "421 Server busy"; nobody hangs or gets a
+    250 for nothing; the daemon serves on afterwards. With two workers the same holds (a burst
+    already queued is mostly taken by the worker that wakes first; sessions spread over both
+    workers: test_workers.py::test_max_connections_is_the_daemons_however_the_sessions_spread)."""
+    socks = _burst(appliance, next_hop, 8)
+    results: dict[int, list[str]] = {}
+
+    def talk(i: int, sock: socket.socket) -> None:
+        buf = bytearray()
+        first = read_reply(sock, buf)
+        got = [first]
+        if first == R.GREETING:
+            body = clean_message(f"flood-{i}") + b".\r\n"
+            for command in [*ENVELOPE, "DATA", body, "QUIT"]:
+                sock.sendall(command if isinstance(command, bytes) else command.encode() + b"\r\n")
+                got.append(read_reply(sock, buf))
+        results[i] = got
+
+    threads = [threading.Thread(target=talk, args=(i, s)) for i, s in enumerate(socks)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(results) == 8
+    served = [i for i, got in results.items() if got[0] == R.GREETING]
+    busy = [i for i, got in results.items() if got == [R.BUSY]]
+    assert (len(served), len(busy)) == (4, 4), results
+    for i in served:
+        assert results[i][5].startswith("250 "), results[i]
+    contents = wait_until(lambda: len(delivered_contents(next_hop)) >= len(served) and
+                          delivered_contents(next_hop), what="the served messages")
+    for i in served:
+        assert sum(f"flood-{i}.".encode() in c for c in contents) == 1
+    for i in busy:
+        assert not any(f"flood-{i}.".encode() in c for c in contents)
+    assert_still_serving(appliance, next_hop)
+
+
+def _drip(sock: socket.socket, data: bytes, gap: float) -> None:
+    """Send `data` one byte every `gap` seconds (stop quietly if the peer hangs up)."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        time.sleep(gap)
+
+
+@pytest.mark.appliance_config(TimeOut=1)
+@CLIENT_LEG
+def test_slow_drip_command_within_timeout(client_leg, appliance, next_hop):
+    """A command dripped one byte every 0.2 s (TimeOut 1 s; the whole line takes 2.8 s) is
+    accepted, since the client is never silent for TimeOut."""
+    sock, buf = connect(appliance, tls=client_leg == "tls")
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"HELO client.test\r\n")
+        assert read_reply(sock, buf).startswith("250")
+        _drip(sock, b"MAIL FROM:<>\r\n", 0.2)
+        reply = read_reply(sock, buf)
+        assert reply is not None and reply.startswith("250"), reply
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.appliance_config(TimeOut=1)
+@CLIENT_LEG
+def test_slow_drip_body_within_timeout(client_leg, appliance, next_hop):
+    """A body dripped one byte every 0.2 s (TimeOut 1 s; 3 s in all) is delivered intact."""
+    body = b"S: d\r\n\r\nhi\r\n"
+    sock, buf = open_session(appliance, tls=client_leg == "tls")
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"DATA\r\n")
+        assert read_reply(sock, buf) == R.START_DATA
+        started = time.monotonic()
+        _drip(sock, body + b".\r\n", 0.2)
+        reply = read_reply(sock, buf)
+        assert time.monotonic() - started > 2
+        assert reply.startswith("250 "), reply
+    [content] = delivered_contents(next_hop)
+    assert content == b"S: d\r\n" + R.DEFAULT_HEADER + b"\r\n\r\nhi\r\n"
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.appliance_config(TimeOut=2)
+@pytest.mark.fake_next_hop()
+@CLIENT_LEG
+def test_client_stalling_mid_command(client_leg, appliance, next_hop):
+    """Half a command, then silence past TimeOut -> the 421 timeout reply, the connection is
+    closed, and the half command never reaches the next hop."""
+    sock, buf = open_session(appliance, tls=client_leg == "tls")
+    with sock:
+        sock.sendall(b"DATA\r\n")
+        assert read_reply(sock, buf) == R.START_DATA
+        sock.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<stall")
+        assert read_reply(sock, buf).startswith("250 ")  # the first message is through
+        started = time.monotonic()
+        assert read_reply(sock, buf) == R.TIMEOUT
+        assert 1.5 < time.monotonic() - started < 5
+        assert read_reply(sock, buf) is None  # closed
+    assert len(next_hop.delivered()) == 1
+    assert not any(b"stall" in c for s in next_hop.sessions for c in s.commands)
+    assert_still_serving(appliance, next_hop)
