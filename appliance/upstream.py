@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .addresses import Address, plain_ip
+from .deadline import Deadline
 
 #: One answer of getaddrinfo: (family, type, proto, canonname, sockaddr).
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
@@ -28,6 +29,8 @@ MAX_REPLY_LINE = 4224
 MAX_REPLY_LINES = 512
 #: Forwarded message bytes are written in pieces of about this size.
 WRITE_BATCH = 1 << 18
+#: Unread bytes from the next hop past which its socket is not read until some are taken.
+READ_HIGH_WATER = 1 << 16
 
 
 class UpstreamError(Exception):
@@ -62,21 +65,106 @@ class Reply:
         return cls(int(line[:3]), (line.encode(),))
 
 
+class _NextHop(asyncio.Protocol):
+    """The next hop's side of the connection: what it sent and has not been read yet, its end,
+    and the one wait in progress (a reply, or room to write) with its Deadline.
+
+    Replies are parsed straight from this buffer: a StreamReader would add a future and a wake-up
+    per line, and `asyncio.timeout()` a timer per reply (docs/dev/deadline.md)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, over_ssl: bool = False) -> None:
+        self.loop = loop
+        self.over_ssl = over_ssl
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False  # the next hop ended its side (or the connection is gone)
+        self.lost = False  # connection_lost() was called
+        self.error: BaseException | None = None  # why it was lost, if not a clean close
+        self.write_paused = False
+        self._read_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.deadline = Deadline(loop, self._expired)
+
+    # -- asyncio's side ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > READ_HIGH_WATER and not self._read_paused and self.transport:
+            # a next hop that talks unasked cannot fill our memory
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return not self.over_ssl  # (in clear, keep our side open, as a StreamReader does)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        if exc is not None:
+            self.error = exc
+        self.deadline.close()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
+    # -- the reading side's -----------------------------------------------------------------
+
+    def consumed(self) -> None:
+        """Bytes were taken from `buffer`: read from the socket again if it had stopped."""
+        if self._read_paused and len(self.buffer) <= READ_HIGH_WATER and self.transport:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    async def wait(self) -> None:
+        """Until something arrives, ends, or the transport takes more to write;
+        TimeoutError when the Deadline passes first."""
+        waiter = self.loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _expired(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+
 class Upstream:
     """A connection to the next hop."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float, peer: str
+        self, transport: asyncio.Transport, protocol: _NextHop, timeout: float, peer: str
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._transport = transport
+        self._protocol = protocol
         self.timeout = timeout
         self.peer = peer  # the next hop's address, for logs and VirusAction's SERVER
         self.closed = False
         self.own: OwnConnections | None = None
         self.port = 0
         self.ssl_object: ssl.SSLObject | None = None  # set once the connection is TLS
-        self._clear_writer: asyncio.StreamWriter | None = None
+        #: the connection under TLS, closed with it (the TLS layer would wait for the next
+        #: hop's close_notify before closing the socket)
+        self._clear_transport: asyncio.Transport | None = None
+        self._long_line: bytes | None = None  # the kept start of an over-long reply line
+        self._raw: asyncio.StreamReader | None = None  # after raw_streams()
 
     @classmethod
     async def connect(
@@ -89,19 +177,21 @@ class Upstream:
         `source` (TransparentProxy: full): connect from this address, the client's own, which
         is not one of ours (IP_TRANSPARENT, CAP_NET_ADMIN); the firewall's TPROXY rules bring
         the next hop's replies back to this socket."""
+        loop = asyncio.get_running_loop()
+        protocol = _NextHop(loop)
         port = 0
         try:
             async with asyncio.timeout(timeout):
                 if address.is_unix:
-                    reader, writer = await asyncio.open_unix_connection(
-                        address.path, limit=MAX_REPLY_LINE
+                    transport, _ = await loop.create_unix_connection(
+                        lambda: protocol, address.path
                     )
                     peer = address.path or ""
                 else:
                     sock, port = await _tcp_connect(address, own, source)
-                    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REPLY_LINE)
+                    transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
                     # (None when the next hop reset the connection in the meantime)
-                    peername = writer.get_extra_info("peername")
+                    peername = transport.get_extra_info("peername")
                     peer = peername[0] if peername else str(address.host)
         except TimeoutError:
             _forget(own, port)
@@ -113,10 +203,10 @@ class Upstream:
         except BaseException:
             _forget(own, port)
             raise
-        upstream = cls(reader, writer, timeout, peer)
+        upstream = cls(transport, protocol, timeout, peer)
         if own is not None and port:
             upstream.own, upstream.port = own, port
-            sockname = writer.get_extra_info("sockname")
+            sockname = transport.get_extra_info("sockname")
             if isinstance(sockname, tuple):
                 own.connected(port, (sockname[0], sockname[1]))
             else:
@@ -125,69 +215,79 @@ class Upstream:
         return upstream
 
     async def read_reply(self) -> Reply:
+        """The next whole reply, within TimeOut."""
         lines: list[bytes] = []
         code = 0
+        protocol = self._protocol
+        protocol.deadline.start(self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    line = await self._readline()
-                    if not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                        raise UpstreamError(f"unexpected reply from server: {line[:80]!r}")
-                    this = int(line[:3])
-                    if lines and this != code:
-                        raise UpstreamError("server reply changed its code mid-reply")
-                    code = this
-                    lines.append(line)
-                    if line[3:4] != b"-":
-                        return Reply(code, tuple(lines))
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise UpstreamError("server reply has too many lines")
+            while True:
+                line = self._take_line()
+                if line is None:
+                    await protocol.wait()
+                    continue
+                if not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                    raise UpstreamError(f"unexpected reply from server: {line[:80]!r}")
+                this = int(line[:3])
+                if lines and this != code:
+                    raise UpstreamError("server reply changed its code mid-reply")
+                code = this
+                lines.append(line)
+                if line[3:4] != b"-":
+                    return Reply(code, tuple(lines))
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise UpstreamError("server reply has too many lines")
         except TimeoutError:
             self.abort()
             raise UpstreamError("network read operation timed out (server)") from None
+        finally:
+            protocol.deadline.stop()
 
-    async def _readline(self) -> bytes:
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError:
+    def _take_line(self) -> bytes | None:
+        """A whole line from the buffer without its line ending (cut at MAX_REPLY_LINE: the rest
+        of an over-long line is thrown away), or None until one has arrived. UpstreamError when
+        the connection failed or ended first."""
+        protocol = self._protocol
+        if protocol.error is not None:
             self.abort()
-            raise UpstreamError("server closed the connection") from None
-        except asyncio.LimitOverrunError as e:
-            # Keep the first part, throw away the rest of the overlong line.
-            line = await self._reader.readexactly(e.consumed)
-            while True:
-                try:
-                    await self._reader.readuntil(b"\n")
-                    break
-                except asyncio.LimitOverrunError as more:
-                    await self._reader.readexactly(more.consumed)
-                except asyncio.IncompleteReadError:
-                    self.abort()
-                    raise UpstreamError("server closed the connection") from None
-            line = line[:MAX_REPLY_LINE]
-        except OSError as e:
-            self.abort()
-            raise UpstreamError(f"server connection failed: {e.strerror or e}") from None
+            error = protocol.error
+            reason = getattr(error, "strerror", None) or error
+            raise UpstreamError(f"server connection failed: {reason}")
+        buffer = protocol.buffer
+        end = buffer.find(b"\n")
+        if end < 0:
+            if protocol.eof:
+                self.abort()
+                raise UpstreamError("server closed the connection")
+            if len(buffer) > MAX_REPLY_LINE:  # keep the start, drop the rest as it comes
+                if self._long_line is None:
+                    self._long_line = bytes(buffer[:MAX_REPLY_LINE])
+                buffer.clear()
+                protocol.consumed()
+            return None
+        line = bytes(buffer[: min(end, MAX_REPLY_LINE)])
+        del buffer[: end + 1]
+        protocol.consumed()
+        if self._long_line is not None:
+            line, self._long_line = self._long_line, None
         return line.rstrip(b"\r\n")
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """After the next hop's 220 to our STARTTLS: the handshake, then SMTP inside TLS.
 
-        The connection gets a new reader: whatever the next hop sent behind its 220 in clear
+        The connection gets a new buffer: whatever the next hop sent behind its 220 in clear
         stays in the old one and is never read as a reply (RFC 3207 section 6, the
         CVE-2011-0411 class of injection). HandshakeError if it fails; the connection is
         then closed.
         """
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_REPLY_LINE, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        protocol = _NextHop(loop, over_ssl=True)
         try:
             async with asyncio.timeout(self.timeout):
                 transport = await loop.start_tls(
-                    self._writer.transport, protocol, context,
+                    self._transport, protocol, context,
                     server_hostname=server_hostname, ssl_handshake_timeout=self.timeout,
                 )
-            assert transport is not None  # (typed Optional; asyncio returns the TLS transport)
         except TimeoutError:
             self.abort()
             raise HandshakeError("TLS handshake with server timed out") from None
@@ -203,12 +303,13 @@ class Upstream:
             raise HandshakeError(
                 f"TLS handshake with server failed: {reason or type(e).__name__}"
             ) from None
+        if transport is None:  # (only when the loop is closing)
+            self.abort()
+            raise HandshakeError("TLS handshake with server failed: connection closed")
         protocol.connection_made(transport)  # (loop.start_tls leaves this to its caller)
-        # The clear-text writer is kept: when it is garbage collected it would close the
-        # socket under the TLS connection (asyncio's StreamWriter.__del__).
-        self._clear_writer = self._writer
-        self._reader = reader
-        self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self._protocol.deadline.close()
+        self._clear_transport = self._transport
+        self._transport, self._protocol = transport, protocol
         self.ssl_object = transport.get_extra_info("ssl_object")
 
     def raw_streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -216,34 +317,40 @@ class Upstream:
         the next hop's 220 to the client's STARTTLS. A new reader, as for start_tls: what the
         next hop sent behind that 220 in clear is dropped."""
         loop = asyncio.get_running_loop()
-        # typed WriteTransport; a connection's transport reads too
-        transport = cast(asyncio.Transport, self._writer.transport)
+        transport = self._transport
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if not transport.is_reading():  # (paused by the old reader's flow control)
+        if not transport.is_reading():  # (paused by the old buffer's flow control)
             transport.resume_reading()
-        self._clear_writer = self._writer
-        self._reader = reader
-        self._writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        return self._reader, self._writer
+        self._protocol.deadline.close()
+        self._raw = reader
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def send(self, data: bytes) -> None:
         if self.closed:
             raise UpstreamError("server connection is closed")
+        transport, protocol = self._transport, self._protocol
+        transport.write(data)
+        if not transport.get_write_buffer_size():
+            return  # all of it went to the kernel
+        if not protocol.write_paused and not protocol.lost:
+            return  # little enough left in the transport's buffer
+        protocol.deadline.start(self.timeout)
         try:
-            self._writer.write(data)
-            if not self._writer.transport.get_write_buffer_size():
-                return  # all of it went to the kernel: drain() would not wait
-            async with asyncio.timeout(self.timeout):
-                await self._writer.drain()
+            while protocol.write_paused and not protocol.lost:
+                await protocol.wait()
         except TimeoutError:
             self.abort()
             raise UpstreamError("network write operation timed out (server)") from None
-        except OSError as e:
+        finally:
+            protocol.deadline.stop()
+        if protocol.lost:
             self.abort()
-            raise UpstreamError(f"server connection failed: {e.strerror or e}") from None
+            error = protocol.error
+            reason = (getattr(error, "strerror", None) or error) if error else "Connection lost"
+            raise UpstreamError(f"server connection failed: {reason}")
 
     async def command(self, line: bytes) -> Reply:
         """Send one command line (without CRLF) and return the whole reply."""
@@ -296,33 +403,42 @@ class Upstream:
 
     @property
     def at_eof(self) -> bool:
-        return self.closed or self._reader.at_eof()
+        if self.closed:
+            return True
+        if self._raw is not None:
+            return self._raw.at_eof()
+        return self._protocol.eof and not self._protocol.buffer
 
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
-            self._writer.transport.abort()
+            self._protocol.deadline.close()
+            self._transport.abort()
             _forget(self.own, self.port)
 
     async def quit(self) -> None:
         """Say goodbye politely if the connection still works; never raise."""
         if self.closed:
             return
+        protocol = self._protocol
+        protocol.deadline.start(min(self.timeout, 5))
         try:
-            async with asyncio.timeout(min(self.timeout, 5)):
-                self._writer.write(b"QUIT\r\n")
-                await self._writer.drain()
-                await self._reader.readuntil(b"\n")
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self._transport.write(b"QUIT\r\n")
+            while b"\n" not in protocol.buffer and not protocol.eof:
+                await protocol.wait()
+        except (TimeoutError, OSError, RuntimeError):
             pass
+        finally:
+            protocol.deadline.stop()
         self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._writer.close()  # (with TLS: its close_notify is written now)
-            if self._clear_writer is not None:
-                self._clear_writer.close()
+            self._protocol.deadline.close()
+            self._transport.close()  # (with TLS: its close_notify is written now)
+            if self._clear_transport is not None:
+                self._clear_transport.close()
             _forget(self.own, self.port)
 
 

@@ -1,0 +1,146 @@
+"""deadline.Deadline (one timer per connection) and the next hop's reply reader built on it
+(upstream.Upstream), against a real loop and a real socket pair: no mocks, well under a second."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from appliance.deadline import Deadline
+from appliance.upstream import MAX_REPLY_LINE, READ_HIGH_WATER, Upstream, UpstreamError, _NextHop
+
+
+def _expiries(script) -> list[float]:
+    """Run `script(deadline)` on a fresh loop; the loop times (from its start) of each expiry."""
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        fired: list[float] = []
+        deadline = Deadline(loop, lambda: fired.append(round(loop.time() - start, 2)))
+        await script(deadline)
+        deadline.close()
+        return fired
+    return asyncio.run(main())
+
+
+def test_short_waits_never_expire():
+    async def script(deadline: Deadline) -> None:
+        for _ in range(20):
+            deadline.start(0.1)
+            await asyncio.sleep(0.01)
+            deadline.stop()
+        await asyncio.sleep(0.15)  # the timer fires, with no wait on: nothing happens
+    assert _expiries(script) == []
+
+
+def test_a_wait_gets_its_whole_time_even_when_the_timer_was_set_earlier():
+    async def script(deadline: Deadline) -> None:
+        deadline.start(0.2)  # the timer: at 0.2
+        await asyncio.sleep(0.05)
+        deadline.stop()
+        await asyncio.sleep(0.05)
+        deadline.start(0.2)  # from 0.1: ends at 0.3, not at the timer's 0.2
+        await asyncio.sleep(0.4)
+    (fired,) = _expiries(script)
+    assert 0.29 <= fired <= 0.36
+
+
+def test_a_shorter_wait_than_the_timer_is_set_for_expires_on_time():
+    async def script(deadline: Deadline) -> None:
+        deadline.start(10)
+        deadline.stop()
+        deadline.start(0.05)
+        await asyncio.sleep(0.2)
+    (fired,) = _expiries(script)
+    assert fired < 0.15
+
+
+def test_expires_once_per_wait():
+    async def script(deadline: Deadline) -> None:
+        deadline.start(0.05)
+        await asyncio.sleep(0.2)
+        deadline.start(0.05)
+        await asyncio.sleep(0.2)
+    assert len(_expiries(script)) == 2
+
+
+def _with_next_hop(script):
+    """`script(upstream, peer)`: an Upstream on one end of a socket pair, the other end
+    (blocking) playing the next hop."""
+    async def main():
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(lambda: _NextHop(loop), sock=ours)
+        upstream = Upstream(transport, protocol, 0.3, "peer")
+        try:
+            return await script(upstream, theirs)
+        finally:
+            upstream.close()
+            theirs.close()
+    return asyncio.run(main())
+
+
+def test_a_reply_over_several_reads_and_lines():
+    async def script(upstream: Upstream, peer: socket.socket):
+        peer.sendall(b"250-first\r\n250-sec")
+        read = asyncio.ensure_future(upstream.read_reply())
+        await asyncio.sleep(0.02)
+        peer.sendall(b"ond\r\n250 last\r\n220 next\r\n")
+        return await read, await upstream.read_reply()
+    reply, after = _with_next_hop(script)
+    assert reply.code == 250 and reply.lines == (b"250-first", b"250-second", b"250 last")
+    assert after.lines == (b"220 next",)
+
+
+def test_an_over_long_line_is_cut_and_the_rest_thrown_away():
+    async def script(upstream: Upstream, peer: socket.socket):
+        peer.sendall(b"250 " + b"h" * (3 * READ_HIGH_WATER) + b"\r\n250 ok\r\n")
+        return await upstream.read_reply(), await upstream.read_reply()
+    long, after = _with_next_hop(script)
+    assert long.lines == (b"250 " + b"h" * (MAX_REPLY_LINE - 4),)
+    assert after.lines == (b"250 ok",)
+
+
+@pytest.mark.parametrize(("said", "error"), [
+    (b"", "network read operation timed out (server)"),
+    (b"250 partial", "network read operation timed out (server)"),
+    (b"hello\r\n", "unexpected reply from server: b'hello'"),
+    (b"250-a\r\n251 b\r\n", "server reply changed its code mid-reply"),
+])
+def test_no_reply(said, error):
+    async def script(upstream: Upstream, peer: socket.socket) -> str:
+        peer.sendall(said)
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.read_reply()
+        return str(caught.value)
+    assert _with_next_hop(script) == error
+
+
+def test_the_next_hop_closing_before_its_reply():
+    async def script(upstream: Upstream, peer: socket.socket) -> tuple[str, bool]:
+        peer.sendall(b"250 cut sho")
+        peer.shutdown(socket.SHUT_WR)
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.read_reply()
+        return str(caught.value), upstream.at_eof
+    assert _with_next_hop(script) == ("server closed the connection", True)
+
+
+def test_a_next_hop_that_talks_unasked_is_not_read_past_the_high_water_mark():
+    async def script(upstream: Upstream, peer: socket.socket) -> tuple[int, bytes]:
+        peer.setblocking(False)
+        sent = 0
+        try:
+            while sent < 64 * READ_HIGH_WATER:  # until the socket buffers are full
+                sent += peer.send(b"250 unasked\r\n" * 1000)
+                await asyncio.sleep(0)
+        except BlockingIOError:
+            pass
+        await asyncio.sleep(0.05)
+        held = len(upstream._protocol.buffer)
+        return held, (await upstream.read_reply()).lines[0]
+    held, first = _with_next_hop(script)
+    assert held <= READ_HIGH_WATER + 65536 and first == b"250 unasked"
