@@ -407,3 +407,12 @@ def test_configuration_md_reload_column_is_the_registrys():
             assert cell.startswith("yes (") and "restart" in cell, (directive.name, cell)
         else:
             assert cell.startswith("yes") and "restart" not in cell, (directive.name, cell)
+
+
+@pytest.mark.parametrize("directive", [d for d in config.DIRECTIVES if d.alias_of is None
+                                       and isinstance(d.kind, config._Choice)],
+                         ids=lambda d: d.name)
+def test_an_entry_names_every_word_its_directive_takes(directive):
+    """The words come from the directive's enum (config.py), the page must list them all."""
+    words = set(re.findall(r"[a-z]+", entry(directive.name)))
+    assert set(directive.kind.kind) <= words, (directive.name, set(directive.kind.kind) - words)
