@@ -1,33 +1,37 @@
 """The DATA phase of a relayed session: spool, scan, decide, then forward or refuse.
 
-A mixin of the relay's session class (it needs the session's streams and state), kept apart
-because it is the one part that knows about spooling and scanning: the rest of the relay only
-passes SMTP lines along. Every path ends the transaction at the next hop (forwarded or RSET),
-answers the client, and removes the spool file.
+`DataPhase` is one DATA command, built by the relay with everything it uses: the client's
+channel, the next hop, a scanner, the actions, the configuration, the connection's log and the
+containment table. It is the one part of the relay that knows about spooling and scanning; the
+rest only passes SMTP lines along. Every path ends the transaction at the next hop (forwarded or
+RSET), answers the client, and removes the spool file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import metrics
-from .actions import VirusEvent, quarantine
-from .channel import ClientGone
+from .actions import VirusActions, VirusEvent, quarantine
+from .channel import ClientChannel, ClientGone
+from .config import Config, OversizeAction
+from .containment import InfectedHosts
 from .dotstuff import DataDecoder, Stuffer, stuff
 from .header import expand_header
 from .maillog import summary
 from .replies import (
     REPLY_LOCAL_ERROR,
-    REPLY_NEED_RCPT,
     REPLY_START_DATA,
     REPLY_TIMEOUT,
     REPLY_TOO_BIG,
 )
 from .scanner import ERROR, OVERSIZE, ScanResult
 from .spool import Spool, SpoolError
-from .upstream import Reply, UpstreamError
+from .upstream import Reply, Upstream, UpstreamError
 from .verdict import (
     FORWARD,
     STATUS_ALLOWED,
@@ -41,6 +45,19 @@ from .verdict import (
 DATA_CHUNK = 1 << 18
 
 
+class NextHopLostInMessage(UpstreamError):
+    """The next hop failed while a message was on its way: the answer to that message is the
+    original's 451 (the client retries it), where between commands it is a 421."""
+
+
+class Scanner(Protocol):
+    """What the DATA phase needs of a scanner (scanner.Scanner, or a fake in tests): a verdict
+    on a spooled message, never an exception (a scan that could not be done is ERROR)."""
+
+    async def scan(self, spool: Spool, log: logging.LoggerAdapter | None = None) -> ScanResult:
+        ...
+
+
 @dataclass
 class Envelope:
     """One transaction as the next hop accepted it (for logs and VirusAction)."""
@@ -49,103 +66,170 @@ class Envelope:
     rcpt_tos: list[str] = field(default_factory=list)
 
 
-class NextHopLostInMessage(UpstreamError):
-    """The next hop failed while a message was on its way: the answer to that message is the
-    original's 451 (the client retries it), where between commands it is a 421."""
+@dataclass(frozen=True)
+class Sender:
+    """What the DATA phase knows of the client's session."""
+
+    client_ip: str
+    local_ip: str
+    authenticated: bool = False  # (SkipAuthenticated)
+    size_limit: int | None = None  # the next hop's EHLO SIZE
+    remote: str | None = None  # XFORWARD ADDR / HELO the next hop accepted (VirusAction)
+    remote_helo: str | None = None
+    tls: str | None = None  # `tls=` of the log line (RelaySessionState.tls_summary)
 
 
-class MessageFlow:
-    """smtp_DATA and what it needs; mixed into the relay's session class."""
+class DataPhase:
+    """One message, from our 354 to the reply to its final dot."""
 
-    async def smtp_DATA(self, line: bytes, verb: bytes) -> None:
-        log = self.session.log
-        envelope = self.envelope
-        if not envelope.rcpt_tos:
-            await self.push(REPLY_NEED_RCPT)
-            return
-        self.envelope = Envelope()  # whatever happens, the transaction ends here
-        self.session.in_data = True
-        await self.push(REPLY_START_DATA)
-        policy = Policy.of(self.config)
-        scan_limit = self.config.max_scan_size
-        spool: Spool | None = Spool(self.config.temp_directory)
+    def __init__(
+        self, *, channel: ClientChannel, upstream: Upstream, scanner: Scanner,
+        actions: VirusActions, config: Config, log: logging.LoggerAdapter,
+        infected: InfectedHosts, envelope: Envelope, sender: Sender,
+    ) -> None:
+        self.channel = channel
+        self.upstream = upstream
+        self.scanner = scanner
+        self.actions = actions
+        self.config = config
+        self.log = log
+        self.infected = infected
+        self.envelope = envelope
+        self.sender = sender
+        #: InfectedHostLimit blocked the client with this message: its session ends after it
+        self.blocked = False
+        #: the session is over (the client was told why): the relay closes the connection
+        self.closing = False
+
+    async def run(self) -> Reply | None:
+        """Our 354, the body, the verdict carried out. Returns the next hop's reply as the
+        client got it (the relay then sees whether the next hop left after it), None when the
+        reply was the proxy's own; `closing` says the session must end. ClientGone when the
+        client left or went silent; NextHopLostInMessage when the next hop failed."""
+        log = self.log
+        config = self.config
+        await self._push(REPLY_START_DATA)
+        policy = Policy.of(config)
+        scan_limit = config.max_scan_size
+        spool: Spool | None = Spool(config.temp_directory)
         decoder = DataDecoder()
-        skip = skip_reason(policy, self.session.client_ip, self.session.authenticated)
+        skip = skip_reason(policy, self.sender.client_ip, self.sender.authenticated)
         try:
             if skip is not None:  # relayed as it arrives: nothing to hold, nothing to scan
                 verdict = unscanned(skip)
-                self._log_outcome(envelope, verdict)
-                await self._stream_through(spool, decoder, verdict)
-                return
-            async with self.session.upstream.keepalive(self.config.keepalives, log):
+                self._log_outcome(verdict)
+                return await self._stream_through(spool, decoder, verdict)
+            async with self.upstream.keepalive(config.keepalives, log):
                 spool, refusal, oversize = await self._receive_body(
-                    spool, decoder, scan_limit, stream=policy.oversize == "pass"
+                    spool, decoder, scan_limit, stream=policy.oversize == OversizeAction.PASS
                 )
                 if spool is not None and not oversize:
                     started = time.monotonic()
-                    result = await self.context.scanner.scan(spool, log)
+                    result = await self.scanner.scan(spool, log)
                     metrics.SCAN_SECONDS.observe(time.monotonic() - started)
             if oversize:
                 log.info("message over MaxScanSize (%d bytes): not scanned", scan_limit)
                 result = ScanResult(OVERSIZE, detail="over MaxScanSize")
             elif spool is None:
-                await self._abandon(refusal)
-                return
+                return await self._abandon(refusal)
             elif result.status in (ERROR, OVERSIZE):
                 log.error("clamav error: %s", result.detail)
             verdict = decide(result, policy)
             metrics.MESSAGES.labels(result.status.lower()).inc()
-            self._log_outcome(envelope, verdict)
+            self._log_outcome(verdict)
             if verdict.infected:
-                self._virus_found(spool, envelope, result.virus or "Unknown")
+                self._virus_found(spool, result.virus or "Unknown")
             if verdict.kind == FORWARD and not decoder.done:
-                await self._stream_through(spool, decoder, verdict)
-            elif verdict.kind == FORWARD:
-                await self._forward(spool, verdict)
-            else:
-                await self._discard_rest(decoder)
-                await self._abandon(verdict.reply)
+                return await self._stream_through(spool, decoder, verdict)
+            if verdict.kind == FORWARD:
+                return await self._forward(spool, verdict)
+            await self._discard_rest(decoder)
+            return await self._abandon(verdict.reply)
         except UpstreamError as e:
             raise NextHopLostInMessage(str(e)) from None
         finally:
-            self.session.in_data = False
             if spool is not None:
                 spool.remove()
 
-    def _log_outcome(self, envelope, verdict: Verdict) -> None:
+    # -- the client -------------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.channel.send(data)
+        except TimeoutError:
+            self.log.warning("network write operation timed out (client)")
+            raise ClientGone from None
+
+    async def _push(self, line: str) -> None:
+        await self._send(line.encode() + b"\r\n")
+
+    async def _push_reply(self, reply: Reply) -> Reply:
+        if self.log.isEnabledFor(logging.DEBUG):
+            for line in reply.lines:
+                self.log.debug("SERVER > %s", line[:79].decode("utf-8", "replace"))
+        await self._send(reply.wire())
+        return reply
+
+    async def _say_and_close(self, line: str) -> None:
+        self.closing = True
+        with contextlib.suppress(ClientGone):
+            await self._push(line)
+
+    async def _read_body_chunk(self) -> bytes:
+        """The next piece of the body as the client sent it; ClientGone at its end or TimeOut."""
+        try:
+            chunk = await self.channel.read_chunk(DATA_CHUNK)
+        except TimeoutError:
+            self.log.warning("network read operation timed out (client, in DATA)")
+            await self._say_and_close(REPLY_TIMEOUT)
+            raise ClientGone from None
+        if not chunk:
+            self.log.error("unexpected end of data from client")
+            raise ClientGone
+        return chunk
+
+    def _unread(self, decoder: DataDecoder) -> None:
+        if decoder.rest:
+            # A command sent right behind the end of data belongs to the command loop.
+            self.channel.unread(decoder.rest)
+            decoder.rest = b""
+
+    # -- the message ------------------------------------------------------------------------
+
+    def _log_outcome(self, verdict: Verdict) -> None:
         """The original's summary line, and the count of mail that was not scanned."""
-        log = self.session.log
+        log = self.log
         if log.isEnabledFor(logging.INFO):  # (not built per message when nobody reads it)
-            log.info("%s", summary(envelope.mail_from, envelope.rcpt_tos, verdict.status,
-                                   self.session.tls_summary))
+            log.info("%s", summary(self.envelope.mail_from, self.envelope.rcpt_tos,
+                                   verdict.status, self.sender.tls))
         if verdict.unscanned is not None:
             metrics.UNSCANNED.labels(verdict.unscanned.value).inc()
         elif verdict.status.startswith(STATUS_ALLOWED + ":"):
             metrics.ALLOWED.inc()
 
-    def _virus_found(self, spool: Spool, envelope, virus: str) -> None:
+    def _virus_found(self, spool: Spool, virus: str) -> None:
         """Quarantine and VirusAction, after the verdict and before the reply, as the original."""
-        session = self.session
+        config = self.config
+        sender = self.sender
         email = None
         blocked = None
-        if self.context.infected.record(session.client_ip):
-            blocked = self.config.infected_host_block
-            session.blocked = True  # this session ends after this message's reply
-        if self.config.quarantine:
+        if self.infected.record(sender.client_ip):
+            blocked = config.infected_host_block
+            self.blocked = True  # this session ends after this message's reply
+        if config.quarantine:
             try:
-                email = quarantine(spool, self.config.temp_directory)
-                session.log.info("quarantined virus file as: %s", email)
+                email = quarantine(spool, config.temp_directory)
+                self.log.info("quarantined virus file as: %s", email)
             except OSError as e:
-                session.log.error("couldn't quarantine virus file: %s", e)
-        self.context.actions.start(
+                self.log.error("couldn't quarantine virus file: %s", e)
+        self.actions.start(
             VirusEvent(
-                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos),
-                client=session.client_ip, server=session.upstream.peer, virus=virus,
-                tmpdir=self.config.temp_directory, email=email,
-                remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
-                blocked=blocked,
+                sender=self.envelope.mail_from, recipients=tuple(self.envelope.rcpt_tos),
+                client=sender.client_ip, server=self.upstream.peer, virus=virus,
+                tmpdir=config.temp_directory, email=email,
+                remote=sender.remote, remote_helo=sender.remote_helo, blocked=blocked,
             ),
-            prefix=session.log.prefix,
+            prefix=getattr(self.log, "prefix", ""),
         )
 
     async def _receive_body(
@@ -163,58 +247,46 @@ class MessageFlow:
         """
         refusal = ""
         oversize = False
-        limit = self.session.size_limit
+        limit = self.sender.size_limit
+        kept: Spool | None = spool
         while not decoder.done:
             data = decoder.feed(await self._read_body_chunk())
-            if spool is not None and data:
+            if kept is not None and data:
                 try:
-                    spool.write(data)
+                    kept.write(data)
                 except SpoolError as e:
-                    self.session.log.error("%s", e)
-                    spool.remove()
-                    spool, refusal = None, REPLY_LOCAL_ERROR
+                    self.log.error("%s", e)
+                    kept.remove()
+                    kept, refusal = None, REPLY_LOCAL_ERROR
                     continue
-                if limit and spool.size > limit:
-                    self.session.log.warning(
+                if limit and kept.size > limit:
+                    self.log.warning(
                         "message refused: over the next hop's SIZE limit of %d bytes", limit
                     )
-                    spool.remove()
-                    spool, refusal = None, REPLY_TOO_BIG
-                elif scan_limit and spool.size > scan_limit:
+                    kept.remove()
+                    kept, refusal = None, REPLY_TOO_BIG
+                elif scan_limit and kept.size > scan_limit:
                     if not stream:  # not held for scanning: only read to its end
-                        spool.remove()
-                        spool, oversize = None, True
+                        kept.remove()
+                        kept, oversize = None, True
                         continue
                     try:
-                        spool.finish()
+                        kept.finish()
                     except SpoolError as e:
-                        self.session.log.error("%s", e)
-                        spool.remove()
-                        spool, refusal = None, REPLY_LOCAL_ERROR
+                        self.log.error("%s", e)
+                        kept.remove()
+                        kept, refusal = None, REPLY_LOCAL_ERROR
                         continue
-                    return spool, "", True
+                    return kept, "", True
         self._unread(decoder)
-        if spool is not None:
+        if kept is not None:
             try:
-                spool.finish()
+                kept.finish()
             except SpoolError as e:
-                self.session.log.error("%s", e)
-                spool.remove()
+                self.log.error("%s", e)
+                kept.remove()
                 return None, REPLY_LOCAL_ERROR, False
-        return spool, refusal, oversize
-
-    async def _read_body_chunk(self) -> bytes:
-        """The next piece of the body as the client sent it; ClientGone at its end or TimeOut."""
-        try:
-            chunk = await self.channel.read_chunk(DATA_CHUNK)
-        except TimeoutError:
-            self.session.log.warning("network read operation timed out (client, in DATA)")
-            await self._say_and_close(REPLY_TIMEOUT)
-            raise ClientGone from None
-        if not chunk:
-            self.session.log.error("unexpected end of data from client")
-            raise ClientGone
-        return chunk
+        return kept, refusal, oversize
 
     async def _discard_rest(self, decoder: DataDecoder) -> None:
         """Read what is left of a body that is not kept, so the reply comes after its end."""
@@ -222,25 +294,19 @@ class MessageFlow:
             decoder.feed(await self._read_body_chunk())
         self._unread(decoder)
 
-    def _unread(self, decoder: DataDecoder) -> None:
-        if decoder.rest:
-            # A command sent right behind the end of data belongs to the command loop.
-            self.channel.unread(decoder.rest)
-            decoder.rest = b""
-
-    async def _stream_through(self, spool: Spool, decoder: DataDecoder, verdict: Verdict) -> None:
+    async def _stream_through(
+        self, spool: Spool, decoder: DataDecoder, verdict: Verdict
+    ) -> Reply | None:
         """Pass on a message over MaxScanSize as it arrives: what the spool holds so far, then
         the rest of the body chunk by chunk, never held whole. The end-of-data line is sent only
         once the client's has arrived: a client gone half-way leaves the next hop an unfinished
         transaction (discarded when the connection closes), never a cut message."""
-        session = self.session
-        upstream = session.upstream
+        upstream = self.upstream
         reply = await upstream.command(b"DATA")
         if reply.code != 354:
             spool.remove()
             await self._discard_rest(decoder)
-            await self._data_refused(reply)
-            return
+            return await self._data_refused(reply)
         stuffer = Stuffer()
         spool.finish()
         for chunk in spool.chunks(verdict.extra_header):
@@ -252,52 +318,48 @@ class MessageFlow:
                 await upstream.send(stuffer.feed(data))
         self._unread(decoder)
         await upstream.send(b".\r\n")
-        reply = await upstream.read_reply()
-        await self._push_reply(reply)
-        await self._end_if_next_hop_left(reply)
+        return await self._push_reply(await upstream.read_reply())
 
-    async def _forward(self, spool: Spool, verdict: Verdict) -> None:
-        session = self.session
-        upstream = session.upstream
+    async def _forward(self, spool: Spool, verdict: Verdict) -> Reply | None:
+        upstream = self.upstream
         reply = await upstream.command(b"DATA")
         if reply.code != 354:
-            await self._data_refused(reply)
-            return
+            return await self._data_refused(reply)
         header = b""
         if verdict.scanned:  # the scan header says "scanned": never on mail that was not
             header = expand_header(
-                self.config.header, client_ip=session.client_ip, local_ip=session.local_ip
+                self.config.header, client_ip=self.sender.client_ip,
+                local_ip=self.sender.local_ip,
             )
         reply = await upstream.send_message(stuff(spool.chunks(header + verdict.extra_header)))
-        await self._push_reply(reply)
-        await self._end_if_next_hop_left(reply)
+        return await self._push_reply(reply)
 
-    async def _data_refused(self, reply: Reply) -> None:
+    async def _data_refused(self, reply: Reply) -> Reply | None:
         """The next hop answered our DATA with something else than 354: the client gets its
         4xx/5xx as it is, anything else as 451 (the message was not taken)."""
-        self.session.log.warning("server refused data transfer: %s", reply.text)
+        self.log.warning("server refused data transfer: %s", reply.text)
         await self._abandon_quietly()
         if reply.code < 400:
             # Not 354 is not taken, whatever it says: a 2xx relayed here would tell the
             # client its message was accepted, after its body, when nothing was sent.
             reply = Reply.make(REPLY_LOCAL_ERROR)
-        await self._push_reply(reply)
-        await self._end_if_next_hop_left(reply)
+        return await self._push_reply(reply)
 
     async def _abandon_quietly(self) -> None:
         """End the next hop's transaction (RSET) after it refused DATA: the client was told
         its transaction is over, and the next MAIL must not be 503 'nested MAIL command'."""
         try:
-            await self.session.upstream.command(b"RSET")
+            await self.upstream.command(b"RSET")
         except UpstreamError as e:
-            self.session.log.error("%s", e)
+            self.log.error("%s", e)
 
-    async def _abandon(self, reply: str) -> None:
+    async def _abandon(self, reply: str) -> Reply | None:
         """Answer the client ourselves and end the transaction at the next hop (RSET)."""
         try:
-            await self.session.upstream.command(b"RSET")
+            await self.upstream.command(b"RSET")
         except UpstreamError as e:
-            self.session.log.error("%s", e)
+            self.log.error("%s", e)
             await self._say_and_close(reply)
-            return
-        await self.push(reply)
+            return None
+        await self._push(reply)
+        return None

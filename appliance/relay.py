@@ -36,7 +36,7 @@ from .dialogue import (
     xforward_attributes,
 )
 from .maillog import ConnectionLog, next_connection_id, summary
-from .message import Envelope, MessageFlow, NextHopLostInMessage
+from .message import DataPhase, Envelope, NextHopLostInMessage, Sender
 from .nexthop import DestinationError
 from .replies import (
     REPLY_AUTH_LINE_TOO_LONG,
@@ -47,6 +47,7 @@ from .replies import (
     REPLY_LINE_TOO_LONG,
     REPLY_LOCAL_ERROR,
     REPLY_LOOP,
+    REPLY_NEED_RCPT,
     REPLY_NEXT_HOP_DOWN,
     REPLY_NEXT_HOP_INSECURE,
     REPLY_NEXT_HOP_LOST,
@@ -141,7 +142,7 @@ class RelaySessionState:
                 f"{tls_contexts.describe_session(next_hop)}")
 
 
-class RelaySession(MessageFlow):
+class RelaySession:
     """One proxied SMTP connection. The server's protocol factory returns its `channel`."""
 
     def __init__(self, context: RelayContext) -> None:
@@ -745,6 +746,38 @@ class RelaySession(MessageFlow):
             metrics.UNSCANNED.labels(Unscanned.TLS.value).inc()
             self.close()
 
+    async def smtp_DATA(self, line: bytes, verb: bytes) -> None:
+        """The message: our 354, then `DataPhase` spools, scans and forwards or refuses it."""
+        envelope = self.envelope
+        if not envelope.rcpt_tos:
+            await self.push(REPLY_NEED_RCPT)
+            return
+        self.envelope = Envelope()  # whatever happens, the transaction ends here
+        session = self.session
+        upstream = session.upstream
+        assert upstream is not None
+        phase = DataPhase(
+            channel=self.channel, upstream=upstream, scanner=self.context.scanner,
+            actions=self.context.actions, config=self.config, log=session.log,
+            infected=self.context.infected, envelope=envelope,
+            sender=Sender(
+                client_ip=session.client_ip, local_ip=session.local_ip,
+                authenticated=session.authenticated, size_limit=session.size_limit,
+                remote=session.xforward.get("ADDR"), remote_helo=session.xforward.get("HELO"),
+                tls=session.tls_summary,
+            ),
+        )
+        session.in_data = True
+        try:
+            reply = await phase.run()
+        finally:
+            session.in_data = False
+            session.blocked = session.blocked or phase.blocked
+        if phase.closing:
+            self.close()
+        elif reply is not None:
+            await self._end_if_next_hop_left(reply)
+
     async def smtp_BDAT(self, line: bytes, verb: bytes) -> None:
         await self.push(REPLY_NOT_IMPLEMENTED)
 
@@ -756,8 +789,7 @@ class RelaySession(MessageFlow):
 # The verbs with a handler of their own; every other verb is relayed as it is (_relay).
 _VERBS: dict[bytes, Callable] = {
     verb[5:].encode(): method
-    for cls in (MessageFlow, RelaySession)
-    for verb, method in vars(cls).items()
+    for verb, method in vars(RelaySession).items()
     if verb.startswith("smtp_")
 }
 
