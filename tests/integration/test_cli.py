@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import replies as R
 from helpers import free_port, send_raw, start_daemon, wait_until
 
 DAEMON = [sys.executable, "-m", "appliance.cli"]
@@ -190,7 +191,7 @@ def test_daemon_mode_detaches_and_writes_a_pid_file(tmp_path, next_hop, clamd, w
     children = []
     try:
         assert os.getsid(pid) != os.getsid(0)  # in a session of its own, detached from ours
-        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == R.GREETING
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(p) for p in f.read().split()]
         assert len(children) == (workers if workers > 1 else 0)
@@ -221,8 +222,8 @@ def test_port_only_listen_takes_ipv4_and_ipv6(tmp_path, next_hop, clamd):
     port = free_port()
     with _daemon(tmp_path, OutAddress=f"127.0.0.1:{next_hop.port}", Listen=port,
                  ClamAddress=clamd.socket_path, TempDirectory=tmp_path) as log_path:
-        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
-        assert send_raw("::1", port, ["QUIT"])[0] == "220 smtp.passthru"
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == R.GREETING
+        assert send_raw("::1", port, ["QUIT"])[0] == R.GREETING
         log = log_path.read_text()
         assert "accepted connection from: 127.0.0.1" in log  # not ::ffff:127.0.0.1
         assert "accepted connection from: ::1" in log
@@ -285,7 +286,7 @@ def test_with_no_syslog_it_says_so_once_and_logs_to_stderr(tmp_path, next_hop, c
         assert code == 0, said
         assert said.count("no syslog socket") == 1
         assert "logging to stderr" in said
-        assert wait_until(lambda: _greeting("127.0.0.1", port)) == "220 smtp.passthru"
+        assert wait_until(lambda: _greeting("127.0.0.1", port)) == R.GREETING
         wait_until(lambda: "accepted connection from: 127.0.0.1" in stderr.read_text(),
                    what="the connection's log line on stderr")
     finally:
@@ -379,7 +380,7 @@ def test_daemon_mode_does_not_wait_for_a_silent_clamd(tmp_path, next_hop):
             assert code == 0, stderr
             assert time.monotonic() - started < 10  # not TimeOut (60 s)
             pid = int(pid_file.read_text())
-            assert _greeting("127.0.0.1", port) == "220 smtp.passthru"
+            assert _greeting("127.0.0.1", port) == R.GREETING
             os.kill(pid, signal.SIGTERM)
             # not after the start-up PING's 5 s either: that check is not waited for at exit
             wait_until(lambda: not pid_file.exists(), timeout=3, what="the daemon to stop")

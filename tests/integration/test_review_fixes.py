@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import replies as R
 from helpers import send_raw, smtp_client, wait_until
 
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
@@ -70,7 +71,7 @@ def test_a_loop_back_into_the_proxy_is_refused_not_repeated(tmp_path, clamd, wor
                 return send_raw("127.0.0.1", port, ["QUIT"])[0]
             except OSError:
                 return None
-        assert wait_until(greeting).startswith("421 4.4.6 Local Error, mail loop detected")
+        assert wait_until(greeting).startswith(R.LOOP)
         log = (tmp_path / "stderr").read_text()
         assert "loop detected: this connection is the proxy's own" in log
         assert log.count("accepted connection from") == 2  # the client, and our own loop: no more

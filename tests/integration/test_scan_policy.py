@@ -29,7 +29,6 @@ from appliance.dotstuff import stuff
 INFECTED = b"Subject: infected\r\n\r\n" + EICAR + b"\r\n"
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
 NOT_SCANNED = "X-Virus-Not-Scanned"
-BLOCKED_REPLY = "421 4.7.0 Too many infected messages from your address; try again later"
 
 
 def send(appliance, message, sender="alice@example.com", rcpts=("bob@example.com",)):
@@ -172,7 +171,7 @@ def test_client_gone_mid_stream_delivers_nothing(appliance, next_hop):
 
 @pytest.mark.appliance_config(MaxScanSize="100K", OversizeAction="reject")
 def test_oversize_reject(appliance, next_hop):
-    assert send(appliance, big_message(500_000)) == "552 5.3.4 Message too big to be scanned"
+    assert send(appliance, big_message(500_000)) == R.OVERSIZE_REJECTED
     assert send(appliance, CLEAN).startswith("250 ")  # the session and the next hop go on
     assert len(next_hop.wait_for(1)) == 1
     assert "status=OVERSIZE" in appliance.log()
@@ -181,7 +180,7 @@ def test_oversize_reject(appliance, next_hop):
 @pytest.mark.appliance_config(MaxScanSize="100K", OversizeAction="defer")
 def test_oversize_defer(appliance, next_hop):
     reply = send(appliance, big_message(500_000))
-    assert reply == "451 4.3.4 Message too big to be scanned; try again later"
+    assert reply == R.OVERSIZE_DEFERRED
     assert next_hop.messages == []
     reload_with(appliance, OversizeAction="pass")
     assert send(appliance, big_message(500_000)).startswith("250 ")
@@ -205,7 +204,7 @@ def test_too_big_for_clamd_is_passed_with_oversize_pass(
 def test_too_big_for_clamd_is_rejected_with_oversize_reject(
     small_clamd, appliance, next_hop
 ):
-    assert send(appliance, big_message(300_000)) == "552 5.3.4 Message too big to be scanned"
+    assert send(appliance, big_message(300_000)) == R.OVERSIZE_REJECTED
     assert next_hop.messages == []
 
 
@@ -334,7 +333,7 @@ def test_infected_host_is_blocked_then_let_back(workers, appliance, next_hop, tm
     assert sorted((tmp_path / "env.txt").read_text().split()) == ["BLOCKED=3", "BLOCKED=unset"]
     ehlos = next_hop.event_names().count("EHLO client.test")
     replies = send_raw(appliance.host, appliance.port, ["EHLO x"])
-    assert replies == [BLOCKED_REPLY]  # at connect, before the next hop is contacted
+    assert replies == [R.BLOCKED]  # at connect, before the next hop is contacted
     assert next_hop.event_names().count("EHLO client.test") == ehlos
     assert metric(appliance, "clamsmtpd_infected_hosts_blocked") == 1
     assert metric(appliance, "clamsmtpd_infected_host_blocks_total") == 1
@@ -353,7 +352,7 @@ def test_the_session_that_got_blocked_ends_after_its_reply(appliance, next_hop):
         client.rcpt("b@example.com")
         assert client.data(INFECTED)[0] == 250
         code, text = client.docmd("MAIL", "FROM:<a@example.com>")
-        assert f"{code} {text.decode()}" == BLOCKED_REPLY
+        assert f"{code} {text.decode()}" == R.BLOCKED
     assert next_hop.messages == []
 
 

@@ -284,7 +284,7 @@ def test_starttls_rules(appliance, next_hop):
         read_reply(raw, buffer)
         assert raw_dialogue(raw, buffer, b"EHLO c", b"STARTTLS now", b"MAIL FROM:<a@b.example>",
                             b"STARTTLS", b"RSET", b"STARTTLS")[1:] == [
-            "501 5.5.4 Syntax: STARTTLS", "250 2.1.0 OK", R.TLS_IN_TRANSACTION, "250 OK",
+            R.TLS_SYNTAX, "250 2.1.0 OK", R.TLS_IN_TRANSACTION, "250 OK",
             R.TLS_READY]
         with context.wrap_socket(raw, server_hostname="proxy.test") as sock:
             assert raw_dialogue(sock, bytearray(), b"STARTTLS") == [R.TLS_ACTIVE]

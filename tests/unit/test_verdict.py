@@ -3,6 +3,7 @@
 from ipaddress import ip_network
 
 import pytest
+import replies as R
 
 from appliance.scanner import CLEAN, ERROR, OVERSIZE, VIRUS, ScanResult
 from appliance.verdict import (
@@ -28,11 +29,11 @@ EICAR = ScanResult(VIRUS, virus="Eicar-Test-Signature")
         (ScanResult(CLEAN), "drop", FORWARD, None, b""),
         (ScanResult(CLEAN), "bounce", FORWARD, None, b""),
         (ScanResult(CLEAN), "pass", FORWARD, None, b""),
-        (EICAR, "drop", DISCARD, "250 Virus Detected; Discarded Email", b""),
-        (EICAR, "bounce", REJECT, "550 Virus Detected; Content Rejected", b""),
+        (EICAR, "drop", DISCARD, R.DISCARDED, b""),
+        (EICAR, "bounce", REJECT, R.REJECTED, b""),
         (EICAR, "pass", FORWARD, None, INFECTED_HEADER),
-        (ScanResult(ERROR, detail="down"), "drop", TEMPFAIL, "451 Local Error", b""),
-        (ScanResult(ERROR, detail="down"), "pass", TEMPFAIL, "451 Local Error", b""),
+        (ScanResult(ERROR, detail="down"), "drop", TEMPFAIL, R.LOCAL_ERROR, b""),
+        (ScanResult(ERROR, detail="down"), "pass", TEMPFAIL, R.LOCAL_ERROR, b""),
     ],
 )
 def test_decide(result, action, kind, reply, extra):
@@ -98,7 +99,7 @@ def test_reject_message_names_the_virus_safely(virus, reply):
 
 def test_reject_message_only_for_bounce():
     policy = Policy(action="drop", reject_message="554 no: %v")
-    assert decide(EICAR, policy).reply == "250 Virus Detected; Discarded Email"
+    assert decide(EICAR, policy).reply == R.DISCARDED
 
 
 def test_every_unscanned_reason_has_its_metric():
@@ -118,10 +119,10 @@ TOO_BIG = ScanResult(OVERSIZE, detail="INSTREAM size limit exceeded")
     ("oversize", "kind", "reply", "status"),
     [
         ("pass", FORWARD, None, "UNSCANNED:size"),
-        ("reject", REJECT, "552 5.3.4 Message too big to be scanned", "OVERSIZE"),
-        ("defer", TEMPFAIL, "451 4.3.4 Message too big to be scanned; try again later",
+        ("reject", REJECT, R.OVERSIZE_REJECTED, "OVERSIZE"),
+        ("defer", TEMPFAIL, R.OVERSIZE_DEFERRED,
          "OVERSIZE"),
-        (None, TEMPFAIL, "451 Local Error", "CLAMAV-ERROR"),  # neither directive: as 1.10
+        (None, TEMPFAIL, R.LOCAL_ERROR, "CLAMAV-ERROR"),  # neither directive: as 1.10
     ],
 )
 def test_oversize(oversize, kind, reply, status):
