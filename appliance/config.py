@@ -86,6 +86,11 @@ class OutTLS(enum.StrEnum):
     ENCRYPT = "encrypt"
     VERIFY = "verify"
 
+    @property
+    def required(self) -> bool:
+        """The next hop's leg must be encrypted: no mail crosses in clear."""
+        return self in (OutTLS.ENCRYPT, OutTLS.VERIFY)
+
 
 class ClientTLS(enum.StrEnum):
     """`ClientTLS`: STARTTLS towards clients."""
@@ -227,7 +232,7 @@ def tls_problem(out_tls: OutTLS, client_tls: ClientTLS, *, hostname: str | None,
     if client_tls == ClientTLS.ON and not certificate:
         return ("ClientTLS", "on needs TLSCertificate: (and TLSKey:), the certificate shown "
                 "to clients")
-    if client_tls == ClientTLS.PASSTHROUGH and out_tls in (OutTLS.ENCRYPT, OutTLS.VERIFY):
+    if client_tls == ClientTLS.PASSTHROUGH and out_tls.required:
         return ("ClientTLS", f"passthrough cannot be combined with OutTLS: {out_tls} "
                 "(the next hop's TLS is then the client's own; use OutTLS: may or none)")
     return None

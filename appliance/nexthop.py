@@ -55,7 +55,7 @@ def _original(
         host, port = lookup(sock)
     except origdst.OrigDstError as e:
         raise DestinationError(f"{e} (was the connection redirected?)") from None
-    local_host, local_port = sock.getsockname()[:2]
+    local_host = sock.getsockname()[0]
     if port in listen_ports and _same_host(host, local_host):
         raise DestinationError(
             f"loop detected in transparent proxying: {Address(host=host, port=port)} is this proxy",

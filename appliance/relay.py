@@ -23,7 +23,7 @@ from . import tls as tls_contexts
 from .actions import VirusActions
 from .addresses import Address, plain_ip
 from .channel import ClientChannel, ClientGone, LineTooLong
-from .config import Config, Transparency
+from .config import ClientTLS, Config, Transparency
 from .containment import InfectedHosts
 from .dialogue import (
     GROUPED_VERBS,
@@ -296,7 +296,8 @@ class RelaySession:
         session.destination = destination
         # (with ClientTLS: passthrough the next hop's TLS is the client's own, if it asks)
         session.next_hop_tls_pending = (
-            self.context.tls.client is not None and self.config.client_tls != "passthrough"
+            self.context.tls.client is not None
+            and self.config.client_tls is not ClientTLS.PASSTHROUGH
         )
         try:
             session.upstream = await Upstream.connect(
@@ -331,7 +332,7 @@ class RelaySession:
                 await self._say_and_close(REPLY_BLOCKED)
                 return
             if (session.next_hop_tls_pending and verb not in _BEFORE_TLS
-                    and self.config.out_tls in ("encrypt", "verify")):
+                    and self.config.out_tls.required):
                 await self.push(REPLY_SEND_EHLO_FIRST)  # nothing goes to the next hop in clear
                 continue
             if (session.pipelining and verb in GROUPED_VERBS and self._buffered_line()
@@ -567,7 +568,7 @@ class RelaySession:
         return again
 
     def _offers_starttls(self, reply: Reply) -> bool:
-        if self.config.client_tls == "passthrough":
+        if self.config.client_tls is ClientTLS.PASSTHROUGH:
             return advertises(reply.lines, b"STARTTLS")  # the next hop's own, passed on
         return self.context.tls.server is not None and self.session.client_tls is None
 
@@ -583,14 +584,14 @@ class RelaySession:
         reply = await upstream.command(probe)
         if reply.code != 250 or not advertises(reply.lines, b"STARTTLS"):
             why = "no STARTTLS offered" if reply.code == 250 else f"EHLO refused: {reply.text}"
-            if mode in ("encrypt", "verify"):
+            if mode.required:
                 return await self._insecure(why)
             session.log.info("SERVER: %s: the next hop's leg is in clear", why)
             return reply if verb == b"EHLO" and reply.code == 250 else await upstream.command(line)
         answer = await upstream.command(b"STARTTLS")
         if answer.code != 220:
             why = f"STARTTLS refused: {answer.text}"
-            if mode in ("encrypt", "verify"):
+            if mode.required:
                 return await self._insecure(why)
             session.log.warning("SERVER: %s: the next hop's leg is in clear", why)
             return await upstream.command(line)
@@ -598,7 +599,7 @@ class RelaySession:
             await upstream.start_tls(self.context.tls.client, self.context.tls.server_hostname)
         except HandshakeError as e:
             metrics.TLS_HANDSHAKE_FAILURES.labels("next_hop").inc()
-            if mode in ("encrypt", "verify"):
+            if mode.required:
                 return await self._insecure(str(e))
             # OutTLS: may must never make undeliverable what clear text delivers (as Postfix)
             session.log.warning("SERVER: %s: connecting again, in clear", e)
@@ -670,7 +671,7 @@ class RelaySession:
     async def smtp_STARTTLS(self, line: bytes, verb: bytes) -> None:
         """ClientTLS: on: TLS with the proxy's certificate; the session goes on inside it."""
         session = self.session
-        if self.config.client_tls == "passthrough":
+        if self.config.client_tls is ClientTLS.PASSTHROUGH:
             await self._pass_starttls(line)
             return
         context = self.context.tls.server
