@@ -23,35 +23,45 @@ from netsetup.errors import KernelSupportError, UsageError
 from netsetup.plan import RedirectPlan
 
 NAMES = ("iptables", "nft")
-AUTO_ORDER = ("iptables", "nft")
-NFT_FAMILIES = ("ip", "ip6", "inet")  # the nftables families our tables can have
-NFT_PREFIX = "clamsmtp-"
-
-
-def is_our_table(table: NftTable, proxy_port: int | None = None) -> bool:
-    """An ip/ip6/inet ``clamsmtp-<port>`` table (any port when ``proxy_port`` is None).
-
-    A table of another family with such a name (``netdev clamsmtp-10025``) is not ours."""
-    if table.family not in NFT_FAMILIES:
-        return False
-    if proxy_port is None:
-        return table.name.startswith(NFT_PREFIX)
-    return table.name == f"{NFT_PREFIX}{proxy_port}"
-
+AUTO_ORDER = ("iptables", "nft")  # the first one is the default: a host without rules gets it
 
 Op = TypeVar("Op")
 
 
+@dataclass(frozen=True)
+class Presence:
+    """What one mechanism holds on this host, read before anything changes (for ``auto``)."""
+
+    ours: bool  # this plan's own objects are there
+    rules: dict[str, int]  # the host's own tables there (not ours): {table: rules}
+    in_use: bool  # the host's rules live there
+    text: str  # for the "host rules:" line, e.g. "nftables: ip filter (12 rules)"
+
+
 class Backend(KernelChanges[Op]):
     """One firewall mechanism: ``enable``/``disable`` (KernelChanges), plus what only a backend
-    has: whether it can work here, a check before any change, and ``status``."""
+    has: whether it can work here, what it already holds, a check before any change, and
+    ``status``.  The words ``choose`` says about a backend are the backend's own."""
 
     description: str = ""
+    mechanism: str = ""  # "nftables"
+    ours_found: str = ""  # why auto keeps it: "our table already exists in nftables"
+    ours_are: str = ""  # "our table is"
+    missing: str = ""  # what is missing when not is_supported(): "the nft command is missing"
+    install_hint: str = ""  # "apt-get install nftables"
 
     @classmethod
     @abstractmethod
     def is_supported(cls) -> bool:
         """Can this backend work on this host at all (libraries present)?"""
+
+    @abstractmethod
+    def survey(self, plan: RedirectPlan, nft: tuple[NftTable, ...] | None) -> Presence:
+        """What this mechanism holds here (read-only); ``nft``: discovery's nftables tables."""
+
+    @abstractmethod
+    def beside(self, other: Backend[object], found: Presence, host: str) -> str:
+        """The warning when this backend is used while the host's rules are in ``other``."""
 
     def check(self, plan: RedirectPlan) -> None:  # noqa: B027 - optional hook
         """Raise KernelSupportError (or another NetsetupError) before any change is made."""
@@ -60,41 +70,22 @@ class Backend(KernelChanges[Op]):
     def status(self, plan: RedirectPlan) -> list[str]:
         """Lines describing what is installed, with packet and byte counters."""
 
-    def host_rules(self) -> dict[str, int]:
-        """{table: rules} of this mechanism that are not ours (read-only, for ``auto``)."""
-        return {}
 
-    def owns_objects(self, plan: RedirectPlan) -> bool:
-        """Whether any of this plan's own objects exist in this mechanism."""
-        return False
-
-
-def get_backend(name: str) -> type[Backend]:
+def get_backend(name: str) -> type[Backend[object]]:
     if name not in NAMES:
         raise UsageError(f"unknown backend {name!r} (choose from auto, {', '.join(NAMES)})")
     module = importlib.import_module(f"netsetup.backends.{name}")
-    return module.Backend
+    backend: type[Backend[object]] = module.Backend
+    return backend
 
 
 @dataclass(frozen=True)
 class Choice:
-    backend: Backend
+    backend: Backend[object]
     reason: str  # why this backend
     host: str  # where the host's own rules are
     warnings: tuple[str, ...] = ()
-    also: tuple[Backend, ...] = ()  # other backends that hold this plan's objects too
-
-
-def describe_host(legacy: dict[str, int], nft: tuple[NftTable, ...] | None) -> str:
-    legacy_text = ", ".join(f"{t} ({n} rules)" for t, n in legacy.items()) or "none"
-    if nft is None:
-        nft_text = "unknown (cannot read nftables)"
-    else:
-        nft_text = (
-            ", ".join(f"{t} ({t.rules} rules)" for t in nft if t.chains and not is_our_table(t))
-            or "none"
-        )
-    return f"legacy xtables: {legacy_text}; nftables: {nft_text}"
+    also: tuple[Backend[object], ...] = ()  # other backends that hold this plan's objects too
 
 
 def choose(
@@ -107,68 +98,65 @@ def choose(
 ) -> Choice:
     """The backend to use, and why.
 
-    ``auto``: the mechanism that already holds this plan's own objects; otherwise nft when the
-    host's rules live only in nftables (iptables-nft or native nft) and the nft command is
-    there; otherwise iptables (legacy xtables, through python-iptables).  An explicit name is
-    used as asked, with a warning when it mixes mechanisms.  ``Choice.also`` lists the other
-    backend when it holds this plan's objects too (``enable`` refuses, ``disable`` cleans it).
+    Every backend of AUTO_ORDER says what it holds here (``survey``).  ``auto``: the first
+    that already holds this plan's own objects; otherwise the one the host's rules live in, if
+    they live in one other than the default; otherwise the first that works here (the
+    default, iptables).  An explicit name is used as asked.  Either way a warning says when it
+    mixes mechanisms, and ``Choice.also`` lists the others that hold this plan's objects too
+    (``enable`` refuses, ``disable`` cleans them).
     """
-    iptables = get_backend("iptables")(dry_run=dry_run, log=log)
-    iptables_ok = iptables.is_supported()
-    nft_ok = get_backend("nft").is_supported()
-    legacy = iptables.host_rules() if iptables_ok else {}
-    nft_tables = tuple(t for t in nft or () if t.chains and not is_our_table(t))
-    host = describe_host(legacy, nft)
-    nft_host = bool(nft_tables) and not any(legacy.values())
-    owned = {
-        "iptables": iptables_ok and iptables.owns_objects(plan),
-        "nft": any(is_our_table(t, plan.proxy_port) for t in nft or ()),
-    }
+    if name != "auto":
+        get_backend(name)  # an unknown name is a usage error
+    backends = [get_backend(n)(dry_run=dry_run, log=log) for n in AUTO_ORDER]
+    found = {b.name: b.survey(plan, nft) for b in backends}
+    host = "; ".join(found[b.name].text for b in backends)
     warnings: list[str] = []
     if name == "auto":
-        if owned["iptables"]:
-            chosen, why = "iptables", "our chains already exist in legacy xtables"
-        elif owned["nft"] and nft_ok:
-            chosen, why = "nft", "our table already exists in nftables"
-        elif nft_host and nft_ok:
-            chosen, why = "nft", "the host's rules are in nftables"
-        else:
-            chosen = next((n for n in AUTO_ORDER if get_backend(n).is_supported()), None)
-            if chosen is None:
-                raise KernelSupportError(
-                    "no backend works here: tried "
-                    + ", ".join(f"{n} ({get_backend(n).description})" for n in AUTO_ORDER)
-                )
-            why = "no rules in nftables" if not nft_tables else "the host uses legacy xtables"
-            if owned["nft"] or nft_host:  # nft would have been chosen
-                why = "the nft command is missing"
-                warnings.append(
-                    ("our table is" if owned["nft"] else "the host's rules are")
-                    + " in nftables, but the nft command is missing (apt-get install "
-                    f"nftables): using {chosen} instead"
-                )
+        backend, why = _auto(backends, found, warnings)
         reason = f"chosen by auto: {why}"
     else:
-        chosen, reason = name, f"chosen by --backend {name}"
-    also: list[Backend] = []
-    if chosen == "iptables":
-        backend = iptables
-    else:
-        backend = get_backend(chosen)(dry_run=dry_run, log=log)
-        if owned["iptables"]:
-            also.append(iptables)
-        else:
-            iptables.close()
-    if chosen != "nft" and owned["nft"]:
-        also.append(get_backend("nft")(dry_run=dry_run, log=log))
-    if chosen == "iptables" and nft_tables:
-        warnings.append(
-            "the host's rules are in nftables ("
-            + ", ".join(str(t) for t in nft_tables)
-            + "); these legacy xtables rules work next to them, but `iptables` (iptables-nft) "
-            "does not list them and warns that legacy tables are present: "
-            "see them with iptables-legacy-save -t nat / ip6tables-legacy-save -t nat"
+        backend = next(b for b in backends if b.name == name)
+        reason = f"chosen by --backend {name}"
+    also = tuple(b for b in backends if b is not backend and found[b.name].ours)
+    for unused in backends:
+        if unused is not backend and unused not in also:
+            unused.close()
+    warnings += [
+        backend.beside(other, found[other.name], host)
+        for other in backends
+        if other is not backend and found[other.name].in_use
+    ]
+    return Choice(backend, reason, host, tuple(warnings), also)
+
+
+def _auto(
+    backends: list[Backend[object]], found: dict[str, Presence], warnings: list[str]
+) -> tuple[Backend[object], str]:
+    for backend in backends:
+        if found[backend.name].ours and backend.is_supported():
+            return backend, backend.ours_found
+    users = [b for b in backends if found[b.name].in_use]
+    sole = users[0] if len(users) == 1 and users[0] is not backends[0] else None
+    if sole is not None and sole.is_supported():
+        return sole, f"the host's rules are in {sole.mechanism}"
+    usable = [b for b in backends if b.is_supported()]
+    if not usable:
+        raise KernelSupportError(
+            "no backend works here: tried "
+            + ", ".join(f"{b.name} ({b.description})" for b in backends)
         )
-    if chosen == "nft" and any(legacy.values()):
-        warnings.append(f"the host also has legacy xtables rules: {host}")
-    return Choice(backend, reason, host, tuple(warnings), tuple(also))
+    chosen = usable[0]
+    owner = next((b for b in backends if found[b.name].ours), None)  # one that cannot work
+    wanted = owner or sole
+    if wanted is not None:  # it would have been chosen
+        what = wanted.ours_are if owner else "the host's rules are"
+        warnings.append(
+            f"{what} in {wanted.mechanism}, but {wanted.missing} ({wanted.install_hint}): "
+            f"using {chosen.name} instead"
+        )
+        return chosen, wanted.missing
+    if chosen is not backends[0]:
+        return chosen, backends[0].missing
+    if any(found[b.name].in_use for b in backends if b is not chosen):
+        return chosen, f"the host uses {chosen.mechanism}"
+    return chosen, "no rules in " + ", ".join(b.mechanism for b in backends if b is not chosen)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from netsetup import backends
 from netsetup.backends.xtables import TABLE, FamilyWorker
 from netsetup.changes import print_line
-from netsetup.discovery import kernel_xt_names, legacy_tables
+from netsetup.discovery import NftTable, kernel_xt_names, legacy_tables
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import (
     CHAIN_PREFIX,
@@ -153,6 +153,11 @@ def disable_ops(plan: RedirectPlan, family: int, state: NatState, table: str = T
 class IptablesBackend(backends.Backend[Op]):
     name = "iptables"
     description = "legacy xtables through python-iptables"
+    mechanism = "legacy xtables"
+    ours_found = "our chains already exist in legacy xtables"
+    ours_are = "our chains are"
+    missing = "python-iptables cannot be imported"
+    install_hint = "apt-get install python3-iptables iptables"
 
     def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = print_line):
         super().__init__(dry_run=dry_run, log=log)
@@ -314,6 +319,26 @@ class IptablesBackend(backends.Backend[Op]):
                 "showing the changes from an empty table)"
             )
             return NatState()
+
+    def survey(self, plan: RedirectPlan, nft: tuple[NftTable, ...] | None) -> backends.Presence:
+        supported = self.is_supported()
+        rules = self.host_rules() if supported else {}
+        text = ", ".join(f"{t} ({n} rules)" for t, n in rules.items()) or "none"
+        return backends.Presence(
+            ours=supported and self.owns_objects(plan),
+            rules=rules,
+            in_use=any(rules.values()),
+            text=f"{self.mechanism}: {text}",
+        )
+
+    def beside(self, other: backends.Backend[object], found: backends.Presence,
+               host: str) -> str:
+        return (
+            f"the host's rules are in {other.mechanism} ({', '.join(found.rules)}); these "
+            "legacy xtables rules work next to them, but `iptables` (iptables-nft) does not "
+            "list them and warns that legacy tables are present: see them with "
+            "iptables-legacy-save -t nat / ip6tables-legacy-save -t nat"
+        )
 
     def owns_objects(self, plan: RedirectPlan) -> bool:
         try:

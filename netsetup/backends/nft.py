@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from netsetup import backends
 from netsetup.changes import INJECTED
+from netsetup.discovery import NftTable
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import HOOK_FORWARDED, Mode, RedirectPlan, Rule, chain_layout
 
@@ -33,6 +34,8 @@ TIMEOUT = 30.0
 # (ENOENT) after it has taken every rule before it, so the whole transaction must be aborted.
 INJECTED_FAILURE = "delete table ip clamsmtp-injected-failure"
 FAMILY_NAMES = {4: "ip", 6: "ip6"}
+NFT_FAMILIES = ("ip", "ip6", "inet")  # the nftables families our tables can have
+NFT_PREFIX = "clamsmtp-"
 _COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
 # a base chain as enable declares it, as `nft list` prints it back (-100 is "dstnat" there
 # for prerouting, and stays -100 for output)
@@ -48,13 +51,24 @@ class NftTimeout(NetsetupError):
     """The nft command did not finish in TIMEOUT seconds and was killed."""
 
 
+def is_our_table(table: NftTable, proxy_port: int | None = None) -> bool:
+    """An ip/ip6/inet ``clamsmtp-<port>`` table (any port when ``proxy_port`` is None).
+
+    A table of another family with such a name (``netdev clamsmtp-10025``) is not ours."""
+    if table.family not in NFT_FAMILIES:
+        return False
+    if proxy_port is None:
+        return table.name.startswith(NFT_PREFIX)
+    return table.name == f"{NFT_PREFIX}{proxy_port}"
+
+
 def table_family(plan: RedirectPlan) -> str:
     families = set(plan.families)
     return "inet" if families == {4, 6} else FAMILY_NAMES[plan.families[0]]
 
 
 def table_name(plan: RedirectPlan) -> str:
-    return f"clamsmtp-{plan.proxy_port}"
+    return f"{NFT_PREFIX}{plan.proxy_port}"
 
 
 def overlapping_families(plan: RedirectPlan) -> tuple[str, ...]:
@@ -210,6 +224,11 @@ def parse_listing(text: str) -> ListedTable:
 class NftBackend(backends.Backend[Transaction]):
     name = "nft"
     description = "nftables through the nft command"
+    mechanism = "nftables"
+    ours_found = "our table already exists in nftables"
+    ours_are = "our table is"
+    missing = "the nft command is missing"
+    install_hint = "apt-get install nftables"
     atomic = True  # a failed change changed nothing: there is nothing to roll back
 
     @classmethod
@@ -276,7 +295,7 @@ class NftBackend(backends.Backend[Transaction]):
                 f"cannot read `nft -j list tables` (unexpected output: {error})"
             ) from None
         # only ip/ip6/inet tables can be ours: a "netdev clamsmtp-10025" is someone else's
-        return [(f, n) for f, n in tables if f in backends.NFT_FAMILIES]
+        return [(f, n) for f, n in tables if f in NFT_FAMILIES]
 
     def _ours(self, plan: RedirectPlan, *, for_dry_run: bool = False) -> list[str]:
         """Our tables that hold rules of ``plan``'s families, as "family name"."""
@@ -315,11 +334,21 @@ class NftBackend(backends.Backend[Transaction]):
         shown = tuple(f"  nft delete table {t}" for t in ours)
         self._apply(Transaction(f"delete {', '.join(ours)}", script, shown))
 
-    def owns_objects(self, plan: RedirectPlan) -> bool:
-        try:
-            return any(n == table_name(plan) for _f, n in self._tables())
-        except NetsetupError:
-            return False
+    def survey(self, plan: RedirectPlan, nft: tuple[NftTable, ...] | None) -> backends.Presence:
+        """From discovery's table list (netlink): no nft command needed to see ours."""
+        host = [t for t in nft or () if t.chains and not is_our_table(t)]
+        listed = ", ".join(f"{t} ({t.rules} rules)" for t in host) or "none"
+        return backends.Presence(
+            ours=any(is_our_table(t, plan.proxy_port) for t in nft or ()),
+            rules={str(t): t.rules for t in host},
+            in_use=bool(host),
+            text=f"{self.mechanism}: "
+            + ("unknown (cannot read nftables)" if nft is None else listed),
+        )
+
+    def beside(self, other: backends.Backend[object], found: backends.Presence,
+               host: str) -> str:
+        return f"the host also has {other.mechanism} rules: {host}"
 
     def status(self, plan: RedirectPlan) -> list[str]:
         own = f"{table_family(plan)} {table_name(plan)}"
@@ -337,7 +366,7 @@ class NftBackend(backends.Backend[Transaction]):
         for table in ours:
             lines += self._table_status(plan, table, own)
         others = sorted(
-            f"{f} {n}" for f, n in tables if n.startswith("clamsmtp-") and n != table_name(plan)
+            f"{f} {n}" for f, n in tables if n.startswith(NFT_PREFIX) and n != table_name(plan)
         )
         if others:
             lines.append(

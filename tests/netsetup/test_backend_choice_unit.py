@@ -9,7 +9,7 @@ from netsetup.backends import choose, get_backend
 from netsetup.backends.iptables import IptablesBackend
 from netsetup.backends.nft import NftBackend
 from netsetup.discovery import NftTable
-from netsetup.errors import UsageError
+from netsetup.errors import KernelSupportError, UsageError
 
 
 def test_auto_prefers_nft_on_an_nftables_host(nat):
@@ -70,7 +70,20 @@ def test_only_ip_ip6_inet_tables_are_ours(nat, monkeypatch):
     backend = NftBackend(log=quiet)
     backend.disable(PLAN)
     assert backend.changes == 0 and fake.scripts == []
-    assert not backend.owns_objects(PLAN)
+    assert not backend.survey(PLAN, (netdev, NftTable("bridge", "clamsmtp-10025", 1, 1))).ours
     assert backend.status(PLAN) == [
         "nftables table inet clamsmtp-10025 (IPv4, IPv6): not installed"
     ]
+
+
+def test_auto_without_python_iptables_names_what_is_missing(nat, monkeypatch):
+    monkeypatch.setattr(IptablesBackend, "is_supported", classmethod(lambda cls: False))
+    monkeypatch.setattr(NftBackend, "nft_path", classmethod(lambda cls: "/usr/sbin/nft"))
+    choice = choose("auto", PLAN, (), log=quiet)
+    assert choice.backend.name == "nft"
+    assert choice.reason == "chosen by auto: python-iptables cannot be imported"
+    assert choice.host == "legacy xtables: none; nftables: none"
+    monkeypatch.setattr(NftBackend, "nft_path", classmethod(lambda cls: None))
+    with pytest.raises(KernelSupportError, match=r"no backend works here: tried iptables "
+                       r"\(legacy xtables through python-iptables\), nft \(nftables through"):
+        choose("auto", PLAN, (), log=quiet)
