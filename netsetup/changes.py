@@ -17,7 +17,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from netsetup.errors import NetsetupError, OperationFailed
 from netsetup.plan import RedirectPlan
@@ -138,7 +138,7 @@ class KernelChanges(ABC, Generic[Op]):
 
 
 def enable_in_order(
-    parts: Sequence[KernelChanges[object]],
+    parts: Sequence[KernelChanges[Any]],
     plan: RedirectPlan,
     *,
     log: Callable[[str], None],
@@ -173,7 +173,7 @@ def enable_in_order(
 
 
 def _roll_back(
-    parts: Sequence[KernelChanges[object]],
+    parts: Sequence[KernelChanges[Any]],
     plan: RedirectPlan,
     log: Callable[[str], None],
     warn: Callable[[str], None],

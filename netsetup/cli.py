@@ -296,7 +296,8 @@ def _describe(
         return "unknown" if value is None else ("on" if value else "OFF")
 
     interfaces = [
-        facts.find(n).describe() if facts.find(n) else f"{n} (not found)" for n in plan.interfaces
+        found.describe() if (found := facts.find(n)) else f"{n} (not found)"
+        for n in plan.interfaces
     ]
     how = "discovered: no default route, not loopback" if discovered else "--interface"
     lines = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 IFF_LOOPBACK = 0x8
 IFF_UP = 0x1
@@ -84,7 +85,7 @@ def ipv6_enabled() -> bool:
     return os.path.exists("/proc/net/if_inet6")
 
 
-def _default_route_oifs(ipr, family: int) -> set[int]:
+def _default_route_oifs(ipr: Any, family: int) -> set[int]:  # ipr: pyroute2.IPRoute
     oifs: set[int] = set()
     for route in ipr.get_routes(family=family):
         if route["dst_len"] != 0 or route["type"] != RTN_UNICAST:

@@ -170,16 +170,18 @@ def chain_layout(plan: RedirectPlan, family: int | None) -> list[tuple[str, str,
     """
     if plan.mode is Mode.TPROXY:
         return [(HOOK_FORWARDED, plan.chain, _tproxy_rules(plan, family))]
-    redirect = {"protocol": "tcp", "to_port": plan.proxy_port}
     forwarded = _exemptions(plan, family) + [
-        Rule("REDIRECT", in_interface=name, dport=port, **redirect)
+        Rule("REDIRECT", in_interface=name, protocol="tcp", dport=port, to_port=plan.proxy_port)
         for name in plan.interfaces
         for port in plan.ports
     ]
     layout = [(HOOK_FORWARDED, plan.chain, forwarded)]
     if plan.local:
         local = [Rule("RETURN", uid_owner=plan.owner_uid), *_exemptions(plan, family)]
-        local += [Rule("REDIRECT", dport=port, **redirect) for port in plan.ports]
+        local += [
+            Rule("REDIRECT", protocol="tcp", dport=port, to_port=plan.proxy_port)
+            for port in plan.ports
+        ]
         layout.append((HOOK_LOCAL, plan.local_chain, local))
     return layout
 

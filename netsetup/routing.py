@@ -20,6 +20,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from netsetup.changes import KernelChanges, print_line
 from netsetup.errors import NetsetupError, OperationFailed
@@ -75,11 +76,13 @@ class PolicyRouting(KernelChanges[RouteOp]):
 
     def __init__(self, *, dry_run: bool = False, log: Callable[[str], None] = print_line):
         super().__init__(dry_run=dry_run, log=log)
-        self._conn = None  # one netlink socket for the whole command (opening one is slow)
+        # pyroute2.IPRoute (untyped): one netlink socket for the whole command (opening one is
+        # slow)
+        self._conn: Any = None
 
     # -- kernel access ---------------------------------------------------------------------
 
-    def _ipr(self):
+    def _ipr(self) -> Any:
         if self._conn is None:
             from pyroute2 import IPRoute
 

@@ -15,7 +15,7 @@ import importlib
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from netsetup.changes import KernelChanges, print_line
 from netsetup.discovery import NftTable
@@ -60,7 +60,7 @@ class Backend(KernelChanges[Op]):
         """What this mechanism holds here (read-only); ``nft``: discovery's nftables tables."""
 
     @abstractmethod
-    def beside(self, other: Backend[object], found: Presence, host: str) -> str:
+    def beside(self, other: Backend[Any], found: Presence, host: str) -> str:
         """The warning when this backend is used while the host's rules are in ``other``."""
 
     def check(self, plan: RedirectPlan) -> None:  # noqa: B027 - optional hook
@@ -71,21 +71,21 @@ class Backend(KernelChanges[Op]):
         """Lines describing what is installed, with packet and byte counters."""
 
 
-def get_backend(name: str) -> type[Backend[object]]:
+def get_backend(name: str) -> type[Backend[Any]]:
     if name not in NAMES:
         raise UsageError(f"unknown backend {name!r} (choose from auto, {', '.join(NAMES)})")
     module = importlib.import_module(f"netsetup.backends.{name}")
-    backend: type[Backend[object]] = module.Backend
+    backend: type[Backend[Any]] = module.Backend
     return backend
 
 
 @dataclass(frozen=True)
 class Choice:
-    backend: Backend[object]
+    backend: Backend[Any]
     reason: str  # why this backend
     host: str  # where the host's own rules are
     warnings: tuple[str, ...] = ()
-    also: tuple[Backend[object], ...] = ()  # other backends that hold this plan's objects too
+    also: tuple[Backend[Any], ...] = ()  # other backends that hold this plan's objects too
 
 
 def choose(
@@ -130,8 +130,8 @@ def choose(
 
 
 def _auto(
-    backends: list[Backend[object]], found: dict[str, Presence], warnings: list[str]
-) -> tuple[Backend[object], str]:
+    backends: list[Backend[Any]], found: dict[str, Presence], warnings: list[str]
+) -> tuple[Backend[Any], str]:
     for backend in backends:
         if found[backend.name].ours and backend.is_supported():
             return backend, backend.ours_found

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from netsetup import backends
 from netsetup.backends.xtables import TABLE, FamilyWorker
@@ -99,16 +100,23 @@ class Op:
     nonfatal: bool = field(default=False, compare=False)  # removal of what may already be gone
     table: str = TABLE
 
+    @property
+    def the_rule(self) -> Rule:
+        """The rule of an append, insert or delete-jump (the other actions have none)."""
+        if self.rule is None:
+            raise ValueError(f"{self.action} {self.chain}: no rule")
+        return self.rule
+
     def __str__(self) -> str:
         head = f"{_command(self.family)} -t {self.table}"
         if self.action == "new-chain":
             return f"{head} -N {self.chain}"
         if self.action == "append":
-            return f"{head} -A {self.chain} {rule_args(self.rule)}"
+            return f"{head} -A {self.chain} {rule_args(self.the_rule)}"
         if self.action == "insert":
-            return f"{head} -I {self.chain} 1 {rule_args(self.rule)}"
+            return f"{head} -I {self.chain} 1 {rule_args(self.the_rule)}"
         if self.action == "delete-jump":
-            return f"{head} -D {self.chain} -j {self.rule.target}"
+            return f"{head} -D {self.chain} -j {self.the_rule.target}"
         if self.action == "flush":
             return f"{head} -F {self.chain}"
         if self.action == "delete-chain":
@@ -194,7 +202,8 @@ class IptablesBackend(backends.Backend[Op]):
         return NatState(chains, jumps)
 
     def _rows(self, family: int, chain: str, table: str = TABLE) -> list[tuple[str, int, int]]:
-        return self._worker(family).call("rows", chain, table)
+        rows: list[tuple[str, int, int]] = self._worker(family).call("rows", chain, table)
+        return rows
 
     def close(self) -> None:
         for worker in self._workers.values():
@@ -331,7 +340,7 @@ class IptablesBackend(backends.Backend[Op]):
             text=f"{self.mechanism}: {text}",
         )
 
-    def beside(self, other: backends.Backend[object], found: backends.Presence,
+    def beside(self, other: backends.Backend[Any], found: backends.Presence,
                host: str) -> str:
         return (
             f"the host's rules are in {other.mechanism} ({', '.join(found.rules)}); these "

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from netsetup import backends
 from netsetup.changes import INJECTED
@@ -119,7 +120,9 @@ def rule_statement(rule: Rule) -> str:
 def listed_statement(rule: Rule) -> str:
     """``rule_statement`` as ``nft list`` prints it back (a host prefix loses its /32, /128)."""
 
-    def host(net: ipaddress.IPv4Network | ipaddress.IPv6Network | None):
+    def host(
+        net: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    ) -> str | ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         if net is not None and net.prefixlen == net.max_prefixlen:
             return str(net.network_address)
         return net
@@ -346,7 +349,7 @@ class NftBackend(backends.Backend[Transaction]):
             + ("unknown (cannot read nftables)" if nft is None else listed),
         )
 
-    def beside(self, other: backends.Backend[object], found: backends.Presence,
+    def beside(self, other: backends.Backend[Any], found: backends.Presence,
                host: str) -> str:
         return f"the host also has {other.mechanism} rules: {host}"
 

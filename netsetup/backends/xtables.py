@@ -15,15 +15,21 @@ import contextlib
 import ipaddress
 import multiprocessing
 import traceback
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
 
 from netsetup.discovery import legacy_tables
 from netsetup.errors import KernelSupportError
+from netsetup.plan import Rule
+
+if TYPE_CHECKING:
+    from netsetup.backends.iptables import Op
 
 TABLE = "nat"
 CALL_TIMEOUT = 60.0
 
 
-def _iptc():
+def _iptc() -> Any:  # the iptc module (python-iptables has no type information)
     import iptc
 
     return iptc
@@ -43,7 +49,7 @@ def _negatable(flag: str, value: str | None, *, address: bool = False) -> list[s
     return ["!", flag, value] if negate else [flag, value]
 
 
-def render_installed(rule) -> str:
+def render_installed(rule: Any) -> str:  # rule: iptc.Rule or iptc.Rule6
     """A python-iptables rule in iptables-save syntax (the order ``rule_args`` uses)."""
     args = _negatable("-s", rule.src, address=True) + _negatable("-d", rule.dst, address=True)
     args += _negatable("-i", rule.in_interface) + _negatable("-o", rule.out_interface)
@@ -91,13 +97,13 @@ class XtablesFamily:
         else:
             iptc.ip6tc.is_table6_available = available
 
-    def table(self, name: str = TABLE):
+    def table(self, name: str = TABLE) -> Any:  # iptc.Table or iptc.Table6
         iptc = _iptc()
         table = iptc.Table(name) if self.family == 4 else iptc.Table6(name)
         table.refresh()
         return table
 
-    def to_iptc(self, rule):
+    def to_iptc(self, rule: Rule) -> Any:  # iptc.Rule or iptc.Rule6
         iptc = _iptc()
         entry = iptc.Rule() if self.family == 4 else iptc.Rule6()
         if rule.source is not None:
@@ -132,7 +138,7 @@ class XtablesFamily:
 
     # -- calls served to the parent ------------------------------------------------------
 
-    def check_rules(self, rules: list) -> None:
+    def check_rules(self, rules: list[Rule]) -> None:
         """Build every rule in userspace (finds missing xtables extensions, changes nothing)."""
         for rule in rules:
             try:
@@ -159,20 +165,20 @@ class XtablesFamily:
     def load_module(self, name: str) -> None:
         _iptc().util.load_kernel(name)
 
-    def apply(self, op) -> None:
+    def apply(self, op: Op) -> None:
         iptc = _iptc()
         table = self.table(op.table)
         if op.action == "new-chain":
             table.create_chain(op.chain)
         elif op.action == "append":
-            iptc.Chain(table, op.chain).append_rule(self.to_iptc(op.rule))
+            iptc.Chain(table, op.chain).append_rule(self.to_iptc(op.the_rule))
         elif op.action == "insert":
-            iptc.Chain(table, op.chain).insert_rule(self.to_iptc(op.rule), 0)
+            iptc.Chain(table, op.chain).insert_rule(self.to_iptc(op.the_rule), 0)
         elif op.action == "delete-jump":
             chain = iptc.Chain(table, op.chain)
-            found = next((r for r in chain.rules if r.target.name == op.rule.target), None)
+            found = next((r for r in chain.rules if r.target.name == op.the_rule.target), None)
             if found is None:
-                raise LookupError(f"no rule in {op.chain} jumps to {op.rule.target}")
+                raise LookupError(f"no rule in {op.chain} jumps to {op.the_rule.target}")
             chain.delete_rule(found)
         elif op.action == "flush":
             table.flush_entries(op.chain)
@@ -181,7 +187,9 @@ class XtablesFamily:
         else:
             raise ValueError(f"unknown action {op.action!r}")
 
-    def read_state(self, hooks: tuple[str, ...], name: str = TABLE) -> tuple[frozenset[str], dict]:
+    def read_state(
+        self, hooks: tuple[str, ...], name: str = TABLE
+    ) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
         iptc = _iptc()
         table = self.table(name)
         jumps = {
@@ -218,7 +226,7 @@ class WorkerError(Exception):
     """A call failed in a worker; the message is the python-iptables error."""
 
 
-def _serve(conn, family: int) -> None:
+def _serve(conn: Connection, family: int) -> None:
     """Worker main loop: (method, args) in; ("ok", result) or an error out; None ends it."""
     kernel = XtablesFamily(family)
     while True:
@@ -252,7 +260,7 @@ class FamilyWorker:
         self._process.start()
         child.close()
 
-    def call(self, method: str, *args):
+    def call(self, method: str, *args: object) -> Any:
         try:
             self._conn.send((method, args))
             if not self._conn.poll(CALL_TIMEOUT):
