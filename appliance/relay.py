@@ -587,7 +587,8 @@ class RelaySession:
             if mode.required:
                 return await self._insecure(why)
             session.log.info("SERVER: %s: the next hop's leg is in clear", why)
-            return reply if verb == b"EHLO" and reply.code == 250 else await upstream.command(line)
+            # the probe was the client's own EHLO: its reply, even a refusal, is the answer
+            return reply if verb == b"EHLO" else await upstream.command(line)
         answer = await upstream.command(b"STARTTLS")
         if answer.code != 220:
             why = f"STARTTLS refused: {answer.text}"

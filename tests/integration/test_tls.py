@@ -75,6 +75,20 @@ def test_may_without_starttls_at_the_next_hop_stays_in_clear_and_logs_as_before(
     assert "tls=" not in log
 
 
+@pytest.mark.next_hop_replies(EHLO="502 5.5.2 Error: command not recognized")
+def test_may_sends_a_refused_ehlo_to_the_next_hop_once(appliance, next_hop):
+    """OutTLS: may probes for STARTTLS with the client's own EHLO: when the next hop refuses it,
+    that refusal is the reply to the client, not a reason to send the same EHLO again."""
+    with socket.create_connection(appliance.address, timeout=10) as sock:
+        buffer = bytearray()
+        assert read_reply(sock, buffer) == R.GREETING
+        refused, accepted = raw_dialogue(sock, buffer, b"EHLO client.test", b"HELO client.test")
+    assert refused == "502 5.5.2 Error: command not recognized"
+    assert accepted.startswith("250 ")
+    wait_until(lambda: "HELO client.test" in next_hop.event_names(), what="the HELO")
+    assert next_hop.event_names()[:2] == ["EHLO client.test", "HELO client.test"]
+
+
 @pytest.mark.next_hop_tls
 @pytest.mark.appliance_config(OutTLS="none")
 def test_none_never_starts_tls(appliance, next_hop):
