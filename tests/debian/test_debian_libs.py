@@ -4,7 +4,7 @@ pyproject.toml admits them (aiosmtpd 1.4.3, python-iptables 1.0.1, pyroute2 0.7.
 prometheus-client 0.16), and these tests hold it to that: `scripts/debian-venv` makes one venv,
 <repo>/.venv-debian, with Debian's /usr/bin/python3 over the apt packages (built once, reused while
 pyproject.toml is unchanged), and a selection of the suite runs in it: the unit tests, the relay's
-and the command line's integration tests (aiosmtpd's protocol class is subclassed there), and the
+and the command line's integration tests (aiosmtpd is their next hop), and the
 netsetup tests that drive python-iptables in a network namespace. The whole suite runs there with
 `scripts/debian-venv && .venv-debian/bin/pytest tests/unit tests/integration tests/netsetup`
 (docs/dev/debpkg.md); the selection keeps CI to about a minute.

@@ -60,8 +60,8 @@ def test_pip_show_aiosmtpd_is_in_the_pinned_range():
                     env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}))
     version = tuple(int(x) for x in re.search(r"^Version: (\d+)\.(\d+)\.(\d+)", result.stdout,
                                               flags=re.M).groups())
-    # security.md: a venv has the newest 1.4.x, 1.4.6 with both CVE fixes; pyproject admits
-    # 1.4.3 for Debian 12's python3-aiosmtpd, which has them backported
+    # security.md: the dev venv has the newest 1.4.x, 1.4.6 with both CVE fixes; pyproject's
+    # test extra admits 1.4.3 for Debian 12's python3-aiosmtpd, which has them backported
     assert (1, 4, 6) <= version < (1, 5, 0), version
     assert '"aiosmtpd>=1.4.3,<1.5"' in (REPO / "pyproject.toml").read_text()
 
