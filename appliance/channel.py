@@ -193,7 +193,11 @@ class ClientChannel(asyncio.Protocol):
             self.transport.resume_reading()
         waiter = self._loop.create_future()
         self._waiter = waiter
-        if idle_timeout and self._timer is None:
+        if not idle_timeout:
+            if self._timer is not None:  # (a splice keeps its own TimeOut, both ways)
+                self._timer.cancel()
+                self._timer = None
+        elif self._timer is None:
             self._timer = self._loop.call_at(self._last_data + self.timeout, self._idle_check)
         try:
             await waiter
