@@ -6,6 +6,7 @@ and the message path (``expand_header``).
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from email.utils import format_datetime
@@ -25,23 +26,52 @@ def expand_header(
     """
     if not template:
         return b""
+    parts = _parse(template)
+    if isinstance(parts, bytes):
+        return parts  # no %i, %l or %d: the same line for every message
     out: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+        elif part == _CLIENT:
+            out.append(client_ip)
+        elif part == _LOCAL:
+            out.append(local_ip)
+        else:
+            out.append(format_datetime(_aware(now)))
+    return _lines("".join(out))
+
+
+_CLIENT, _LOCAL, _DATE = 0, 1, 2
+_SUBSTITUTIONS = {"i": _CLIENT, "l": _LOCAL, "d": _DATE}
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(template: str) -> tuple[str | int, ...] | bytes:
+    """The template read once, not character by character for every message: runs of literal
+    text, and _CLIENT/_LOCAL/_DATE where %i/%l/%d go; the finished bytes when it has none."""
+    parts: list[str | int] = []
+    text: list[str] = []
     i = 0
     while i < len(template):
         char = template[i]
         symbol = template[i + 1] if char == "%" and i + 1 < len(template) else ""
-        if symbol == "i":
-            out.append(client_ip)
-        elif symbol == "l":
-            out.append(local_ip)
-        elif symbol == "d":
-            out.append(format_datetime(_aware(now)))
+        if symbol in _SUBSTITUTIONS:
+            parts += ["".join(text), _SUBSTITUTIONS[symbol]]
+            text = []
         elif symbol == "%":
-            out.append("%")
+            text.append("%")
         else:
-            out.append(char + symbol)  # unknown symbols are kept as written
+            text.append(char + symbol)  # unknown symbols are kept as written
         i += 1 + len(symbol)
-    lines = [line for line in _LINE_BREAK.split("".join(out)) if line.strip()]
+    if not parts:
+        return _lines("".join(text))
+    parts.append("".join(text))
+    return tuple(parts)
+
+
+def _lines(text: str) -> bytes:
+    lines = [line for line in _LINE_BREAK.split(text) if line.strip()]
     if not lines:
         return b""
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
