@@ -256,6 +256,16 @@ def _supervise(
         _start_up_failed(str(e), to_stderr)
         return 1
 
+    #: the configuration of the last SIGHUP the parent found good: a worker started after it
+    #: (a replacement) takes it over as its siblings did, not the one read at start-up
+    reloaded: list[tuple[Config, TLSContexts]] = []
+
+    def check_reload() -> bool:
+        latest = _check_reload(args)
+        if latest is not None:
+            reloaded[:] = [latest]
+        return latest is not None
+
     def run_worker(index: int, worker_ready: int | None) -> int:
         worker_held = process.HeldSignals(_HANDLED_SIGNALS)  # its own, before the unblocking
         if args.debug is None:
@@ -263,7 +273,8 @@ def _supervise(
         handle = workers.become_worker(state, index, directory)
         try:
             asyncio.run(_serve(args, config, sock, metrics_sock, worker_ready, worker_held, tls,
-                               to_stderr, worker=handle))
+                               to_stderr, worker=handle,
+                               reloaded=reloaded[0] if reloaded else None))
         except _StartFailed as e:
             _start_up_failed(str(e), to_stderr)
             return 1
@@ -273,7 +284,7 @@ def _supervise(
         return 0
 
     supervisor = workers.Supervisor(
-        count, run_worker, state=state, check_reload=lambda: _check_reload(args),
+        count, run_worker, state=state, check_reload=check_reload,
         stop_grace=STOP_GRACE + ACTIONS_GRACE, metrics_directory=directory,
     )
     try:
@@ -291,24 +302,29 @@ def _supervise(
         supervisor.close()
 
 
-def _check_reload(args: argparse.Namespace) -> bool:
-    """The parent's look at a SIGHUP's configuration, before any worker is told."""
+def _check_reload(args: argparse.Namespace) -> tuple[Config, TLSContexts] | None:
+    """The parent's look at a SIGHUP's configuration, before any worker is told: the new
+    configuration and its TLS contexts, or None (logged) if it cannot be used."""
     try:
-        load_tls(_load(args))
+        config = _load(args)
+        return config, load_tls(config)
     except ConfigError as e:
         log.error("SIGHUP: configuration not reloaded: %s", e)
-        return False
-    return True
+        return None
 
 
 async def _serve(
     args: argparse.Namespace, config: Config, sock: socket.socket,
     metrics_sock: socket.socket | None, ready_fd: int | None,
     held: process.HeldSignals, tls: TLSContexts, to_stderr: bool,
-    worker: WorkerState | None = None,
+    worker: WorkerState | None = None, reloaded: tuple[Config, TLSContexts] | None = None,
 ) -> None:
+    """`reloaded`: a worker started after a SIGHUP takes that configuration over as the others
+    did (restart-only directives keep the start-up values)."""
     try:
         appliance = Appliance(config, sock, metrics_sock, tls, worker)
+        if reloaded is not None:
+            appliance.reload(*reloaded)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         handlers: dict[int, Callable[[], None]] = {

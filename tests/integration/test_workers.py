@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import replies as R
-from helpers import free_port, read_reply, send_raw, smtp_client, wait_until
+from helpers import EICAR, free_port, read_reply, reload_with, send_raw, smtp_client, wait_until
 
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
 TWO = pytest.mark.appliance_config(Workers=2)
@@ -147,3 +147,24 @@ def test_max_connections_is_the_daemons_however_the_sessions_spread(appliance, n
     finally:
         for sock in held:
             sock.close()
+
+
+@TWO
+def test_a_worker_started_after_a_reload_has_the_reloaded_configuration(appliance, next_hop):
+    """SIGHUP (Action: bounce), then a worker dies: its replacement bounces too, not what the
+    file said at start-up (drop)."""
+    pids = worker_pids(appliance)
+    reload_with(appliance, Action="bounce")
+    os.kill(pids[0], signal.SIGKILL)
+    appliance.wait_log("worker 0 started (pid ", timeout=15)
+    replies = set()
+    for _ in range(12):  # both workers, whichever takes each connection
+        with smtp_client(appliance) as client:
+            client.ehlo()
+            client.mail("a@example.com")
+            client.rcpt("b@example.com")
+            code, text = client.data(b"Subject: v\r\n\r\n" + EICAR + b"\r\n")
+            replies.add(f"{code} {text.decode()}")
+    ids = ID.findall(appliance.log())[-12:]
+    assert {int(i, 16) % 2 for i in ids} == {0, 1}, "one worker took every connection"
+    assert replies == {R.REJECTED}
