@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 #: Past this many buffered bytes the socket is not read until the relay has taken some: a
 #: client sending faster than the next hop takes it costs this much memory, not more.
@@ -128,7 +129,8 @@ class ClientChannel(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # (a stream socket's transport: asyncio.Protocol's signature names the base class)
+        self.transport = cast(asyncio.Transport, transport)
         self._last_data = self._loop.time()
         self._on_connect(self)
 

@@ -19,7 +19,7 @@ from tlskit import client_context, server_context
 
 from appliance.actions import VirusActions
 from appliance.addresses import Address
-from appliance.channel import LineBuffer, LineTooLong
+from appliance.channel import HIGH_WATER, ClientChannel, ClientGone, LineBuffer, LineTooLong
 from appliance.config import parse_config
 from appliance.instream import CLEAN, ERROR, VIRUS, ScanResult
 from appliance.relay import MAX_LINE, RelayContext, RelaySession
@@ -74,6 +74,93 @@ def test_line_buffer_unread_puts_bytes_back_in_front():
     buffer.feed(b"T\r\n")
     buffer.unread(b"QUI")
     assert buffer.line(MAX_LINE) == b"QUIT\r\n"
+
+
+# -- the channel on a real socket -----------------------------------------------------------
+
+
+def on_channel(scenario: Callable[[ClientChannel, socket.socket], Awaitable[None]],
+               timeout: float = 0.2) -> None:
+    """A ClientChannel on one end of a socket pair, the test's raw socket on the other."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        made: list[ClientChannel] = []
+        lost: list[bool] = []
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(
+            lambda: ClientChannel(timeout, made.append, lambda: lost.append(True)), sock=ours)
+        theirs.setblocking(False)
+        try:
+            await asyncio.wait_for(scenario(made[0], theirs), WAIT)
+        finally:
+            theirs.close()
+            made[0].close()
+
+    asyncio.run(main())
+
+
+def test_channel_times_out_after_timeout_of_silence():
+    async def scenario(channel: ClientChannel, peer: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await channel.read_line(MAX_LINE)
+        assert loop.time() - started >= 0.2
+
+    on_channel(scenario)
+
+
+def test_channel_timeout_counts_from_the_last_byte_not_from_the_read():
+    """A slow but steady client is not cut off in the middle of a line (as the original's
+    socket timeout): five bytes 0.1 s apart take longer than TimeOut (0.2 s) in all."""
+
+    async def scenario(channel: ClientChannel, peer: socket.socket) -> None:
+        async def trickle() -> None:
+            for byte in b"NOOP\n":
+                await asyncio.sleep(0.1)
+                peer.send(bytes([byte]))
+
+        task = asyncio.get_running_loop().create_task(trickle())
+        assert await channel.read_line(MAX_LINE) == b"NOOP\n"
+        await task
+
+    on_channel(scenario)
+
+
+def test_channel_stops_reading_past_the_high_water_mark_until_the_relay_takes_some():
+    async def scenario(channel: ClientChannel, peer: socket.socket) -> None:
+        data = b"x" * 65536
+        sent = 0
+        while sent < 2 * HIGH_WATER:
+            try:
+                sent += peer.send(data)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if channel.transport is not None and not channel.transport.is_reading():
+                break
+        assert channel.transport is not None and not channel.transport.is_reading()
+        assert len(channel.buffer) <= HIGH_WATER + 65536 * 4  # bounded, not 2 x HIGH_WATER
+        received = 0
+        while received < sent:
+            received += len(await channel.read_chunk(1 << 18))
+        assert received == sent and channel.transport.is_reading()
+
+    on_channel(scenario, timeout=5)
+
+
+def test_channel_end_of_stream_ends_a_line_read_and_gives_b_empty_in_data():
+    async def scenario(channel: ClientChannel, peer: socket.socket) -> None:
+        peer.send(b"half a li")
+        peer.shutdown(socket.SHUT_WR)
+        with pytest.raises(ClientGone):  # a line cut by the end is no command
+            await channel.read_line(MAX_LINE)
+        assert await channel.read_chunk(100) == b"half a li"  # (DATA takes what came)
+        assert await channel.read_chunk(100) == b""  # then the end: "unexpected end of data"
+
+    on_channel(scenario)
 
 
 # -- a scripted next hop, a fake scanner, the client ----------------------------------------
