@@ -54,7 +54,9 @@ class Scanner(Protocol):
     """What the DATA phase needs of a scanner (scanner.Scanner, or a fake in tests): a verdict
     on a spooled message, never an exception (a scan that could not be done is ERROR)."""
 
-    async def scan(self, spool: Spool, log: logging.LoggerAdapter | None = None) -> ScanResult:
+    async def scan(
+        self, spool: Spool, log: logging.LoggerAdapter[logging.Logger] | None = None
+    ) -> ScanResult:
         ...
 
 
@@ -84,7 +86,7 @@ class DataPhase:
 
     def __init__(
         self, *, channel: ClientChannel, upstream: Upstream, scanner: Scanner,
-        actions: VirusActions, config: Config, log: logging.LoggerAdapter,
+        actions: VirusActions, config: Config, log: logging.LoggerAdapter[logging.Logger],
         infected: InfectedHosts, envelope: Envelope, sender: Sender,
     ) -> None:
         self.channel = channel
@@ -111,17 +113,18 @@ class DataPhase:
         await self._push(REPLY_START_DATA)
         policy = Policy.of(config)
         scan_limit = config.max_scan_size
-        spool: Spool | None = Spool(config.temp_directory)
+        fresh = Spool(config.temp_directory)
+        spool: Spool | None = fresh  # None once it is not kept
         decoder = DataDecoder()
         skip = skip_reason(policy, self.sender.client_ip, self.sender.authenticated)
         try:
             if skip is not None:  # relayed as it arrives: nothing to hold, nothing to scan
                 verdict = unscanned(skip)
                 self._log_outcome(verdict)
-                return await self._stream_through(spool, decoder, verdict)
+                return await self._stream_through(fresh, decoder, verdict)
             async with self.upstream.keepalive(config.keepalives, log):
                 spool, refusal, oversize = await self._receive_body(
-                    spool, decoder, scan_limit, stream=policy.oversize == OversizeAction.PASS
+                    fresh, decoder, scan_limit, stream=policy.oversize == OversizeAction.PASS
                 )
                 if spool is not None and not oversize:
                     started = time.monotonic()
@@ -137,6 +140,9 @@ class DataPhase:
             verdict = decide(result, policy)
             metrics.MESSAGES.labels(result.status.lower()).inc()
             self._log_outcome(verdict)
+            if spool is None:  # over MaxScanSize, not held: OversizeAction reject or defer
+                await self._discard_rest(decoder)
+                return await self._abandon(verdict.reply or REPLY_LOCAL_ERROR)
             if verdict.infected:
                 self._virus_found(spool, result.virus or "Unknown")
             if verdict.kind == FORWARD and not decoder.done:
@@ -144,7 +150,7 @@ class DataPhase:
             if verdict.kind == FORWARD:
                 return await self._forward(spool, verdict)
             await self._discard_rest(decoder)
-            return await self._abandon(verdict.reply)
+            return await self._abandon(verdict.reply or REPLY_LOCAL_ERROR)
         except UpstreamError as e:
             raise NextHopLostInMessage(str(e)) from None
         finally:

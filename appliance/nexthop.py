@@ -3,17 +3,26 @@ transparent mode) the destination the client dialled before the firewall redirec
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import origdst
 from .addresses import Address
 from .config import Config, Transparency
 from .replies import REPLY_LOOP, REPLY_NEXT_HOP_DOWN
 
-Destination = Callable[[str, asyncio.BaseTransport], Address]
+
+class Connection(Protocol):
+    """What the lookup asks of the client's connection: an asyncio transport, or the relay's
+    ClientChannel (which answers for its transport)."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+#: (client ip, the client's connection) -> the next hop for this connection
+Destination = Callable[[str, Connection], Address]
 
 
 class DestinationError(Exception):
@@ -42,7 +51,7 @@ def destination_for(config: Config, listen_ports: frozenset[int] = frozenset()) 
 
 
 def _original(
-    transport: asyncio.BaseTransport, listen_ports: frozenset[int],
+    transport: Connection, listen_ports: frozenset[int],
     lookup: Callable[[socket.socket], tuple[str, int]] | None = None,
 ) -> Address:
     lookup = lookup or origdst.original_addr

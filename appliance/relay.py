@@ -15,7 +15,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import metrics, xclient
@@ -37,7 +37,7 @@ from .dialogue import (
 )
 from .maillog import ConnectionLog, next_connection_id, summary
 from .message import DataPhase, Envelope, NextHopLostInMessage, Sender
-from .nexthop import DestinationError
+from .nexthop import Destination, DestinationError
 from .replies import (
     REPLY_AUTH_LINE_TOO_LONG,
     REPLY_AUTH_NEEDS_TLS,
@@ -92,12 +92,11 @@ class RelayContext:
 
     config: Config
     scanner: Scanner
-    #: (client ip, accepted socket) -> the next hop for this connection
-    destination: Callable[[str, object], Address]
+    destination: Destination
     actions: VirusActions
     #: TLSCertificate/TLSKey and the next hop's context, loaded with this configuration
     tls: TLSContexts = field(default_factory=lambda: TLSContexts(None, None, None))
-    sessions: set = field(default_factory=set)
+    sessions: set[RelaySession] = field(default_factory=set)
     #: our own connections to next hops: one that comes back in is a loop
     outgoing: OwnConnections = field(default_factory=OwnConnections)
     #: Set at shutdown: sessions finish the message in hand, then close with a 421.
@@ -132,6 +131,14 @@ class RelaySessionState:
         self.pipelining = False
 
     @property
+    def next_hop(self) -> Upstream:
+        """`upstream`, once the connection to the next hop is made: every command is handled
+        after its greeting."""
+        upstream = self.upstream
+        assert upstream is not None, "no connection to the next hop yet"
+        return upstream
+
+    @property
     def tls_summary(self) -> str | None:
         """`TLSv1.3/none` (client's leg / next hop's), or None when both legs are clear."""
         upstream = self.upstream
@@ -151,14 +158,14 @@ class RelaySession:
         self._closing = False
         self.session = RelaySessionState()
         self.envelope = Envelope()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.channel = ClientChannel(context.config.timeout, self._connected, self._lost)
         # Counted from here, not from connection_made: asyncio creates the protocols of a
         # whole burst of accepted connections before any of them is "made".
         context.sessions.add(self)
 
     @property
-    def transport(self) -> asyncio.BaseTransport | None:
+    def transport(self) -> asyncio.Transport | None:
         """The client's transport (TLS once STARTTLS is through); None once it is lost."""
         return self.channel.transport
 
@@ -209,7 +216,7 @@ class RelaySession:
         self._debug_lines("SERVER > ", reply.lines)
         await self._send(reply.wire())
 
-    def _debug_lines(self, prefix: str, lines) -> None:
+    def _debug_lines(self, prefix: str, lines: Iterable[bytes]) -> None:
         if self.session.log.isEnabledFor(logging.DEBUG):
             for line in lines:
                 self.session.log.debug("%s%s", prefix, line[:79].decode("utf-8", "replace"))
@@ -284,7 +291,7 @@ class RelaySession:
             return
         try:
             await self._refuse_own_connection()
-            destination = self.context.destination(session.client_ip, self.transport)
+            destination = self.context.destination(session.client_ip, self.channel)
         except DestinationError as e:
             session.log.error("%s", e)
             await self._say_and_close(e.reply)
@@ -347,7 +354,7 @@ class RelaySession:
         forwarded mail back to it (e.g. an OUTPUT rule without the owner exemption), or
         OutAddress points at the proxy itself. The original could only loop until MaxConnections.
         """
-        peer = self.transport.get_extra_info("peername")
+        peer = self.channel.get_extra_info("peername")
         if isinstance(peer, tuple) and await self.context.outgoing.is_ours(peer[:2]):
             raise DestinationError(
                 f"loop detected: this connection is the proxy's own, from {peer[0]}:{peer[1]}",
@@ -421,7 +428,7 @@ class RelaySession:
             more_verb = command_verb(more)
             rcpts = 0 if more_verb in (b"MAIL", b"RSET") else rcpts + 1
             group.append((more, more_verb))
-        upstream = session.upstream
+        upstream = session.next_hop
         owed = len(group)
         # The replies leave in one write, as a pipelining server answers a group: written one
         # by one, the second would wait for the client's delayed ACK of the first (Nagle), 40 ms
@@ -473,7 +480,7 @@ class RelaySession:
 
     async def _relay(self, line: bytes, verb: bytes) -> None:
         await self._introduce_before(verb)
-        upstream = self.session.upstream
+        upstream = self.session.next_hop
         reply = await upstream.command(line)
         if reply.positive:
             self._track(line, verb)
@@ -486,7 +493,7 @@ class RelaySession:
         would see its connection dropped with no word, right after a 250."""
         if reply.code == 421:
             self.close()
-        elif self.session.upstream.at_eof:
+        elif self.session.next_hop.at_eof:
             self.session.log.error("SERVER: connection closed after its reply (%d)", reply.code)
             metrics.NEXT_HOP_ERRORS.labels("session").inc()
             await self._say_and_close(REPLY_NEXT_HOP_LOST)
@@ -522,7 +529,7 @@ class RelaySession:
             if reply is None:
                 return
         else:
-            reply = await self.session.upstream.command(line)
+            reply = await self.session.next_hop.command(line)
         if reply.positive:
             self.envelope = Envelope()
             self.session.host_name = line[5:].strip().decode("utf-8", "replace")
@@ -548,7 +555,7 @@ class RelaySession:
         session = self.session
         if not self.config.xclient or session.introduced or verb in xclient.BEFORE_XCLIENT:
             return
-        await xclient.introduce(session.upstream, None, client_ip=session.client_ip, helo=None,
+        await xclient.introduce(session.next_hop, None, client_ip=session.client_ip, helo=None,
                                 proto="", log=session.log)
         session.introduced = True
 
@@ -557,12 +564,12 @@ class RelaySession:
         to XCLIENT reset the next hop's session). Returns the reply to relay to the client."""
         session = self.session
         await xclient.introduce(
-            session.upstream, reply if verb == b"EHLO" else None,  # HELO hides the extensions
+            session.next_hop, reply if verb == b"EHLO" else None,  # HELO hides the extensions
             client_ip=session.client_ip, helo=session.host_name,
             proto="ESMTP" if verb == b"EHLO" else "SMTP", log=session.log,
         )
         session.introduced = True
-        again = await session.upstream.command(line)
+        again = await session.next_hop.command(line)
         if not again.positive:
             session.log.warning("server refused %s after XCLIENT: %s", verb.decode(), again.text)
         return again
@@ -578,14 +585,15 @@ class RelaySession:
         client's line, sent inside TLS when that worked. None: the session is over (OutTLS:
         encrypt or verify, and the leg could not be encrypted; the client was told)."""
         session = self.session
-        upstream = session.upstream
+        upstream = session.next_hop
         mode = self.config.out_tls
         probe = line if verb == b"EHLO" else b"EHLO " + line[5:].strip()
         reply = await upstream.command(probe)
         if reply.code != 250 or not advertises(reply.lines, b"STARTTLS"):
             why = "no STARTTLS offered" if reply.code == 250 else f"EHLO refused: {reply.text}"
             if mode.required:
-                return await self._insecure(why)
+                await self._insecure(why)
+                return None
             session.log.info("SERVER: %s: the next hop's leg is in clear", why)
             # the probe was the client's own EHLO: its reply, even a refusal, is the answer
             return reply if verb == b"EHLO" else await upstream.command(line)
@@ -593,33 +601,37 @@ class RelaySession:
         if answer.code != 220:
             why = f"STARTTLS refused: {answer.text}"
             if mode.required:
-                return await self._insecure(why)
+                await self._insecure(why)
+                return None
             session.log.warning("SERVER: %s: the next hop's leg is in clear", why)
             return await upstream.command(line)
+        context = self.context.tls.client
+        assert context is not None  # (next_hop_tls_pending is set only with one)
         try:
-            await upstream.start_tls(self.context.tls.client, self.context.tls.server_hostname)
+            await upstream.start_tls(context, self.context.tls.server_hostname)
         except HandshakeError as e:
             metrics.TLS_HANDSHAKE_FAILURES.labels("next_hop").inc()
             if mode.required:
-                return await self._insecure(str(e))
+                await self._insecure(str(e))
+                return None
             # OutTLS: may must never make undeliverable what clear text delivers (as Postfix)
             session.log.warning("SERVER: %s: connecting again, in clear", e)
             return await self._reconnect_in_clear(line)
-        session.log.info("SERVER: TLS: %s, %s", upstream.ssl_object.version(),
-                         upstream.ssl_object.cipher()[0])
+        session.log.info("SERVER: TLS: %s", _version_cipher(upstream.ssl_object))
         return await upstream.command(line)
 
     async def _insecure(self, why: str) -> None:
         self.session.log.error("SERVER: cannot encrypt the connection (OutTLS: %s): %s",
                                self.config.out_tls, why)
         metrics.NEXT_HOP_ERRORS.labels("tls").inc()
-        await self.session.upstream.quit()
+        await self.session.next_hop.quit()
         await self._say_and_close(REPLY_NEXT_HOP_INSECURE)
 
     async def _reconnect_in_clear(self, line: bytes) -> Reply:
         session = self.session
-        session.upstream.close()
+        session.next_hop.close()
         full = self.config.transparent_proxy is Transparency.FULL
+        assert session.destination is not None  # (set before the first connection)
         session.upstream = await Upstream.connect(
             session.destination, self.config.timeout, self.context.outgoing,
             source=session.client_ip if full else None,
@@ -632,13 +644,13 @@ class RelaySession:
     async def smtp_AUTH(self, line: bytes, verb: bytes) -> None:
         """SASL passes through: relay the challenges and the client's answers as they come."""
         session = self.session
-        if session.client_tls is not None and session.upstream.ssl_object is None:
+        if session.client_tls is not None and session.next_hop.ssl_object is None:
             # The client encrypted its password for a reason: it does not cross in clear.
             session.log.warning("AUTH refused: the connection to the next hop is not encrypted")
             await self.push(REPLY_AUTH_NEEDS_TLS)
             return
         await self._introduce_before(verb)
-        upstream = self.session.upstream
+        upstream = self.session.next_hop
         reply = await upstream.command(line)
         while reply.code == 334:
             await self._push_reply(reply)
@@ -663,7 +675,7 @@ class RelaySession:
         await self._end_if_next_hop_left(reply)
 
     async def smtp_QUIT(self, line: bytes, verb: bytes) -> None:
-        upstream = self.session.upstream
+        upstream = self.session.next_hop
         reply = await upstream.command(line)
         await self._push_reply(reply)
         if reply.code == 221 or reply.code == 421 or upstream.at_eof:
@@ -705,8 +717,7 @@ class RelaySession:
             self.channel.abort()
             self._release()
             raise ClientGone from None
-        session.log.info("client TLS: %s, %s", session.client_tls.version(),
-                         session.client_tls.cipher()[0])
+        session.log.info("client TLS: %s", _version_cipher(session.client_tls))
         # RFC 3207 4.2: everything learnt before is forgotten; the client says EHLO again
         self.envelope = Envelope()
         session.host_name = None
@@ -722,7 +733,7 @@ class RelaySession:
         # XClient: on: after the splice the proxy sees no command, so the client must be
         # introduced now (a client that skipped HELO would reach the next hop as the proxy)
         await self._introduce_before(b"STARTTLS")
-        upstream = session.upstream
+        upstream = session.next_hop
         reply = await upstream.command(line)
         if reply.code != 220:
             await self._push_reply(reply)
@@ -756,10 +767,8 @@ class RelaySession:
             return
         self.envelope = Envelope()  # whatever happens, the transaction ends here
         session = self.session
-        upstream = session.upstream
-        assert upstream is not None
         phase = DataPhase(
-            channel=self.channel, upstream=upstream, scanner=self.context.scanner,
+            channel=self.channel, upstream=session.next_hop, scanner=self.context.scanner,
             actions=self.context.actions, config=self.config, log=session.log,
             infected=self.context.infected, envelope=envelope,
             sender=Sender(
@@ -789,9 +798,16 @@ class RelaySession:
 
 
 # The verbs with a handler of their own; every other verb is relayed as it is (_relay).
-_VERBS: dict[bytes, Callable] = {
+_VERBS: dict[bytes, Callable[[RelaySession, bytes, bytes], Awaitable[None]]] = {
     verb[5:].encode(): method
     for verb, method in vars(RelaySession).items()
     if verb.startswith("smtp_")
 }
 
+
+def _version_cipher(tls: ssl.SSLObject | None) -> str:
+    """`TLSv1.3, TLS_AES_256_GCM_SHA384` for the log line after a handshake."""
+    if tls is None:  # (not after a handshake that went through)
+        return "None, None"
+    cipher = tls.cipher()
+    return f"{tls.version()}, {cipher[0] if cipher else None}"
