@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import stat
+from typing import cast
 
 from . import metrics
 from .actions import VirusActions
@@ -124,7 +125,8 @@ class _Busy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.error("too many connections open (max %d). sent busy response", self.limit)
-        transport.write(_BUSY)  # type: ignore[attr-defined]
+        # (a stream socket's transport: asyncio.Protocol's signature names the base class)
+        cast(asyncio.Transport, transport).write(_BUSY)
         transport.close()
 
 
