@@ -385,7 +385,8 @@ class RelaySession:
             self.session.log.warning("command with a NUL character refused")
             await self.push(REPLY_NUL)
             return None
-        self._debug_lines("CLIENT < ", (loggable_command(line),))
+        if self.session.log.isEnabledFor(logging.DEBUG):  # (no AUTH masking when not logged)
+            self._debug_lines("CLIENT < ", (loggable_command(line),))
         return line
 
     # -- pipelining (RFC 2920) --------------------------------------------------------------
