@@ -106,7 +106,8 @@ class _Connection:
         when = self.loop.time() + self.timeout
         if self.deadline is not None and self.deadline < when:
             when = self.deadline
-        self.guard.reschedule(when)
+        if when != self.guard.when():  # (TimeOut >= ScanTimeout: it stays at the deadline)
+            self.guard.reschedule(when)
 
     async def connect(self) -> None:
         """_Unreachable when clamd cannot be connected to (refused, missing, timed out)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -103,6 +104,20 @@ for _leg in ("client", "next_hop"):
     for _mode in ("tls", "clear", "passthrough"):
         TLS_SESSIONS.labels(_leg, _mode)
 
+_children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+def child(metric: _M, *labels: str) -> _M:
+    """`metric.labels(*labels)`, looked up once: labels() takes a lock and checks its arguments
+    on every call, and the relay counts several per message."""
+    key = (metric, labels)
+    found: _M | None = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 #: Every metric above, for share_between_processes
 _METRICS = tuple(v for v in list(globals().values()) if isinstance(v, MetricWrapperBase))
 
@@ -123,6 +138,7 @@ def share_between_processes(directory: str) -> None:
     The metrics here were made at import, in the one-process way: each is made again.
     """
     global _served
+    _children.clear()  # (children of the one-process metrics, made again below)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     for metric in _METRICS:

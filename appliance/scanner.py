@@ -73,6 +73,8 @@ class Scanner:
     def _pick(self, tried: set[_Member]) -> _Member | None:
         """The clamd for the next try: an untried one in the pool with the fewest scans in
         flight (taking turns among equals); if none is in the pool, an untried one out of it."""
+        if len(self._members) == 1:  # (the usual ClamAddress)
+            return None if self._members[0] in tried else self._members[0]
         turn = next(self._turn)
         size = len(self._members)
         order = [self._members[(turn + i) % size] for i in range(size)]
@@ -103,9 +105,9 @@ class Scanner:
             if not outcome.clamd_failed:
                 if not member.up:
                     self._back(member)
-                metrics.CLAMD_SCANS.labels(member.clamd.name, result.status.lower()).inc()
+                metrics.child(metrics.CLAMD_SCANS, member.clamd.name, result.status.lower()).inc()
                 return result
-            metrics.CLAMD_SCANS.labels(member.clamd.name, "failed").inc()
+            metrics.child(metrics.CLAMD_SCANS, member.clamd.name, "failed").inc()
             log.warning("clamd at %s failed: %s", member.clamd.name, result.detail)
             self._out(member, result.detail)
             if outcome.sent:  # a refused connection costs nothing: only real tries count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -484,9 +485,12 @@ def _same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
     return a[1] == b[1] and plain_ip(a[0]) == plain_ip(b[0])
 
 
+@functools.lru_cache(maxsize=1024)
 def _literal(address: Address) -> list[AddrInfo] | None:
     """getaddrinfo's answer for an IP literal, without its trip to a thread (every connection
-    of a proxy with a numeric OutAddress, and every transparent one, would pay it)."""
+    of a proxy with a numeric OutAddress, and every transparent one, would pay it); kept per
+    address, as the parse costs more than the connect's own Python (the caller does not
+    change the list)."""
     try:
         ip = ipaddress.ip_address(address.host or "")
     except ValueError:
@@ -546,11 +550,10 @@ async def _tcp_connect(
     )
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
+        # (non-blocking from the start; the transport sets TCP_NODELAY)
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
         port = 0
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source is not None:
                 set_transparent(sock)
                 sock.bind(_source_for(family, source))
