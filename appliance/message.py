@@ -138,7 +138,7 @@ class DataPhase:
             elif result.status in (ERROR, OVERSIZE):
                 log.error("clamav error: %s", result.detail)
             verdict = decide(result, policy)
-            metrics.MESSAGES.labels(result.status.lower()).inc()
+            metrics.child(metrics.MESSAGES, result.status.lower()).inc()
             self._log_outcome(verdict)
             if spool is None:  # over MaxScanSize, not held: OversizeAction reject or defer
                 await self._discard_rest(decoder)

@@ -268,12 +268,12 @@ class RelaySession:
             client_mode = "passthrough"
         else:
             client_mode = "tls" if session.client_tls else "clear"
-        metrics.TLS_SESSIONS.labels("client", client_mode).inc()
+        metrics.child(metrics.TLS_SESSIONS, "client", client_mode).inc()
         upstream = session.upstream
         if upstream is not None:
             mode = "tls" if upstream.ssl_object is not None else "clear"
             mode = "passthrough" if session.passthrough else mode
-            metrics.TLS_SESSIONS.labels("next_hop", mode).inc()
+            metrics.child(metrics.TLS_SESSIONS, "next_hop", mode).inc()
 
     async def _say_and_close(self, reply: str) -> None:
         with contextlib.suppress(ClientGone):
