@@ -399,7 +399,8 @@ MAPPED: dict[str, str] = {
         "test_a_hand_deleted_object_shows_in_status_and_enable_puts_it_back",
     r"scripts/netlab": "tests/e2e/test_transparent.py::test_netlab_stays_up_until_ctrl_c",
     r"scripts/bench( --quick| --markdown \S+| --json \S+)?|smtp-source -A .+|smtp-sink .+"
-    r"|scripts/bench --scenarios \S+ --targets \S+ --sessions \d+ --rounds \d+":
+    r"|scripts/bench --scenarios \S+ --targets \S+ --sessions \d+ --rounds \d+"
+    r"|scripts/bench --scenarios \S+ --targets \S+ --rounds \d+ --no-latency --messages \d+":
         "tests/integration/test_bench.py::"
         "test_a_tiny_benchmark_measures_every_target_and_every_message_is_accepted",
     r"scripts/bench --tls( --quick)?":
