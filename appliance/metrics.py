@@ -122,6 +122,8 @@ def child(metric: _M, *labels: str) -> _M:
 _METRICS = tuple(v for v in list(globals().values()) if isinstance(v, MetricWrapperBase))
 
 MAX_REQUEST = 8192
+#: Seconds a scraper has to read the end of its answer after the endpoint closed.
+CLOSE_GRACE = 10.0
 
 #: What the endpoint shows: this process's registry, or every worker's (share_between_processes)
 _served: CollectorRegistry = REGISTRY
@@ -181,7 +183,10 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             asyncio.LimitOverrunError):
         pass
     finally:
+        # A polite close waits until the scraper has read the rest of the body: one that never
+        # does would keep its connection (and the body) for good. It gets 10 s, then is cut.
         writer.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, writer.transport.abort)
 
 
 async def serve(sock: socket.socket) -> asyncio.AbstractServer:

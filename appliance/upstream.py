@@ -434,6 +434,11 @@ class Upstream:
         self.close()
 
     def close(self) -> None:
+        """Close politely; but a next hop that has not taken what was written to it (it stopped
+        reading) would keep the connection, its fd and the unsent bytes for as long as it
+        keeps its window shut: that one is aborted."""
+        if not self.closed and self._transport.get_write_buffer_size():
+            self.abort()
         if not self.closed:
             self.closed = True
             self._protocol.deadline.close()

@@ -144,3 +144,19 @@ def test_a_next_hop_that_talks_unasked_is_not_read_past_the_high_water_mark():
         return held, (await upstream.read_reply()).lines[0]
     held, first = _with_next_hop(script)
     assert held <= READ_HIGH_WATER + 65536 and first == b"250 unasked"
+
+
+def test_closing_a_next_hop_that_stopped_reading_lets_go_of_the_connection():
+    """A next hop that never reads (a zero window): what was written to it stays in the
+    transport's buffer; close() then aborts, instead of keeping the connection, its fd and the
+    bytes for as long as the next hop keeps its window shut."""
+    async def script(upstream: Upstream, peer: socket.socket) -> bool:
+        protocol = upstream._protocol
+        upstream._transport.set_write_buffer_limits(high=1 << 24)  # (send() does not wait)
+        await upstream.send(b"x" * (8 << 20))  # far more than the socket buffers hold
+        assert upstream._transport.get_write_buffer_size()
+        upstream.close()
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        return protocol.lost
+    assert _with_next_hop(script)
