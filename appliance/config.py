@@ -751,7 +751,8 @@ class Directive:
     field: str  # the Config field it sets
     kind: _Kind  # how its value is read, checked and shown
     reload: Reload = Reload.LIVE
-    #: a deprecated directive: the warning each use gets (it is accepted, never shown)
+    #: a deprecated directive: the warning each use gets (accepted; left out of the list of
+    #: directives an unknown name is told about)
     deprecated: str | None = None
     #: an old name that sets another directive's field (Bounce, ScanHeader): not shown itself
     alias_of: str | None = None
