@@ -36,7 +36,7 @@ def print_line(line: str) -> None:
 
 def _fail_after() -> int | None:
     value = os.environ.get(FAIL_AFTER_ENV)
-    return int(value) if value and value.isdigit() else None
+    return int(value) if value and value.isascii() and value.isdigit() else None
 
 
 def _delay() -> float:

@@ -44,7 +44,7 @@ FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (1..65535)")
     return int(text)
 
@@ -223,7 +223,7 @@ def _interfaces(args: argparse.Namespace, facts: discovery.HostFacts) -> tuple[s
 def _owner(args: argparse.Namespace) -> tuple[int | None, str | None]:
     if not args.local:
         return None, None
-    if args.user.isdigit():
+    if args.user.isascii() and args.user.isdigit():
         return int(args.user), args.user
     try:
         return pwd.getpwnam(args.user).pw_uid, args.user

@@ -42,8 +42,13 @@ class Listen:
         return f"{self.host}:{self.port}"
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '³' and '３', which int() refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 def _port(text: str, where: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _is_number(text) or not 1 <= int(text) <= 65535:
         raise UsageError(f"{where}: Listen: invalid port {text!r}")
     return int(text)
 
@@ -53,7 +58,7 @@ def parse_listen_value(value: str, where: str) -> Listen:
     value = value.strip()
     if not value:
         raise UsageError(f"{where}: Listen: empty value")
-    if value.isdigit():
+    if _is_number(value):
         return Listen(None, _port(value, where), where)
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")

@@ -58,6 +58,9 @@ def test_listen_default_when_absent():
         ("[::1", "missing ']'"),
         ("[127.0.0.1]:25", "invalid IPv6"),
         ("", "empty value"),
+        ("\u00b3", "invalid address"),  # a superscript three: isdigit() but not int()
+        ("\uff13", "invalid address"),  # a fullwidth three: clamsmtpd refuses it, so must netsetup
+        ("127.0.0.1:\uff12\uff15", "invalid port"),
     ],
 )
 def test_listen_errors_name_file_and_line(value, message):
