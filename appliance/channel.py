@@ -125,6 +125,7 @@ class ClientChannel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost = False
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -154,6 +155,9 @@ class ClientChannel(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._wake()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -195,6 +199,9 @@ class ClientChannel(asyncio.Protocol):
             self.transport.resume_reading()
         waiter = self._loop.create_future()
         self._waiter = waiter
+        # Silence counts from the client's last byte, or from now if we were busy since (a
+        # scan, the next hop's replies): time the client spent waiting for us is not idleness.
+        self._last_data = max(self._last_data, self._loop.time())
         if not idle_timeout:
             if self._timer is not None:  # (a splice keeps its own TimeOut, both ways)
                 self._timer.cancel()
@@ -272,6 +279,8 @@ class ClientChannel(asyncio.Protocol):
         timer = self._loop.call_later(self.timeout, _expire, waiter)
         try:
             await waiter
+        except TimeoutError:
+            raise  # (an OSError too: the caller logs the write timeout)
         except OSError:
             raise ClientGone from None
         finally:
@@ -341,8 +350,18 @@ class ClientChannel(asyncio.Protocol):
         return default if self.transport is None else self.transport.get_extra_info(name, default)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close once what was written has gone out, within TimeOut: a graceful close waits
+        for the client to take it, and a client that never reads would keep the connection
+        (and its MaxConnections place) for ever."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self._write_paused:
+            transport.abort()  # it already did not read for a whole TimeOut
+            return
+        transport.close()
+        if self._close_timer is None:
+            self._close_timer = self._loop.call_later(self.timeout, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
