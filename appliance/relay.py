@@ -662,7 +662,9 @@ class RelaySession:
                 await upstream.command(answer)
                 await self.push(REPLY_AUTH_LINE_TOO_LONG)
                 return
-            except TimeoutError:
+            except TimeoutError:  # as at any other read: logged, and the client told
+                self.session.log.warning("network read operation timed out (client)")
+                await self._say_and_close(REPLY_TIMEOUT)
                 raise ClientGone from None
             self.session.log.debug("CLIENT < [authentication data]")
             answer = answer.rstrip(b"\r\n")

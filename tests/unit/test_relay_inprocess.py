@@ -7,6 +7,7 @@ the proof of behaviour; these pin the seams (docs/dev/relay.md) where a failure 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -195,6 +196,8 @@ class NextHop:
                 verb = line.split(b" ", 1)[0].upper()
                 if verb == b"EHLO":
                     writer.write("".join(r + "\r\n" for r in self.ehlo).encode())
+                elif verb == b"AUTH":
+                    writer.write(b"334 \r\n")  # a challenge: the client's answer is next
                 elif verb == b"DATA":
                     if self.drop_at_data:
                         writer.close()
@@ -260,7 +263,8 @@ CLEAN_RESULT = ScanResult(CLEAN)
 
 def run(tmp_path: Path, scenario: Scenario, *, result: ScanResult = CLEAN_RESULT,
         config: str = "", next_hop: dict | None = None,
-        tls: TLSContexts | None = None) -> tuple[NextHop, FakeScanner]:
+        tls: TLSContexts | None = None,
+        timeout: float | None = None) -> tuple[NextHop, FakeScanner]:
     """A RelaySession between the test's client and a scripted next hop, in one event loop."""
     hop = NextHop(tmp_path / "nexthop.sock", **(next_hop or {}))
     scanner = FakeScanner(result)
@@ -270,8 +274,11 @@ def run(tmp_path: Path, scenario: Scenario, *, result: ScanResult = CLEAN_RESULT
 
     async def main() -> None:
         server = await asyncio.start_unix_server(hop.serve, path=str(hop.path))
+        parsed = parse_config(text, "inprocess.conf")
+        if timeout is not None:  # (TimeOut takes whole seconds; a test need not wait one)
+            parsed = dataclasses.replace(parsed, timeout=timeout)
         context = RelayContext(
-            parse_config(text, "inprocess.conf"), scanner,
+            parsed, scanner,
             lambda ip, transport: Address(path=str(hop.path)), VirusActions(None),
             tls=tls or TLSContexts(None, None, None),
         )
@@ -428,3 +435,15 @@ def test_bad_command_line_is_refused_and_never_relayed(tmp_path, line, reply):
 
     hop, _ = run(tmp_path, scenario)
     assert hop.commands == [b"NOOP"]
+
+
+def test_a_client_silent_in_the_middle_of_auth_is_told_and_logged(tmp_path, caplog):
+    async def scenario(client: Client, hop: NextHop) -> None:
+        assert (await client.say(b"EHLO client.test\r\n")).startswith("250-smtp.passthru")
+        assert await client.say(b"AUTH LOGIN\r\n") == "334 "
+        assert await client.reply() == R.TIMEOUT  # (said nothing for TimeOut)
+        assert await client.closed()
+
+    with caplog.at_level(logging.WARNING):
+        run(tmp_path, scenario, timeout=0.2)
+    assert "network read operation timed out (client)" in caplog.text
