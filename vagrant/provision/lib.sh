@@ -49,6 +49,19 @@ tool() {  # tool NAME: the project's command NAME (python, clamsmtpd, clamsmtp-n
     fi
 }
 
+lab_python() {  # a Python that can run the lab's SMTP peer (lab.sinkrun needs aiosmtpd)
+    # The product no longer depends on aiosmtpd (docs/dev/relay.md): scripts/install's venv has
+    # none, the dev venv and Debian's python3-aiosmtpd (the box has it) do.
+    local py
+    for py in "$(tool python)" "$(command -v python3 || true)"; do
+        if [ -n "$py" ] && "$py" -c 'import aiosmtpd' >/dev/null 2>&1; then
+            echo "$py"
+            return
+        fi
+    done
+    die "no Python with aiosmtpd for the lab's mail server: apt-get install python3-aiosmtpd"
+}
+
 need() {  # need COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || die "$1 not found: install the Debian package $2 (scripts/setup)"
 }

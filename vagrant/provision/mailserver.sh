@@ -47,6 +47,6 @@ echo "$LISTEN $TLS_CERT" > "$WORKDIR/sink.listen"
 TLS_ARGS=()
 [ -z "$TLS_CERT" ] || TLS_ARGS=(--tls-cert "$TLS_CERT" --tls-key "${TLS_KEY:-$TLS_CERT}")
 start_background "$WORKDIR/sink.log" "$PIDFILE" "mail server" \
-    env PYTHONPATH="$LAB_PYTHONPATH" "$(tool python)" -m lab.sinkrun --listen "$LISTEN" \
+    env PYTHONPATH="$LAB_PYTHONPATH" "$(lab_python)" -m lab.sinkrun --listen "$LISTEN" \
     --record-dir "$WORKDIR/received" --pidfile "$PIDFILE" "${TLS_ARGS[@]}"
 say "messages are stored in $WORKDIR/received"
