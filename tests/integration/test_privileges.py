@@ -328,8 +328,7 @@ def test_tls_key_readable_by_root_only_works_after_the_drop_and_a_reload_keeps_i
                 client.sendmail("a@example.com", ["b@example.com"], b"Subject: t\r\n\r\nt\r\n")
 
         try:
-            wait_until(lambda: _accepts(port), timeout=15,
-                       what=f"the daemon on port {port}; log: {_stderr(Path(shared))}")
+            _wait_listening(proc, Path(shared), port)
             assert _status(proc.pid)["Uid"].split() == [str(nobody.pw_uid)] * 4
             send_over_tls()
             assert len(next_hop.wait_for(1)) == 1
