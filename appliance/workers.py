@@ -205,16 +205,7 @@ class Supervisor:
         """Collect the workers that exited; log each and schedule its replacement.
         True if any did."""
         died = False
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return died
-            if pid == 0:
-                return died
-            worker = next((w for w in self.workers if w.pid == pid), None)
-            if worker is None:
-                continue
+        for worker, pid, status in self._exited():
             died = True
             worker.pid = 0
             self.state.forget(worker.index)
@@ -227,6 +218,7 @@ class Supervisor:
             log.error("worker %d (pid %d) %s; its connections were cut; a new worker starts%s",
                       worker.index, pid, describe_status(status),
                       f" in {pause:g} s" if pause else "")
+        return died
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -263,19 +255,27 @@ class Supervisor:
 
     def _collect(self) -> None:
         """While stopping: reap without restarting (a second SIGTERM changes nothing)."""
-        while True:
+        for worker, pid, status in self._exited():
+            worker.pid = 0
+            if status != 0:
+                log.warning("worker %d (pid %d) %s while stopping", worker.index, pid,
+                            describe_status(status))
+
+    def _exited(self) -> list[tuple[_Worker, int, int]]:
+        """The workers that exited since the last look, reaped: (worker, pid, wait status).
+        Each worker's own pid is waited for, never any child: the parent's other children, if
+        it had any (a test's), are not ours to reap."""
+        exited = []
+        for worker in self.workers:
+            if not worker.pid:
+                continue
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for worker in self.workers:
-                if worker.pid == pid:
-                    worker.pid = 0
-                    if status != 0:
-                        log.warning("worker %d (pid %d) %s while stopping", worker.index, pid,
-                                    describe_status(status))
+                pid, status = worker.pid, 0
+            if pid:
+                exited.append((worker, pid, status))
+        return exited
 
     def close(self) -> None:
         self.state.close()
