@@ -208,3 +208,42 @@ def test_client_stalling_mid_command(client_leg, appliance, next_hop):
     assert len(next_hop.delivered()) == 1
     assert not any(b"stall" in c for s in next_hop.sessions for c in s.commands)
     assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.appliance_config(MaxConnections=1, TimeOut=1)
+@ONE_AND_TWO_WORKERS
+def test_client_that_never_reads(workers, appliance, next_hop):
+    """A client pipelines commands and never reads a reply (its receive window stays shut): the
+    proxy's writes time out, the connection is cut and its MaxConnections place comes back,
+    so the next client is served. A polite close used to wait for the window to open, for
+    ever: with MaxConnections 1 every later client got 421 busy (review R1)."""
+    flood = b"BDAT 1\r\n" * 20_000  # answered by the proxy itself (502), never read
+    sock = wait_until(lambda: _admitted(appliance), what="the flooding client admitted")
+    sent = 0
+    deadline = time.monotonic() + 30
+    with sock:
+        while time.monotonic() < deadline:  # until the proxy cuts the connection
+            try:
+                sent += sock.send(flood)
+            except BlockingIOError:
+                time.sleep(0.02)
+            except OSError:
+                break
+        else:
+            pytest.fail(f"the proxy kept a client that never reads for 30 s ({sent} bytes)")
+    assert "network write operation timed out (client)" in appliance.log()
+    assert_still_serving(appliance, next_hop)
+
+
+def _admitted(appliance) -> socket.socket | None:
+    """A connection past the greeting, non-blocking, with a small receive buffer; None while
+    the place is still taken (the fixture's readiness probe may not have left yet)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(appliance.address)
+    if read_reply(sock, bytearray()) != R.GREETING:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
