@@ -247,3 +247,19 @@ def _admitted(appliance) -> socket.socket | None:
         return None
     sock.setblocking(False)
     return sock
+
+
+def test_client_half_closing_after_its_whole_session(appliance, next_hop):
+    """The client writes its message and QUIT, then shuts its sending side (FIN) before any
+    reply, as `nc -N` or a script does: it still gets the message's 250 and the 221 (a
+    half-closed TCP connection still carries the replies), and the message is delivered once."""
+    sock, buf = open_session(appliance)
+    with sock:
+        sock.sendall(b"DATA\r\n")
+        assert read_reply(sock, buf) == R.START_DATA
+        sock.sendall(clean_message("half-closed") + b".\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_reply(sock, buf).startswith("250 ")
+        assert read_reply(sock, buf).startswith("221")
+        assert read_reply(sock, buf) is None  # then closed
+    assert sum(b"half-closed" in c for c in delivered_contents(next_hop)) == 1
