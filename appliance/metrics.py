@@ -28,81 +28,110 @@ from prometheus_client.metrics import MetricWrapperBase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-CONNECTIONS = Counter(
-    "clamsmtpd_connections", "SMTP connections accepted", registry=REGISTRY
-)
-CONNECTIONS_BUSY = Counter(
-    "clamsmtpd_connections_refused_busy",
-    "Connections refused with 421 because MaxConnections were open", registry=REGISTRY,
-)
-ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=REGISTRY,
-               multiprocess_mode="livesum")
-MESSAGES = Counter(
-    "clamsmtpd_messages",
-    "Messages by scan result (clean, virus, error, oversize: too big to scan)", ["status"],
-    registry=REGISTRY,
-)
-SCAN_SECONDS = Histogram(
-    "clamsmtpd_scan_seconds", "Time clamd took per message (INSTREAM)", registry=REGISTRY,
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-UNSCANNED = Counter(
-    "clamsmtpd_messages_unscanned",
-    "Messages passed on without a scan, by reason (error, size, network, authenticated, tls)",
-    ["reason"], registry=REGISTRY,
-)
-ALLOWED = Counter(
-    "clamsmtpd_messages_allowed",
-    "Infected messages delivered because their virus name matched VirusAllow", registry=REGISTRY,
-)
-CLAMD_UP = Gauge(
-    "clamsmtpd_clamd_up", "1 while this clamd is in the scanning pool, 0 while it is out",
-    ["clamd"], registry=REGISTRY, multiprocess_mode="livemin",
-)
-CLAMD_SCANS = Counter(
-    "clamsmtpd_clamd_scans",
-    "Scan attempts per clamd, by outcome (clean, virus, error: clamd refused the message, "
-    "failed: clamd itself failed and the scan went to another clamd or got a 451)",
-    ["clamd", "outcome"], registry=REGISTRY,
-)
-INFECTED_HOSTS_BLOCKED = Gauge(
-    "clamsmtpd_infected_hosts_blocked", "Client addresses blocked now (InfectedHostLimit)",
-    registry=REGISTRY, multiprocess_mode="livemax",
-)
-INFECTED_HOST_BLOCKS = Counter(
-    "clamsmtpd_infected_host_blocks", "Blocks started by InfectedHostLimit", registry=REGISTRY,
-)
-CONNECTIONS_BLOCKED = Counter(
-    "clamsmtpd_connections_refused_infected",
-    "Connections refused with 421 because the client's address is blocked (InfectedHostLimit)",
-    registry=REGISTRY,
-)
-NEXT_HOP_ERRORS = Counter(
-    "clamsmtpd_next_hop_errors",
-    "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],
-    registry=REGISTRY,
-)
+# The metrics, made by _define: once at import, and again in a worker of a daemon with
+# Workers > 1, after prometheus-client has been switched to its multiprocess values.
+CONNECTIONS: Counter
+CONNECTIONS_BUSY: Counter
+ACTIVE: Gauge
+MESSAGES: Counter
+SCAN_SECONDS: Histogram
+UNSCANNED: Counter
+ALLOWED: Counter
+CLAMD_UP: Gauge
+CLAMD_SCANS: Counter
+INFECTED_HOSTS_BLOCKED: Gauge
+INFECTED_HOST_BLOCKS: Counter
+CONNECTIONS_BLOCKED: Counter
+NEXT_HOP_ERRORS: Counter
+TLS_SESSIONS: Counter
+TLS_HANDSHAKE_FAILURES: Counter
 
-TLS_SESSIONS = Counter(
-    "clamsmtpd_tls_sessions",
-    "Sessions by leg (client, next_hop) and how that leg ran (tls, clear, passthrough)",
-    ["leg", "mode"], registry=REGISTRY,
-)
-TLS_HANDSHAKE_FAILURES = Counter(
-    "clamsmtpd_tls_handshake_failures", "TLS handshakes that failed, by leg (client, next_hop)",
-    ["leg"], registry=REGISTRY,
-)
 
-for _status in ("clean", "virus", "error", "oversize"):
-    MESSAGES.labels(_status)
-for _reason in ("error", "size", "network", "authenticated", "tls"):
-    UNSCANNED.labels(_reason)
-for _stage in ("connect", "session", "tls"):
-    NEXT_HOP_ERRORS.labels(_stage)
-for _leg in ("client", "next_hop"):
-    TLS_HANDSHAKE_FAILURES.labels(_leg)
-    for _mode in ("tls", "clear", "passthrough"):
-        TLS_SESSIONS.labels(_leg, _mode)
+def _define(registry: CollectorRegistry) -> None:
+    """Make every metric: module names, as a logger; callers read `metrics.NAME` as they count."""
+    global CONNECTIONS, CONNECTIONS_BUSY, ACTIVE, MESSAGES, SCAN_SECONDS, UNSCANNED, ALLOWED
+    global CLAMD_UP, CLAMD_SCANS, INFECTED_HOSTS_BLOCKED, INFECTED_HOST_BLOCKS
+    global CONNECTIONS_BLOCKED, NEXT_HOP_ERRORS, TLS_SESSIONS, TLS_HANDSHAKE_FAILURES
+
+    CONNECTIONS = Counter(
+        "clamsmtpd_connections", "SMTP connections accepted", registry=registry
+    )
+    CONNECTIONS_BUSY = Counter(
+        "clamsmtpd_connections_refused_busy",
+        "Connections refused with 421 because MaxConnections were open", registry=registry,
+    )
+    ACTIVE = Gauge("clamsmtpd_connections_active", "SMTP sessions open now", registry=registry,
+                   multiprocess_mode="livesum")
+    MESSAGES = Counter(
+        "clamsmtpd_messages",
+        "Messages by scan result (clean, virus, error, oversize: too big to scan)", ["status"],
+        registry=registry,
+    )
+    SCAN_SECONDS = Histogram(
+        "clamsmtpd_scan_seconds", "Time clamd took per message (INSTREAM)", registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
+    UNSCANNED = Counter(
+        "clamsmtpd_messages_unscanned",
+        "Messages passed on without a scan, by reason (error, size, network, authenticated, tls)",
+        ["reason"], registry=registry,
+    )
+    ALLOWED = Counter(
+        "clamsmtpd_messages_allowed",
+        "Infected messages delivered because their virus name matched VirusAllow",
+        registry=registry,
+    )
+    CLAMD_UP = Gauge(
+        "clamsmtpd_clamd_up", "1 while this clamd is in the scanning pool, 0 while it is out",
+        ["clamd"], registry=registry, multiprocess_mode="livemin",
+    )
+    CLAMD_SCANS = Counter(
+        "clamsmtpd_clamd_scans",
+        "Scan attempts per clamd, by outcome (clean, virus, error: clamd refused the message, "
+        "failed: clamd itself failed and the scan went to another clamd or got a 451)",
+        ["clamd", "outcome"], registry=registry,
+    )
+    INFECTED_HOSTS_BLOCKED = Gauge(
+        "clamsmtpd_infected_hosts_blocked", "Client addresses blocked now (InfectedHostLimit)",
+        registry=registry, multiprocess_mode="livemax",
+    )
+    INFECTED_HOST_BLOCKS = Counter(
+        "clamsmtpd_infected_host_blocks", "Blocks started by InfectedHostLimit", registry=registry,
+    )
+    CONNECTIONS_BLOCKED = Counter(
+        "clamsmtpd_connections_refused_infected",
+        "Connections refused with 421 because the client's address is blocked (InfectedHostLimit)",
+        registry=registry,
+    )
+    NEXT_HOP_ERRORS = Counter(
+        "clamsmtpd_next_hop_errors",
+        "Failures talking to the next hop, by stage (connect, session, tls)", ["stage"],
+        registry=registry,
+    )
+
+    TLS_SESSIONS = Counter(
+        "clamsmtpd_tls_sessions",
+        "Sessions by leg (client, next_hop) and how that leg ran (tls, clear, passthrough)",
+        ["leg", "mode"], registry=registry,
+    )
+    TLS_HANDSHAKE_FAILURES = Counter(
+        "clamsmtpd_tls_handshake_failures", "TLS handshakes that failed, by leg (client, next_hop)",
+        ["leg"], registry=registry,
+    )
+
+    for _status in ("clean", "virus", "error", "oversize"):
+        MESSAGES.labels(_status)
+    for _reason in ("error", "size", "network", "authenticated", "tls"):
+        UNSCANNED.labels(_reason)
+    for _stage in ("connect", "session", "tls"):
+        NEXT_HOP_ERRORS.labels(_stage)
+    for _leg in ("client", "next_hop"):
+        TLS_HANDSHAKE_FAILURES.labels(_leg)
+        for _mode in ("tls", "clear", "passthrough"):
+            TLS_SESSIONS.labels(_leg, _mode)
+
+
+_define(REGISTRY)
 
 _children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -117,9 +146,6 @@ def child(metric: _M, *labels: str) -> _M:
         found = _children[key] = metric.labels(*labels)
     return found
 
-
-#: Every metric above, for share_between_processes
-_METRICS = tuple(v for v in list(globals().values()) if isinstance(v, MetricWrapperBase))
 
 MAX_REQUEST = 8192
 #: Seconds a scraper has to read the end of its answer after the endpoint closed.
@@ -137,21 +163,16 @@ def share_between_processes(directory: str) -> None:
     Counters and histograms add up; of the gauges, the open sessions add up (live workers
     only), clamd_up is the lowest (0 as soon as one worker has that clamd out of its pool),
     and the blocked hosts the highest (every worker holds the same daemon-wide blocks).
-    The metrics here were made at import, in the one-process way: each is made again.
+    The metrics made at import, in the one-process way, are made again (_define).
     """
     global _served
     _children.clear()  # (children of the one-process metrics, made again below)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # What prometheus-client does at import when that variable is set; here it is set later,
+    # in the worker, so the metrics are made again with the multiprocess values (public API
+    # only: a new set of metrics on a registry of their own, not the old ones' insides).
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-    for metric in _METRICS:
-        if metric._labelnames:
-            with metric._lock:
-                children = list(metric._metrics)
-                metric._metrics.clear()
-            for labels in children:
-                metric.labels(*labels)
-        else:
-            metric._metric_init()  # type: ignore[no-untyped-call]
+    _define(CollectorRegistry(auto_describe=True))
     _served = CollectorRegistry()
     multiprocess.MultiProcessCollector(_served, path=directory)  # type: ignore[no-untyped-call]
 
