@@ -77,12 +77,13 @@ def _processes_using(path: Path) -> list[tuple[int, str]]:
 
 def _demo_shape(lines: list[str]) -> set[str]:
     """`scripts/netlab --demo` output lines with what differs between runs (work directory,
-    namespace names, every number: pids, uids, sizes, counters) replaced by placeholders."""
+    namespace names, every number: pids, uids, sizes, counters) replaced by placeholders, and
+    runs of spaces made one (iptables pads its counter columns to the counters' widths)."""
     shape = set()
     for line in lines:
         line = re.sub(r"/tmp/clamsmtp-netlab-[^/\s)]+", "WORKDIR", line.rstrip())
         line = re.sub(r"\bnl[cgs]-\d+-[0-9a-f]+\b", "NS", line)
-        line = re.sub(r"\d+", "N", line)
+        line = re.sub(r" +", " ", re.sub(r"\d+", "N", line))
         if line and not line.startswith("setup: "):  # scripts/setup's lines: not netlab's
             shape.add(line)
     return shape
