@@ -153,6 +153,18 @@ CLOSE_GRACE = 10.0
 
 #: What the endpoint shows: this process's registry, or every worker's (share_between_processes)
 _served: CollectorRegistry = REGISTRY
+#: share_between_processes ran: values live in files, and a label set cannot be removed
+_shared = False
+
+
+def forget(metric: MetricWrapperBase, *labels: str) -> None:
+    """Drop one label set (a clamd a reload took out of the pool). prometheus-client cannot do
+    that in multiprocess mode (it warns on stderr): there the label set stays at its last value
+    in this worker's file until the worker ends."""
+    _children.pop((metric, labels), None)
+    if not _shared:
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)
 
 
 def share_between_processes(directory: str) -> None:
@@ -165,7 +177,8 @@ def share_between_processes(directory: str) -> None:
     and the blocked hosts the highest (every worker holds the same daemon-wide blocks).
     The metrics made at import, in the one-process way, are made again (_define).
     """
-    global _served
+    global _served, _shared
+    _shared = True
     _children.clear()  # (children of the one-process metrics, made again below)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     # What prometheus-client does at import when that variable is set; here it is set later,

@@ -14,7 +14,6 @@ concurrent scans, so a slow clamd cannot take the turns of the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -177,8 +176,7 @@ class Scanner:
         for member in self._members:
             if member.probe is not None:
                 member.probe.cancel()
-            with contextlib.suppress(KeyError):
-                metrics.CLAMD_UP.remove(member.clamd.name)
+            metrics.forget(metrics.CLAMD_UP, member.clamd.name)
 
     def close(self) -> None:
         self.retire()
