@@ -1,6 +1,12 @@
 """The fault matrix's driver, shared by its four modules (test_fault_matrix_clamd.py,
 _next_hop.py, _spool.py, _client.py): the client's side of a row (a whole transaction, a raw
 session) and CLIENT_LEG, which runs a row in clear and inside ClientTLS.
+
+The promise under test: a 250 from the proxy after DATA means the next hop has the message;
+anything else is a 4xx (or, for a virus, what Action says); an infected message never gets
+through; no spool file is left behind; and the daemon keeps serving afterwards. So each row
+checks what the client was told, what the next hop got (nothing, or exactly one copy), that the
+spool is empty while the daemon still runs, and that one more clean message goes through.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """The fault matrix: TempDirectory full, missing, not a directory or read-only.
 
-The promise under test: a 250 from the proxy after DATA means the next hop has the message;
-anything else is a 4xx (or, for a virus, what Action says); an infected message never gets
-through; no spool file is left behind; and the daemon keeps serving afterwards. So each row
-checks what the client was told, what the next hop got (nothing, or exactly one copy), that the
-spool is empty while the daemon still runs, and that one more clean message goes through.
-The rows' shared driver (transaction, CLIENT_LEG, ...) is matrixkit.py; the misbehaving peers
-are faultkit.py's. docs/reliability.md lists every row.
+What every row promises and checks, and the rows' shared driver (transaction, CLIENT_LEG,
+...): matrixkit.py. The misbehaving peers are faultkit.py's. docs/reliability.md lists every row.
 """
 
 from __future__ import annotations
