@@ -329,7 +329,8 @@ async def _serve(
         loop = asyncio.get_running_loop()
         handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
-            signal.SIGHUP: lambda: _reload(args, appliance),
+            signal.SIGHUP: lambda: _reload(args, appliance, speaks=worker is None or
+                                           worker.index == 0),
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
@@ -345,17 +346,26 @@ async def _serve(
     log.info("stopped")
 
 
-def _reload(args: argparse.Namespace, appliance: Appliance) -> None:
-    """SIGHUP: read the configuration again; keep the old one if the new one is wrong."""
+def _reload(args: argparse.Namespace, appliance: Appliance, speaks: bool = True) -> None:
+    """SIGHUP: read the configuration again; keep the old one if the new one is wrong.
+
+    `speaks`: this process logs what the reload did. With `Workers`, only worker 0 does (the
+    others read the same file and come to the same result): the admin sees one set of lines
+    per daemon, as with one process (docs/dev/workers.md). A worker that refuses what the
+    parent found good (the file changed in between) says so whichever it is."""
     try:
         config = _load(args)
         tls = load_tls(config)  # a renewed certificate and key, read as User
     except ConfigError as e:  # (TLSError too: a key we can no longer read keeps the old one)
         log.error("SIGHUP: configuration not reloaded: %s", e)
         return
+    pending = appliance.reload(config, tls)
+    if not speaks:  # (seen at -d 4, where a test waits for every worker)
+        log.debug("SIGHUP: this worker took the new configuration too")
+        return
     for warning in (*config.warnings, *tls.warnings):
         log.warning("%s", warning)
-    for name in appliance.reload(config, tls):
+    for name in pending:
         log.warning("SIGHUP: %s changed: restart clamsmtpd to apply it", name)
     log.info("SIGHUP: configuration reloaded from %s", config.path)
 

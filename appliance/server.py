@@ -216,7 +216,7 @@ class Appliance:
         """Small bodies never touch TempDirectory, so a broken one is named now, at start-up
         and on reload, rather than when the first big message finds it."""
         problem = check_directory(self.config.temp_directory)
-        if problem:
+        if problem and (self.worker is None or self.worker.index == 0):  # (one line a daemon)
             log.warning("TempDirectory %s is not usable (%s): messages over %d KB will be "
                         "deferred (451) until it is", self.config.temp_directory, problem,
                         MEMORY_LIMIT // 1024)
@@ -265,6 +265,8 @@ class Appliance:
         )
 
     async def _check_clamd(self, scanner: Scanner) -> None:
+        if self.worker is not None and self.worker.index != 0:
+            return  # with Workers, worker 0 checks for the daemon: one warning, not one each
         silent = await scanner.check(min(scanner.timeout, CLAMD_CHECK_TIMEOUT))
         if len(silent) == len(scanner.addresses):
             log.warning("clamd is not answering at %s: mail will be deferred (451) until it does",

@@ -274,9 +274,13 @@ def reload_with(appliance, **directives) -> None:
     appliance.conf_path.write_text("\n".join(lines) + "\n")
     before = appliance.log().count("configuration reloaded")
     appliance.proc.send_signal(signal.SIGHUP)
-    after = before + getattr(appliance, "workers", 1)  # each worker reloads, and says so
-    wait_until(lambda: appliance.log().count("configuration reloaded") >= after,
+    others = appliance.log().count("this worker took the new configuration too")
+    # one line per daemon (with Workers, worker 0's); the other workers say it at -d 4 only
+    wait_until(lambda: appliance.log().count("configuration reloaded") > before,
                what="the reload to be logged")
+    after = others + getattr(appliance, "workers", 1) - 1
+    wait_until(lambda: appliance.log().count("took the new configuration too") >= after,
+               what="every worker to take the reload")
 
 
 #: Run a test of the `appliance` fixture with the daemon as one process (as always) and as a

@@ -168,3 +168,20 @@ def test_a_worker_started_after_a_reload_has_the_reloaded_configuration(applianc
     ids = ID.findall(appliance.log())[-12:]
     assert {int(i, 16) % 2 for i in ids} == {0, 1}, "one worker took every connection"
     assert replies == {R.REJECTED}
+
+
+@pytest.mark.appliance_config(Workers=2, ClamAddress=lambda hop: f"/nonexistent/clamd-{hop.port}")
+def test_start_up_and_reload_lines_are_logged_once_per_daemon(appliance, next_hop):
+    """What an admin with `Workers: 1` sees once is seen once with `Workers: 2` too: the
+    start-up warning that clamd does not answer, and a SIGHUP's lines (worker 0 speaks)."""
+    appliance.wait_log("clamd is not answering at")
+    worker_pids(appliance)
+    reload_with(appliance, Header="X-Once: yes", Workers=3)
+    time.sleep(1.0)  # the other worker would have said it by now
+    log = appliance.log()
+    assert log.count("clamd is not answering at") == 1, log
+    assert log.count("SIGHUP: configuration reloaded") == 1, log
+    assert log.count("SIGHUP: Workers changed: restart clamsmtpd to apply it") == 1, log
+    with smtp_client(appliance) as client:  # both workers took the reload: the header is new
+        client.ehlo()
+        assert client.mail("a@example.com")[0] == 250
