@@ -6,8 +6,9 @@ buffered line can be peeked at (pipelined groups), the DATA decoder's leftover g
 `unread`, and STARTTLS starts in place with `loop.start_tls`, the buffer emptied first (RFC 3207
 section 6: what the client sent behind STARTTLS in clear is never read).
 
-TimeOut counts from the client's last byte, with one timer per connection, re-armed only when it
-fires: a read costs no timer of its own. Why this shape: docs/dev/relay.md.
+TimeOut counts the client's silence while a read waits for it, with one timer per connection
+(`deadline.Deadline`, as the next hop's side), which also bounds the graceful close: a read costs
+no timer of its own. Why this shape: docs/dev/relay.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from typing import cast
+
+from .deadline import Deadline
 
 #: Past this many buffered bytes the socket is not read until the relay has taken some: a
 #: client sending faster than the next hop takes it costs this much memory, not more.
@@ -117,26 +120,24 @@ class ClientChannel(asyncio.Protocol):
         self._on_connect = on_connect
         self._on_lost = on_lost
         self._loop = asyncio.get_running_loop()
-        self._last_data = 0.0
         self._eof = False
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        #: ends a read's wait after TimeOut of silence, or a graceful close after TimeOut
+        self._deadline = Deadline(self._loop, self._expired)
+        self._closing = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost = False
-        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (a stream socket's transport: asyncio.Protocol's signature names the base class)
         self.transport = cast(asyncio.Transport, transport)
-        self._last_data = self._loop.time()
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
-        self._last_data = self._loop.time()
         self.buffer.feed(data)
         if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
@@ -152,12 +153,7 @@ class ClientChannel(asyncio.Protocol):
         self._lost = True
         self._eof = True
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        self._deadline.close()
         self._wake()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -180,17 +176,14 @@ class ClientChannel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _idle_check(self) -> None:
-        """The connection's one timer: fires TimeOut after the last byte, or is set again."""
-        self._timer = None
+    def _expired(self) -> None:
+        """The Deadline passed: TimeOut of silence while a read waited, or a graceful close
+        the client did not let finish within TimeOut."""
+        if self._closing:
+            self.abort()
         waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        due = self._last_data + self.timeout
-        if self._loop.time() >= due:
+        if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
-        else:
-            self._timer = self._loop.call_at(due, self._idle_check)
 
     async def _wait(self, idle_timeout: bool = True) -> None:
         """Until more bytes (or the end) arrive; TimeoutError after TimeOut of silence."""
@@ -199,19 +192,18 @@ class ClientChannel(asyncio.Protocol):
             self.transport.resume_reading()
         waiter = self._loop.create_future()
         self._waiter = waiter
-        # Silence counts from the client's last byte, or from now if we were busy since (a
-        # scan, the next hop's replies): time the client spent waiting for us is not idleness.
-        self._last_data = max(self._last_data, self._loop.time())
-        if not idle_timeout:
-            if self._timer is not None:  # (a splice keeps its own TimeOut, both ways)
-                self._timer.cancel()
-                self._timer = None
-        elif self._timer is None:
-            self._timer = self._loop.call_at(self._last_data + self.timeout, self._idle_check)
+        # Silence counts from the start of this wait: any byte ends a wait, so that is the
+        # client's last byte, or the moment we asked if we were busy since (a scan, the next
+        # hop's replies): time the client spent waiting for us is not idleness.
+        if idle_timeout:
+            self._deadline.start(self.timeout)
+        # (else a splice, which keeps its own TimeOut, both ways)
         try:
             await waiter
         finally:
             self._waiter = None
+            if not self._closing:
+                self._deadline.stop()
 
     def _consumed(self) -> None:
         if self._reading_paused and len(self.buffer) < LOW_WATER and self.transport:
@@ -305,7 +297,6 @@ class ClientChannel(asyncio.Protocol):
         if tls_transport is None:  # (typeshed allows it; asyncio returns a transport or raises)
             raise ConnectionAbortedError("no TLS transport")
         self.transport = tls_transport
-        self._last_data = self._loop.time()
         ssl_object: ssl.SSLObject = tls_transport.get_extra_info("ssl_object")
         return ssl_object
 
@@ -360,8 +351,9 @@ class ClientChannel(asyncio.Protocol):
             transport.abort()  # it already did not read for a whole TimeOut
             return
         transport.close()
-        if self._close_timer is None:
-            self._close_timer = self._loop.call_later(self.timeout, self.abort)
+        if not self._closing:
+            self._closing = True
+            self._deadline.start(self.timeout)
 
     def abort(self) -> None:
         if self.transport is not None:
