@@ -213,8 +213,19 @@ class RelaySession:
             raise ClientGone from None
 
     async def _push_reply(self, reply: Reply) -> None:
+        self._no_message_started(reply)
         self._debug_lines("SERVER > ", reply.lines)
         await self._send(reply.wire())
+
+    def _no_message_started(self, reply: Reply) -> None:
+        """A 354 answers the proxy's own DATA only (DataPhase). To a relayed command (a verb the
+        next hop takes for DATA where we do not) it would make the client's next lines a message
+        nobody scans: the next hop's connection is dropped unfinished, so none of it is
+        delivered, and the session ends with our 421."""
+        if reply.code == 354:
+            self.session.next_hop.abort()
+            raise UpstreamError(f"server started a message the proxy did not ask for "
+                                f"({reply.text}); connection dropped")
 
     def _debug_lines(self, prefix: str, lines: Iterable[bytes]) -> None:
         if self.session.log.isEnabledFor(logging.DEBUG):
@@ -439,6 +450,7 @@ class RelaySession:
             await upstream.send(b"".join(one + b"\r\n" for one, _ in group))
             for one, one_verb in group:
                 reply = await upstream.read_reply()
+                self._no_message_started(reply)
                 owed -= 1
                 if reply.positive:
                     self._track(one, one_verb)
@@ -541,6 +553,7 @@ class RelaySession:
             # (after XCLIENT the second EHLO's reply is the one the client sees)
             self.session.pipelining = verb == b"EHLO" and advertises(reply.lines, b"PIPELINING")
         if reply.positive:
+            self._no_message_started(reply)
             self._debug_lines("SERVER > ", reply.lines)
             offer = (b"STARTTLS",) if verb == b"EHLO" and self._offers_starttls(reply) else ()
             reply = Reply(reply.code, filter_ehlo(reply.lines, add=offer))

@@ -362,3 +362,37 @@ def test_a_held_sigterm_still_ends_a_start_up_that_is_stuck():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- 5. a 354 to a command that is not the proxy's own DATA (review, session 3) --------------------
+
+START_INPUT = "354 End data with <CR><LF>.<CR><LF>"
+PIPELINING_EHLO = ["250-fake.test", "250-PIPELINING", "250 8BITMIME"]
+
+
+@pytest.mark.fake_next_hop()
+def test_a_354_to_a_relayed_verb_starts_no_message(appliance, next_hop):
+    """A next hop that takes another verb for DATA (XDATA here) would read the client's next
+    lines as a message nobody scanned. Before the fix the client got that 354, and its "." made
+    such a next hop queue the message; now the next hop's connection is dropped unfinished and
+    the client gets our 421."""
+    next_hop.arm({"*": START_INPUT})
+    replies = send_raw(appliance.host, appliance.port, [*ENVELOPE, "XDATA", "."])
+    assert replies[4:] == [R.NEXT_HOP_LOST], replies
+    appliance.wait_log("server started a message the proxy did not ask for")
+    session = next_hop.wait_ended(next_hop.armed_at)
+    assert session.commands[-1] == b"XDATA", session.commands  # the "." never went on
+    assert_still_serving(appliance, next_hop)
+
+
+@pytest.mark.fake_next_hop(ehlo=PIPELINING_EHLO)
+def test_a_354_inside_a_pipelined_group_starts_no_message(appliance, next_hop):
+    next_hop.arm({"RCPT": START_INPUT})
+    replies = send_raw(appliance.host, appliance.port, [
+        "EHLO client.test",
+        (b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\n", 2), "."])
+    assert replies[2:] == ["250 2.1.0 OK", R.NEXT_HOP_LOST], replies
+    appliance.wait_log("server started a message the proxy did not ask for")
+    session = next_hop.wait_ended(next_hop.armed_at)
+    assert b"." not in session.commands, session.commands
+    assert_still_serving(appliance, next_hop)
