@@ -341,9 +341,11 @@ async def _serve(
         raise _StartFailed(f"could not start: {e}") from e
     process.ready(ready_fd, keep_stderr=to_stderr)
     await stop.wait()
-    log.info("stopping: no new connections, letting messages in flight finish")
+    # with Workers, the parent says it for the daemon; each worker only at -d 4
+    said = log.info if worker is None else log.debug
+    said("stopping: no new connections, letting messages in flight finish")
     await appliance.stop(STOP_GRACE)
-    log.info("stopped")
+    said("stopped")
 
 
 def _reload(args: argparse.Namespace, appliance: Appliance, speaks: bool = True) -> None:

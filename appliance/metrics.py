@@ -184,7 +184,11 @@ def share_between_processes(directory: str) -> None:
     # What prometheus-client does at import when that variable is set; here it is set later,
     # in the worker, so the metrics are made again with the multiprocess values (public API
     # only: a new set of metrics on a registry of their own, not the old ones' insides).
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    # Its values ask os.getpid() on every change, to notice a fork (a system call each: about
+    # 20 per message). A worker never forks a Python child (VirusAction is fork + exec), so
+    # its pid, read once here, after the fork, is the one.
+    pid = os.getpid()
+    values.ValueClass = values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
     _define(CollectorRegistry(auto_describe=True))
     _served = CollectorRegistry()
     multiprocess.MultiProcessCollector(_served, path=directory)  # type: ignore[no-untyped-call]

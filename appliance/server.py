@@ -243,12 +243,15 @@ class Appliance:
             self._server = await loop.create_unix_server(self._protocol, sock=self.sock)
         else:
             self._server = await loop.create_server(self._protocol, sock=self.sock)
-        log.info("listening on %s", _describe(self.sock))
+        speaks = self.worker is None or self.worker.index == 0  # (one line a daemon)
+        if speaks:
+            log.info("listening on %s", _describe(self.sock))
         if isinstance(self.infected, SharedInfectedHosts):
             self.infected.start()
         if self.metrics_sock is not None:
             self._metrics_server = await metrics.serve(self.metrics_sock)
-            log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
+            if speaks:
+                log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
         self.check_temp_directory()
         self.check_clamd()
 
