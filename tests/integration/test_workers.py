@@ -18,6 +18,7 @@ from helpers import EICAR, free_port, read_reply, reload_with, send_raw, smtp_cl
 CLEAN = b"Subject: clean\r\n\r\nhello\r\n"
 TWO = pytest.mark.appliance_config(Workers=2)
 ID = re.compile(r"^clamsmtpd: ([0-9A-F]{6}): accepted connection from", re.M)
+HELO_C = re.compile(r"^clamsmtpd: ([0-9A-F]{6}): CLIENT < HELO c$", re.M)
 
 
 def worker_pids(appliance) -> list[int]:
@@ -60,7 +61,9 @@ def test_a_sigkilled_worker_is_logged_replaced_and_its_client_never_gets_250(app
             sock.sendall(command.encode() + b"\r\n")
             read_reply(sock, buf)
         sock.sendall(b"Subject: cut\r\n\r\nfirst half\r\n")
-        conn_id = wait_until(lambda: ID.findall(appliance.log()), what="the accepted line")[-1]
+        # this client's id: by its HELO (the fixture's probe may be accepted after it, by the
+        # other worker, so the last "accepted" line is not always this one's)
+        conn_id = wait_until(lambda: HELO_C.findall(appliance.log()), what="the HELO line")[-1]
         victim = pids[int(conn_id, 16) % 2]  # the worker that holds this client
         os.kill(victim, signal.SIGKILL)
         try:
