@@ -273,8 +273,8 @@ def reload_with(appliance, **directives) -> None:
     lines += [f"{k}: {v}" for k, v in directives.items()]
     appliance.conf_path.write_text("\n".join(lines) + "\n")
     before = appliance.log().count("configuration reloaded")
+    others = appliance.log().count("took the new configuration too")
     appliance.proc.send_signal(signal.SIGHUP)
-    others = appliance.log().count("this worker took the new configuration too")
     # one line per daemon (with Workers, worker 0's); the other workers say it at -d 4 only
     wait_until(lambda: appliance.log().count("configuration reloaded") > before,
                what="the reload to be logged")
