@@ -12,8 +12,9 @@ _XFILTERED = b" " + XFILTERED.encode()
 
 #: EHLO keywords the proxy cannot honour, removed from the next hop's list (as the original
 #: did, and PIPELINING too; the relay reads pipelined groups now, RFC 2920, so it stays).
+#: BURL (RFC 4468) too: its message comes from an IMAP server, never through the proxy's scan.
 FILTERED_EXTENSIONS = frozenset(
-    {b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+    {b"STARTTLS", b"CHUNKING", b"BINARYMIME", b"CHECKPOINT", b"XCLIENT", b"XEXCH50", b"BURL"}
 )
 #: Commands that may be followed by more in a pipelined group (RFC 2920 3.1): the relay sends a
 #: run of these to a pipelining next hop in one write. Every other verb ends a group (DATA,

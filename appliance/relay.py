@@ -808,6 +808,12 @@ class RelaySession:
     async def smtp_BDAT(self, line: bytes, verb: bytes) -> None:
         await self.push(REPLY_NOT_IMPLEMENTED)
 
+    async def smtp_BURL(self, line: bytes, verb: bytes) -> None:
+        """BURL (RFC 4468): the next hop would fetch the message from an IMAP server, so the
+        proxy would never see it. Refused as BDAT is (and not advertised), even when the next
+        hop offers it."""
+        await self.push(REPLY_NOT_IMPLEMENTED)
+
     async def smtp_XCLIENT(self, line: bytes, verb: bytes) -> None:
         self.session.log.warning("client attempted use of privileged XCLIENT feature")
         await self.push(REPLY_XCLIENT)

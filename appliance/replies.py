@@ -36,7 +36,7 @@ REPLY_LINE_TOO_LONG = "500 Line too long"
 REPLY_BARE_CR = "500 5.5.2 Error: bare CR in command line"
 #: A command line with a NUL: never relayed (a C next hop would read `DATA\0x` as DATA).
 REPLY_NUL = "500 5.5.2 Error: NUL character in command line"
-#: BDAT, and STARTTLS when ClientTLS is off (the original's).
+#: BDAT, and STARTTLS when ClientTLS is off (the original's); BURL.
 REPLY_NOT_IMPLEMENTED = "502 Command not implemented"
 #: The client's own XCLIENT: never relayed (the original's).
 REPLY_XCLIENT = "554 Insufficient authorization"

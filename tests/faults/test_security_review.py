@@ -396,3 +396,20 @@ def test_a_354_inside_a_pipelined_group_starts_no_message(appliance, next_hop):
     session = next_hop.wait_ended(next_hop.armed_at)
     assert b"." not in session.commands, session.commands
     assert_still_serving(appliance, next_hop)
+
+
+# -- 6. BURL: a message the next hop fetches from IMAP, never through the scan (review, session 3)
+
+
+@pytest.mark.fake_next_hop(ehlo=["250-fake.test", "250-BURL imap", "250-8BITMIME", "250 BURL"])
+def test_burl_is_neither_offered_nor_relayed(appliance, next_hop):
+    """A next hop offering BURL (RFC 4468, e.g. a submission server) would take the message
+    from an IMAP URL: the proxy would pass on a message it never saw. Like CHUNKING/BDAT, the
+    keyword leaves the EHLO list and the verb gets 502, offered or not."""
+    next_hop.arm({})
+    burl = "BURL imap://bob@imap.example.com/Drafts;UIDVALIDITY=1/;UID=1;urlauth=x LAST"
+    replies = send_raw(appliance.host, appliance.port, [*ENVELOPE, burl, "QUIT"])
+    assert replies[1].splitlines() == [R.EHLO_FIRST, "250-8BITMIME", R.XFILTERED], replies
+    assert replies[4] == R.NOT_IMPLEMENTED, replies
+    session = next_hop.wait_ended(next_hop.armed_at)
+    assert not [c for c in session.commands if c.upper().startswith(b"BURL")], session.commands
