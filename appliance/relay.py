@@ -67,6 +67,7 @@ from .replies import (
 from .scanner import Scanner
 from .splice import StreamEnd, splice
 from .tls import TLSContexts
+from .tlsmemory import ClearNextHops
 from .upstream import HandshakeError, OwnConnections, Reply, Upstream, UpstreamError
 from .verdict import Unscanned
 
@@ -103,6 +104,8 @@ class RelayContext:
     stopping: bool = False
     #: InfectedHostLimit's table: one for the daemon, kept across reloads
     infected: InfectedHosts = field(default_factory=InfectedHosts)
+    #: OutTLS: may: next hops that just offered no STARTTLS (a new, empty one at each reload)
+    clear_next_hops: ClearNextHops = field(default_factory=ClearNextHops)
 
 
 class RelaySessionState:
@@ -536,11 +539,22 @@ class RelaySession:
         await self._greet(line, verb)
 
     async def _greet(self, line: bytes, verb: bytes) -> None:
-        if self.session.next_hop_tls_pending:
-            self.session.next_hop_tls_pending = False
-            reply = await self._secure_next_hop(line, verb)
-            if reply is None:
-                return
+        session = self.session
+        reply: Reply | None
+        if session.next_hop_tls_pending:
+            session.next_hop_tls_pending = False
+            memory = self.context.clear_next_hops
+            if (verb == b"HELO" and not self.config.out_tls.required
+                    and session.destination is not None and session.destination in memory):
+                # OutTLS: may, and this next hop offered no STARTTLS moments ago: no EHLO
+                # probe before the client's HELO (docs/dev/tlsmemory.md)
+                session.log.info("SERVER: no STARTTLS offered (within %g s): the next hop's leg "
+                                 "is in clear", memory.seconds)
+                reply = await session.next_hop.command(line)
+            else:
+                reply = await self._secure_next_hop(line, verb)
+                if reply is None:
+                    return
         else:
             reply = await self.session.next_hop.command(line)
         if reply.positive:
@@ -603,14 +617,19 @@ class RelaySession:
         mode = self.config.out_tls
         probe = line if verb == b"EHLO" else b"EHLO " + line[5:].strip()
         reply = await upstream.command(probe)
+        memory = self.context.clear_next_hops
+        assert session.destination is not None  # (set before the connection)
         if reply.code != 250 or not advertises(reply.lines, b"STARTTLS"):
             why = "no STARTTLS offered" if reply.code == 250 else f"EHLO refused: {reply.text}"
             if mode.required:
                 await self._insecure(why)
                 return None
+            if reply.code == 250 or reply.code >= 500:  # (not a passing 4xx)
+                memory.remember(session.destination)
             session.log.info("SERVER: %s: the next hop's leg is in clear", why)
             # the probe was the client's own EHLO: its reply, even a refusal, is the answer
             return reply if verb == b"EHLO" else await upstream.command(line)
+        memory.forget(session.destination)
         answer = await upstream.command(b"STARTTLS")
         if answer.code != 220:
             why = f"STARTTLS refused: {answer.text}"
