@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import __version__, process, workers
+from . import __version__, eventloop, process, workers
 from .capabilities import CAP_NET_ADMIN
 from .config import (
     DEFAULT_CONFIG_PATH,
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             process.remove_pid_file(config.pid_file)
     try:
-        asyncio.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls, to_stderr))
+        eventloop.run(_serve(args, config, sock, metrics_sock, ready_fd, held, tls, to_stderr),
+                      config.event_loop)
     except _StartFailed as e:
         _start_up_failed(str(e), to_stderr)
         return 1
@@ -272,9 +273,12 @@ def _supervise(
             setup_logging(None, target=target)  # syslog ident carries the worker's own pid
         handle = workers.become_worker(state, index, directory)
         try:
-            asyncio.run(_serve(args, config, sock, metrics_sock, worker_ready, worker_held, tls,
-                               to_stderr, worker=handle,
-                               reloaded=reloaded[0] if reloaded else None))
+            # its own loop, made here in the child (the parent never runs one: nothing crosses
+            # the fork); EventLoop is restart-only, so it is the start-up configuration's
+            eventloop.run(_serve(args, config, sock, metrics_sock, worker_ready, worker_held, tls,
+                                 to_stderr, worker=handle,
+                                 reloaded=reloaded[0] if reloaded else None),
+                          config.event_loop)
         except _StartFailed as e:
             _start_up_failed(str(e), to_stderr)
             return 1
@@ -327,6 +331,7 @@ async def _serve(
             appliance.reload(*reloaded)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        log.info("event loop: %s", eventloop.version(config.event_loop))
         handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
             signal.SIGHUP: lambda: _reload(args, appliance, speaks=worker is None or

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.addresses import Address, parse_address
+from appliance.eventloop import INSTALL_HINT, EventLoop, resolve, uvloop_problem
 from appliance.header import template_problems
 from appliance.replies import REPLY_REJECTED
 
@@ -159,6 +160,7 @@ class Config:
     virus_action_as_root: bool = False
     max_connections: int = 64
     workers: int = 1  # worker processes; 0: auto (one per CPU), see .worker_count
+    event_loop: EventLoop = EventLoop.AUTO  # auto: uvloop when installed (appliance/eventloop.py)
     timeout: float = 180.0
     scan_timeout: float = DEFAULT_SCAN_TIMEOUT
     keepalives: int = 0
@@ -520,6 +522,23 @@ class _Choice(_Kind):
 
 
 @dataclass(frozen=True)
+class _EventLoopKind(_Choice):
+    """EventLoop: a word of `EventLoop`; uvloop only where it can be imported."""
+
+    kind: type[enum.StrEnum] = EventLoop
+
+    def parse(self, text: str) -> EventLoop:
+        return self.check(super().parse(text))
+
+    def check(self, value: str | None) -> EventLoop:
+        choice = EventLoop(str(super().check(value)))
+        problem = uvloop_problem() if choice is EventLoop.UVLOOP else None
+        if problem:
+            raise ValueError(f"{problem}: {INSTALL_HINT}")
+        return choice
+
+
+@dataclass(frozen=True)
 class _Text(_Kind):
     """Free text; `what` names a required value, None means an empty value clears it."""
 
@@ -799,6 +818,12 @@ def _workers_comment(config: Config) -> list[str]:
     return [f"# Workers: auto is {config.worker_count} here (the number of CPUs)"]
 
 
+def _event_loop_comment(config: Config) -> list[str]:
+    if config.event_loop is not EventLoop.AUTO:
+        return []
+    return [f"# EventLoop: auto is {resolve(config.event_loop)} here"]
+
+
 def _out_address_comment(config: Config) -> list[str]:
     """A comment line for the two OutAddress forms that are easy to mistake for each other."""
     out = config.out_address
@@ -838,6 +863,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     Directive("VirusActionAsRoot", "virus_action_as_root", _Flag()),
     Directive("MaxConnections", "max_connections", _Whole(1, MAX_CONNECTIONS, "connections")),
     Directive("Workers", "workers", _Workers(), Reload.RESTART, comment=_workers_comment),
+    Directive("EventLoop", "event_loop", _EventLoopKind(), Reload.RESTART,
+              comment=_event_loop_comment),
     Directive("TimeOut", "timeout", _SECONDS),
     Directive("ScanTimeout", "scan_timeout", _SECONDS),
     Directive("KeepAlives", "keepalives", _Whole(0, MAX_SECONDS, "seconds")),

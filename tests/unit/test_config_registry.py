@@ -40,7 +40,8 @@ def test_defaults_are_the_config_fields():
 
 def test_restart_only_is_read_from_the_registry():
     assert config.RESTART_ONLY == {
-        "listen": "Listen", "workers": "Workers", "user": "User", "pid_file": "PidFile",
+        "listen": "Listen", "workers": "Workers", "event_loop": "EventLoop",
+        "user": "User", "pid_file": "PidFile",
         "metrics_listen": "MetricsListen",
     }
     assert [d.name for d in DIRECTIVES if d.reload is Reload.PARTLY] == ["TransparentProxy"]
