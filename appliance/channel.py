@@ -129,6 +129,7 @@ class ClientChannel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._lost = False
+        self._handshaking = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -158,7 +159,8 @@ class ClientChannel(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("the client's connection was lost"))
-        self._on_lost()
+        if not self._handshaking:  # (else start_tls raises, and its caller answers for it)
+            self._on_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -291,9 +293,17 @@ class ClientChannel(asyncio.Protocol):
         self.buffer.clear()
         self._reading_paused = False  # (start_tls pauses and resumes the socket itself)
         self.tls = True
-        tls_transport = await self._loop.start_tls(
-            transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout,
-        )
+        # A handshake that fails reaches the caller as start_tls's exception, on either loop:
+        # uvloop also calls connection_lost here (asyncio does not), and on_lost would cancel the
+        # caller's task before it could log why (docs/dev/eventloop.md).
+        self._handshaking = True
+        try:
+            tls_transport = await self._loop.start_tls(
+                transport, self, context, server_side=True,
+                ssl_handshake_timeout=handshake_timeout,
+            )
+        finally:
+            self._handshaking = False
         if tls_transport is None:  # (typeshed allows it; asyncio returns a transport or raises)
             raise ConnectionAbortedError("no TLS transport")
         self.transport = tls_transport

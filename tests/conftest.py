@@ -13,6 +13,9 @@ Vary them per test with markers:
     @pytest.mark.client_tls          # ClientTLS: on with the throwaway proxy.test certificate
 
 A test that kills or stops clamd asks for `own_clamd` too; the appliance then uses that one.
+The daemon runs on its default event loop (EventLoop: auto, uvloop where installed); the tests in
+BOTH_EVENT_LOOPS run once on each loop, and CLAMSMTP_TEST_EVENT_LOOP=asyncio (or uvloop) puts
+every other test on that one.
 CLAMSMTP_TEST_DAEMON=reference runs the same tests against the C clamsmtpd (Debian package
 clamsmtp), to check what the original does.
 """
@@ -40,6 +43,52 @@ from lab import PrivateClamd, RecordingNextHop
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+
+#: Run on EventLoop: asyncio and on uvloop each (docs/dev/eventloop.md): the default loop is
+#: uvloop where it is installed, so the rest of the suite covers it; these keep asyncio's own
+#: loop, the fallback, tested on what differs between loops: start_tls on both legs (and a
+#: handshake that fails), pipelined writes, half-close, signals (SIGHUP, SIGTERM), subprocesses
+#: (VirusAction), Workers (a loop made in each child), the scanner's sock_* calls, timeouts.
+BOTH_EVENT_LOOPS = frozenset({
+    "tests/integration/test_proxy.py::test_clean_mail_is_delivered_byte_exact_with_the_header",
+    "tests/integration/test_proxy.py::test_eicar_is_discarded_by_default",
+    "tests/integration/test_proxy.py::test_virus_then_clean_in_one_session",
+    "tests/integration/test_proxy.py::test_large_message_memory_is_bounded",
+    "tests/integration/test_proxy.py::test_max_connections",
+    "tests/integration/test_proxy.py::test_idle_client_times_out",
+    "tests/integration/test_proxy.py::test_client_vanishing_mid_data_delivers_nothing",
+    "tests/integration/test_tls.py::test_client_tls_on_both_legs_encrypted_clean_mail_scanned",
+    "tests/integration/test_tls.py::test_client_bytes_behind_starttls_are_discarded",
+    "tests/integration/test_tls.py::test_client_that_never_completes_the_handshake_hits_timeout",
+    "tests/integration/test_tls.py::test_client_handshake_garbage_is_logged_and_closed",
+    "tests/integration/test_tls.py::test_bytes_behind_the_next_hops_220_are_discarded",
+    "tests/integration/test_tls.py::test_verify_with_a_wrong_name_defers",
+    "tests/integration/test_tls.py::test_passthrough_splices_the_clients_tls_with_the_next_hop_unscanned",
+    "tests/faults/test_pipelining.py::test_group_reaches_the_next_hop_in_one_write",
+    "tests/faults/test_pipelining.py::test_a_thousand_commands_in_one_write",
+    "tests/faults/test_pipelining.py::test_group_inside_client_tls",
+    "tests/integration/test_policy.py::test_virus_action_gets_the_original_environment",
+    "tests/integration/test_policy.py::test_sighup_reloads_the_configuration",
+    "tests/integration/test_policy.py::test_sigterm_lets_the_message_in_flight_finish",
+    "tests/integration/test_workers.py::test_two_workers_serve_and_ids_are_unique_across_them",
+    "tests/integration/test_workers.py::"
+    "test_a_sigkilled_worker_is_logged_replaced_and_its_client_never_gets_250",
+    "tests/faults/test_fault_matrix_client.py::test_client_resetting_mid_data",
+    "tests/faults/test_fault_matrix_client.py::test_client_that_never_reads",
+    "tests/faults/test_fault_matrix_client.py::test_client_half_closing_after_its_whole_session",
+    "tests/faults/test_fault_matrix_next_hop.py::test_next_hop_resetting_right_after_accepting",
+    "tests/faults/test_fault_matrix_next_hop.py::test_next_hop_hanging",
+    "tests/faults/test_fault_matrix_clamd.py::test_clamd_dying_mid_stream",
+    "tests/faults/test_fault_matrix_clamd.py::test_clamd_trickling_its_answer_is_cut_at_scan_timeout",
+})
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def pytest_generate_tests(metafunc):
+    """The tests of BOTH_EVENT_LOOPS get one case per loop: test_x[asyncio], test_x[uvloop]."""
+    if (metafunc.definition.nodeid.split("[")[0] in BOTH_EVENT_LOOPS
+            and "event_loop_choice" in metafunc.fixturenames):
+        metafunc.parametrize("event_loop_choice", EVENT_LOOPS, indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -215,7 +264,17 @@ def daemon_kind() -> str:
 
 
 @pytest.fixture
-def appliance(request, tmp_path, next_hop, daemon_kind):
+def event_loop_choice(request) -> str | None:
+    """The appliance's EventLoop: a BOTH_EVENT_LOOPS case's, else CLAMSMTP_TEST_EVENT_LOOP's,
+    else None (not set: auto)."""
+    choice = getattr(request, "param", None) or os.environ.get("CLAMSMTP_TEST_EVENT_LOOP")
+    if choice == "uvloop":
+        pytest.importorskip("uvloop", reason="EventLoop: uvloop needs uvloop installed")
+    return choice
+
+
+@pytest.fixture
+def appliance(request, tmp_path, next_hop, daemon_kind, event_loop_choice):
     """The daemon as a subprocess (-d 4), between `next_hop` and clamd, on a free port.
 
     On teardown it is stopped (SIGTERM, then SIGKILL) and its spool must be empty.
@@ -233,6 +292,8 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     spool.chmod(0o700)
     port = free_port()
     directives = proxy_directives(port, next_hop, scanner, str(spool), TimeOut=30)
+    if event_loop_choice and daemon_kind == "appliance":
+        directives["EventLoop"] = event_loop_choice
     # every appliance_config marker, the closest last (a parametrized case's over its test's)
     for marker in reversed(list(request.node.iter_markers("appliance_config"))):
         for mapping in marker.args:
@@ -250,7 +311,9 @@ def appliance(request, tmp_path, next_hop, daemon_kind):
     running = RunningAppliance("127.0.0.1", port, conf, spool, stderr_path, proc, directives)
     try:
         wait_accepting(proc, running.address, running.log, START_TIMEOUT)
-    except pytest.fail.Exception:
+        if "EventLoop" in directives:  # this case runs on the loop it names, or it is no case
+            running.wait_log(f"event loop: {directives['EventLoop']}", START_TIMEOUT)
+    except (pytest.fail.Exception, AssertionError):
         running.stop()
         raise
     try:
