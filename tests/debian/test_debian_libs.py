@@ -25,7 +25,8 @@ DEBIAN_VENV = REPO / "scripts" / "debian-venv"
 PYTHON = REPO / ".venv-debian" / "bin" / "python"
 #: Debian 12's versions: what the .deb's Depends give (the security updates included).
 DEBIAN_12 = {"aiosmtpd": "1.4.3", "pyclamd": "0.4.0", "python-iptables": "1.0.1",
-             "pyroute2": "0.7.2", "prometheus-client": "0.16.0"}
+             "pyroute2": "0.7.2", "prometheus-client": "0.16.0",
+             "uvloop": "0.17.0"}  # (Recommends: the daemon's loop there, EventLoop: auto)
 SELECTIONS = {
     "unit": ["tests/unit"],
     # (the daemon-mode test is left out: it is timing-sensitive under load, on any library)
@@ -59,10 +60,10 @@ def run_selection(python: Path, paths: list[str]) -> None:
 def test_the_venv_has_debian_12s_libraries(debian_python):
     code = """if True:
         import json, sys, importlib.metadata as m
-        import aiosmtpd, iptc, pyroute2, prometheus_client, pyclamd
+        import aiosmtpd, iptc, pyroute2, prometheus_client, pyclamd, uvloop
         print(json.dumps({"versions": {n: m.version(n) for n in sys.argv[1:]},
                           "files": [x.__file__ for x in (aiosmtpd, iptc, pyroute2,
-                                                         prometheus_client, pyclamd)]}))
+                                                         prometheus_client, pyclamd, uvloop)]}))
     """
     found = json.loads(subprocess.run([str(debian_python), "-c", code, *DEBIAN_12], cwd="/",
                                       check=True, capture_output=True, text=True).stdout)
