@@ -331,7 +331,8 @@ async def _serve(
             appliance.reload(*reloaded)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        log.info("event loop: %s", eventloop.version(config.event_loop))
+        if worker is None or worker.index == 0:  # (one line a daemon, as "listening on")
+            log.info("event loop: %s", eventloop.version(config.event_loop))
         handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
             signal.SIGHUP: lambda: _reload(args, appliance, speaks=worker is None or
