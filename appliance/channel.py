@@ -131,6 +131,11 @@ class ClientChannel(asyncio.Protocol):
         self._lost = False
         self._handshaking = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection runs on (the relay starts its session task there)."""
+        return self._loop
+
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -29,6 +29,7 @@ class Deadline:
         self._when = 0.0
         self._active = False
         self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the handle fires (its when(), without the method call)
 
     def start(self, seconds: float) -> None:
         """A wait begins that may last `seconds`."""
@@ -38,9 +39,11 @@ class Deadline:
         handle = self._handle
         if handle is None:
             self._handle = self._loop.call_at(when, self._fire)
-        elif handle.when() > when:  # (a shorter wait than the one the timer was set for)
+            self._due = when
+        elif self._due > when:  # (a shorter wait than the one the timer was set for)
             handle.cancel()
             self._handle = self._loop.call_at(when, self._fire)
+            self._due = when
 
     def stop(self) -> None:
         """The wait ended in time (or with an error of its own)."""
@@ -59,6 +62,7 @@ class Deadline:
             return  # re-armed by the next start()
         if self._when - self._loop.time() > _SLACK:  # the wait began after the timer was set
             self._handle = self._loop.call_at(self._when, self._fire)
+            self._due = self._when
             return
         self._active = False
         self._on_expiry()

@@ -89,8 +89,8 @@ class _Connection:
     deadline of the whole scan (ScanTimeout), through one `asyncio.Timeout` moved per wait."""
 
     def __init__(self, clamd: Clamd, timeout: float, deadline: float | None,
-                 guard: asyncio.Timeout) -> None:
-        self.loop = asyncio.get_running_loop()
+                 guard: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.clamd = clamd
         self.timeout = timeout
         self.deadline = deadline
@@ -116,8 +116,8 @@ class _Connection:
         self._arm()
         try:
             if address.path is not None:  # (is_unix)
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.setblocking(False)
+                # (non-blocking from the start: no ioctl of its own)
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 await self.loop.sock_connect(self.sock, address.path)
             else:
                 await self._tcp_connect(address)
@@ -254,7 +254,7 @@ class Clamd:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout_at(deadline) as guard:
-                connection = _Connection(self, self.timeout, deadline, guard)
+                connection = _Connection(self, self.timeout, deadline, guard, loop)
                 await connection.connect()
                 found = await self._instream(connection, body)
         except _Unreachable as e:
@@ -334,7 +334,7 @@ class Clamd:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(timeout) as guard:
-                connection = _Connection(self, timeout, loop.time() + timeout, guard)
+                connection = _Connection(self, timeout, loop.time() + timeout, guard, loop)
                 await connection.connect()
                 await connection.send(b"nPING\n")
                 return await connection.reply_line() == "PONG"

@@ -43,6 +43,8 @@ from .verdict import (
 )
 
 DATA_CHUNK = 1 << 18
+#: KeepAlives: 0 (the default): nothing to send while the message is received and scanned
+_NO_KEEPALIVE = contextlib.nullcontext()
 
 
 class NextHopLostInMessage(UpstreamError):
@@ -122,7 +124,9 @@ class DataPhase:
                 verdict = unscanned(skip)
                 self._log_outcome(verdict)
                 return await self._stream_through(fresh, decoder, verdict)
-            async with self.upstream.keepalive(config.keepalives, log):
+            keepalive = (self.upstream.keepalive(config.keepalives, log)
+                         if config.keepalives > 0 else _NO_KEEPALIVE)
+            async with keepalive:
                 spool, refusal, oversize = await self._receive_body(
                     fresh, decoder, scan_limit, stream=policy.oversize == OversizeAction.PASS
                 )

@@ -163,6 +163,8 @@ class RelaySession:
         self.envelope = Envelope()
         self._task: asyncio.Task[None] | None = None
         self.channel = ClientChannel(context.config.timeout, self._connected, self._lost)
+        #: -d 4: the dialogue is logged (asked once per connection, not at every line)
+        self._debug = self.session.log.isEnabledFor(logging.DEBUG)
         # Counted from here, not from connection_made: asyncio creates the protocols of a
         # whole burst of accepted connections before any of them is "made".
         context.sessions.add(self)
@@ -189,7 +191,7 @@ class RelaySession:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session.local_ip = plain_ip(local[0]) if isinstance(local, tuple) else "127.0.0.1"
         session.log.info("accepted connection from: %s", session.client_ip)
-        self._task = asyncio.get_running_loop().create_task(self._handle_client())
+        self._task = channel.loop.create_task(self._handle_client())
 
     def _lost(self) -> None:
         """The client's connection is gone: whatever the session was doing has nobody left to
@@ -231,7 +233,7 @@ class RelaySession:
                                 f"({reply.text}); connection dropped")
 
     def _debug_lines(self, prefix: str, lines: Iterable[bytes]) -> None:
-        if self.session.log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             for line in lines:
                 self.session.log.debug("%s%s", prefix, line[:79].decode("utf-8", "replace"))
 
@@ -399,7 +401,7 @@ class RelaySession:
             self.session.log.warning("command with a NUL character refused")
             await self.push(REPLY_NUL)
             return None
-        if self.session.log.isEnabledFor(logging.DEBUG):  # (no AUTH masking when not logged)
+        if self._debug:  # (no AUTH masking when not logged)
             self._debug_lines("CLIENT < ", (loggable_command(line),))
         return line
 

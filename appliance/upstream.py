@@ -58,7 +58,8 @@ class Reply:
         return " / ".join(line.decode("utf-8", "replace") for line in self.lines)
 
     def wire(self) -> bytes:
-        return b"".join(line + b"\r\n" for line in self.lines)
+        lines = self.lines
+        return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
     @classmethod
     def make(cls, line: str) -> Reply:
@@ -189,7 +190,7 @@ class Upstream:
                     )
                     peer = address.path or ""
                 else:
-                    sock, port = await _tcp_connect(address, own, source)
+                    sock, port = await _tcp_connect(address, own, source, loop)
                     transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
                     # (None when the next hop reset the connection in the meantime)
                     peername = transport.get_extra_info("peername")
@@ -546,10 +547,10 @@ def _source_for(family: int, source: str) -> tuple[str, int] | tuple[str, int, i
 
 
 async def _tcp_connect(
-    address: Address, own: OwnConnections | None, source: str | None = None
+    address: Address, own: OwnConnections | None, source: str | None,
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[socket.socket, int]:
     """A connected, non-blocking TCP socket to `address` (each resolved address in turn)."""
-    loop = asyncio.get_running_loop()
     infos = _literal(address) or await loop.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM
     )
