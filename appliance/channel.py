@@ -261,17 +261,30 @@ class ClientChannel(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        """Write without waiting (the splice's end, and the shutdown's 421)."""
+        self.put(data)
+
+    def put(self, data: bytes) -> bool:
+        """Write without waiting. True when the client is slow to take it (the transport's
+        buffer is over its high-water mark): `await drained()` before writing more. A write to
+        a connection already lost is dropped (the next read finds the end)."""
+        transport = self.transport
+        if transport is None:
+            return False
+        transport.write(data)
+        return self._write_paused
 
     async def send(self, data: bytes) -> None:
         """Write, and wait (up to TimeOut) while the client is slow to take it: TimeoutError;
         ClientGone if the connection is lost meanwhile."""
-        transport = self.transport
-        if transport is None:
-            return  # (as a write to a closed socket: the next read finds the end)
-        transport.write(data)
-        if not self._write_paused:
+        if self.put(data):
+            await self.drained()
+
+    async def drained(self) -> None:
+        """After a `write` that returned True: until the client took enough of it, up to
+        TimeOut (TimeoutError); ClientGone if the connection is lost meanwhile. (Two calls,
+        not one coroutine per write: a reply of a lock-step dialogue almost never waits.)"""
+        if not self._write_paused or self.transport is None:
             return  # under the transport's high-water mark: nothing to wait for
         waiter = self._loop.create_future()
         self._drain_waiter = waiter

@@ -163,21 +163,24 @@ class DataPhase:
 
     # -- the client -------------------------------------------------------------------------
 
-    async def _send(self, data: bytes) -> None:
+    async def _drained(self) -> None:
+        """The client is slow to take what was written: wait for it, within TimeOut."""
         try:
-            await self.channel.send(data)
+            await self.channel.drained()
         except TimeoutError:
             self.log.warning("network write operation timed out (client)")
             raise ClientGone from None
 
     async def _push(self, line: str) -> None:
-        await self._send(line.encode() + b"\r\n")
+        if self.channel.put(line.encode() + b"\r\n"):
+            await self._drained()
 
     async def _push_reply(self, reply: Reply) -> Reply:
         if self.log.isEnabledFor(logging.DEBUG):
             for line in reply.lines:
                 self.log.debug("SERVER > %s", line[:79].decode("utf-8", "replace"))
-        await self._send(reply.wire())
+        if self.channel.put(reply.wire()):
+            await self._drained()
         return reply
 
     async def _say_and_close(self, line: str) -> None:

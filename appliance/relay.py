@@ -208,11 +208,17 @@ class RelaySession:
 
     async def push(self, status: str | bytes) -> None:
         data = status.encode() if isinstance(status, str) else status
-        await self._send(data + b"\r\n")
+        if self.channel.put(data + b"\r\n"):
+            await self._drained()
 
     async def _send(self, data: bytes) -> None:
+        if self.channel.put(data):
+            await self._drained()
+
+    async def _drained(self) -> None:
+        """The client is slow to take what was written: wait for it, within TimeOut."""
         try:
-            await self.channel.send(data)
+            await self.channel.drained()
         except TimeoutError:
             self.session.log.warning("network write operation timed out (client)")
             raise ClientGone from None
@@ -220,7 +226,8 @@ class RelaySession:
     async def _push_reply(self, reply: Reply) -> None:
         self._no_message_started(reply)
         self._debug_lines("SERVER > ", reply.lines)
-        await self._send(reply.wire())
+        if self.channel.put(reply.wire()):  # (no coroutine per reply: one rarely waits)
+            await self._drained()
 
     def _no_message_started(self, reply: Reply) -> None:
         """A 354 answers the proxy's own DATA only (DataPhase). To a relayed command (a verb the

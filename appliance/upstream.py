@@ -331,14 +331,24 @@ class Upstream:
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     async def send(self, data: bytes) -> None:
+        if self._write(data):
+            await self._drain()
+
+    def _write(self, data: bytes) -> bool:
+        """Write; True when the caller must `await _drain()` (a coroutine only then: a command
+        of the lock-step dialogue almost never waits)."""
         if self.closed:
             raise UpstreamError("server connection is closed")
-        transport, protocol = self._transport, self._protocol
+        transport = self._transport
         transport.write(data)
         if not transport.get_write_buffer_size():
-            return  # all of it went to the kernel
-        if not protocol.write_paused and not protocol.lost:
-            return  # little enough left in the transport's buffer
+            return False  # all of it went to the kernel
+        protocol = self._protocol
+        return protocol.write_paused or protocol.lost  # (else little enough is left)
+
+    async def _drain(self) -> None:
+        """Until the transport's buffer is back under its mark, within TimeOut."""
+        protocol = self._protocol
         protocol.deadline.start(self.timeout)
         try:
             while protocol.write_paused and not protocol.lost:
@@ -356,7 +366,8 @@ class Upstream:
 
     async def command(self, line: bytes) -> Reply:
         """Send one command line (without CRLF) and return the whole reply."""
-        await self.send(line + b"\r\n")
+        if self._write(line + b"\r\n"):
+            await self._drain()
         return await self.read_reply()
 
     async def send_message(self, chunks: Iterable[bytes]) -> Reply:
