@@ -250,6 +250,7 @@ def _supervise(
         log.info("stopped")  # asked to stop while starting: no worker started
         return 0
     state = DaemonState(count)
+    state.set_clamds([str(address) for address in config.clam_addresses])
     try:
         directory = (workers.make_metrics_directory(config.temp_directory)
                      if metrics_sock is not None else None)
@@ -265,6 +266,7 @@ def _supervise(
         latest = _check_reload(args)
         if latest is not None:
             reloaded[:] = [latest]
+            state.set_clamds([str(address) for address in latest[0].clam_addresses])
         return latest is not None
 
     def run_worker(index: int, worker_ready: int | None) -> int:

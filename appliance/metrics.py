@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -23,6 +24,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -45,6 +47,10 @@ CONNECTIONS_BLOCKED: Counter
 NEXT_HOP_ERRORS: Counter
 TLS_SESSIONS: Counter
 TLS_HANDSHAKE_FAILURES: Counter
+
+
+CLAMD_UP_NAME = "clamsmtpd_clamd_up"
+CLAMD_UP_HELP = "1 while this clamd is in the scanning pool, 0 while it is out"
 
 
 def _define(registry: CollectorRegistry) -> None:
@@ -82,8 +88,7 @@ def _define(registry: CollectorRegistry) -> None:
         registry=registry,
     )
     CLAMD_UP = Gauge(
-        "clamsmtpd_clamd_up", "1 while this clamd is in the scanning pool, 0 while it is out",
-        ["clamd"], registry=registry, multiprocess_mode="livemin",
+        CLAMD_UP_NAME, CLAMD_UP_HELP, ["clamd"], registry=registry, multiprocess_mode="livemin",
     )
     CLAMD_SCANS = Counter(
         "clamsmtpd_clamd_scans",
@@ -167,15 +172,33 @@ def forget(metric: MetricWrapperBase, *labels: str) -> None:
             metric.remove(*labels)
 
 
-def share_between_processes(directory: str) -> None:
+class _SharedClamdUp:
+    """clamd_up with Workers: read at each scrape from the daemon's one view of the clamds
+    (shared.DaemonState.clamd_health), not from the workers' files: a worker that never saw a
+    clamd fail has nothing to say about it."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(CLAMD_UP_NAME, CLAMD_UP_HELP, labels=["clamd"])
+        for name, up in self.read():
+            family.add_metric([name], 1 if up else 0)
+        yield family
+
+
+def share_between_processes(
+    directory: str, clamd_up: Callable[[], Iterable[tuple[str, bool]]] | None = None,
+) -> None:
     """In a worker of a daemon with `Workers` > 1, before it counts anything: keep the values in
     `directory` (prometheus-client's multiprocess mode, one file per worker), and serve the sum
     over every worker's files, so that whichever worker answers the scrape shows the daemon.
 
     Counters and histograms add up; of the gauges, the open sessions add up (live workers
-    only), clamd_up is the lowest (0 as soon as one worker has that clamd out of its pool),
-    and the blocked hosts the highest (every worker holds the same daemon-wide blocks).
-    The metrics made at import, in the one-process way, are made again (_define).
+    only), and the blocked hosts the highest (every worker holds the same daemon-wide blocks).
+    `clamd_up`: the daemon's (name, up) for each clamd, which the pool no longer writes in the
+    files (scanner.Health.shared). The metrics made at import, in the one-process way, are
+    made again (_define).
     """
     global _served, _shared
     _shared = True
@@ -192,6 +215,8 @@ def share_between_processes(directory: str) -> None:
     _define(CollectorRegistry(auto_describe=True))
     _served = CollectorRegistry()
     multiprocess.MultiProcessCollector(_served, path=directory)  # type: ignore[no-untyped-call]
+    if clamd_up is not None:
+        _served.register(_SharedClamdUp(clamd_up))
 
 
 def process_dead(directory: str, pid: int) -> None:

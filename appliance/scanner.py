@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from . import metrics
 from .addresses import Address
@@ -32,15 +33,42 @@ PROBE_FIRST, PROBE_MAX = 1.0, 15.0
 MAX_SCAN_TRIES = 2
 
 
+class Health:
+    """Whether a clamd is in the pool, and when it is PINGed next: this process's own view.
+    With `Workers`, the daemon's (shared.SharedHealth: one slot per clamd in shared memory), so
+    that a clamd one worker took out is out for all, and one PING brings it back for all."""
+
+    #: one view for the daemon (a slot in shared memory)
+    shared = False
+
+    def __init__(self) -> None:
+        self.up = True
+        self.next_probe = 0.0  # time.monotonic(): one clock for every process of the host
+        self.wait = 0.0  # the last wait between two PINGs
+
+    def out(self, now: float) -> None:
+        self.up = False
+        self.wait = PROBE_FIRST
+        self.next_probe = now + PROBE_FIRST
+
+
+#: How a pool gets its clamds' Health, by clamd name (None: one of its own)
+HealthSource = Callable[[str], Health | None]
+
+
 class _Member:
     """A clamd of the pool and its state."""
 
-    def __init__(self, clamd: Clamd, concurrency: int) -> None:
+    def __init__(self, clamd: Clamd, concurrency: int, health: Health) -> None:
         self.clamd = clamd
         self.turns = asyncio.Semaphore(concurrency)  # scans on this clamd at once
-        self.up = True
+        self.health = health
         self.in_flight = 0
         self.probe: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
 
 
 class Scanner:
@@ -53,21 +81,27 @@ class Scanner:
         timeout: float,
         scan_timeout: float,
         concurrency: int,
+        health: HealthSource | None = None,
     ) -> None:
+        """`health`: the daemon's view of each clamd (Workers), else the pool keeps its own."""
         if not addresses:
             raise ValueError("no clamd address")
         self.addresses = tuple(addresses)
         self.timeout = timeout
         self.scan_timeout = scan_timeout
         self.concurrency = concurrency
-        self._members = [
-            _Member(Clamd(address, timeout, self.scan_timeout), concurrency)
-            for address in self.addresses
-        ]
+        self._members = []
+        for address in self.addresses:
+            clamd = Clamd(address, timeout, self.scan_timeout)
+            shared = health(clamd.name) if health is not None else None
+            self._members.append(_Member(clamd, concurrency, shared or Health()))
         self._turn = itertools.count()
         self._retired = False
+        #: clamd_up is this process's to show (Workers: 1); with Workers, the daemon's metrics
+        #: read it from the shared slots (metrics.share_between_processes)
+        self._own_gauge = health is None
         for member in self._members:
-            metrics.CLAMD_UP.labels(member.clamd.name).set(1)
+            self._gauge(member, 1)
 
     def _pick(self, tried: set[_Member]) -> _Member | None:
         """The clamd for the next try: an untried one in the pool with the fewest scans in
@@ -83,6 +117,13 @@ class Scanner:
                 return min(candidates, key=lambda m: m.in_flight)
         return None
 
+    def _watch_down(self) -> None:
+        """Every clamd out of the pool has a probe here: one another worker took out too (its
+        prober may have died; the PINGs are shared out by the slot's next_probe)."""
+        for member in self._members:
+            if member.probe is None and not member.up and not self._retired:
+                member.probe = asyncio.get_running_loop().create_task(self._probe(member))
+
     async def scan(
         self, spool: Spool,
         log: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None,
@@ -92,6 +133,8 @@ class Scanner:
         tried: set[_Member] = set()
         failures = 0
         result = ScanResult(ERROR, detail="no clamd to scan with")
+        if len(self._members) > 1 and self._members[0].health.shared:
+            self._watch_down()
         while failures < MAX_SCAN_TRIES:
             member = self._pick(tried)
             if member is None:
@@ -128,9 +171,10 @@ class Scanner:
             member.in_flight -= 1
 
     def _out(self, member: _Member, why: str) -> None:
-        """Take a failed clamd out of the pool, and PING it until it answers."""
+        """Take a failed clamd out of the pool, and PING it until it answers. (Out already:
+        another worker took it out, and said so.)"""
         if member.up:
-            member.up = False
+            member.health.out(time.monotonic())
             self._gauge(member, 0)
             others = sum(m.up for m in self._members)
             daemon_log.error("clamd at %s is out of the pool (%s); %d other clamd%s in it",
@@ -139,7 +183,7 @@ class Scanner:
             member.probe = asyncio.get_running_loop().create_task(self._probe(member))
 
     def _back(self, member: _Member) -> None:
-        member.up = True
+        member.health.up = True
         self._gauge(member, 1)
         daemon_log.warning("clamd at %s answers again: back in the pool", member.clamd.name)
         if member.probe is not None and member.probe is not asyncio.current_task():
@@ -147,20 +191,27 @@ class Scanner:
         member.probe = None
 
     def _gauge(self, member: _Member, up: int) -> None:
-        if not self._retired:  # a reload's new pool owns the gauge of a clamd in both
+        # a reload's new pool owns the gauge of a clamd in both; a shared one is the daemon's
+        if not self._retired and self._own_gauge:
             metrics.CLAMD_UP.labels(member.clamd.name).set(up)
 
     async def _probe(self, member: _Member) -> None:
-        wait = PROBE_FIRST
+        """PING at 1, 2, 4, 8, then every 15 s. The schedule is in the clamd's Health: with
+        Workers, whichever worker's turn comes first PINGs, and the others wait for the next
+        turn (two at the same instant: two PINGs, no harm)."""
+        health = member.health
         try:
-            while not member.up:
-                await asyncio.sleep(wait)
-                if member.up:
-                    break
+            while not health.up:
+                now = time.monotonic()
+                if now < health.next_probe:
+                    await asyncio.sleep(health.next_probe - now)
+                    continue
+                health.wait = min(health.wait * 2, PROBE_MAX)
+                health.next_probe = now + health.wait
                 if await member.clamd.ping(min(self.timeout, PROBE_MAX)):
-                    self._back(member)
+                    if not health.up:
+                        self._back(member)
                     break
-                wait = min(wait * 2, PROBE_MAX)
         finally:
             if member.probe is asyncio.current_task():
                 member.probe = None
@@ -176,7 +227,8 @@ class Scanner:
         for member in self._members:
             if member.probe is not None:
                 member.probe.cancel()
-            metrics.forget(metrics.CLAMD_UP, member.clamd.name)
+            if self._own_gauge:
+                metrics.forget(metrics.CLAMD_UP, member.clamd.name)
 
     def close(self) -> None:
         self.retire()

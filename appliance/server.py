@@ -175,7 +175,9 @@ class Appliance:
                 # A replaced scanner is not shut down: sessions in flight keep using it, and
                 # its idle threads go when the last of them lets go of it.
                 old.retire()
-            scanner = Scanner(*settings)
+            # with Workers, the clamds' health is the daemon's (shared.py), not this worker's
+            health = self.worker.clamd_health if self.worker is not None else None
+            scanner = Scanner(*settings, health=health)
         sock = self.sock
         ports = frozenset({sock.getsockname()[1]}) if sock.family != socket.AF_UNIX else frozenset()
         self.actions.command = config.virus_action

@@ -1,6 +1,7 @@
 """What stays one for the whole daemon when `Workers` > 1: the count of open connections
 (MaxConnections), the connection ids, the table of the proxy's own outgoing connections (the
-loop guard), and InfectedHostLimit's table. Why this shape: docs/dev/workers.md.
+loop guard), the clamd pool's health, and InfectedHostLimit's table. Why this shape:
+docs/dev/workers.md.
 
 It lives in one anonymous shared memory mapping that the parent makes before the first fork,
 so every worker (and every replacement of one) sees the same pages. Each worker writes only
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 from .addresses import plain_ip
 from .containment import InfectedHosts
+from .scanner import Health
 from .upstream import OwnConnections
 
 _Session = TypeVar("_Session")
@@ -34,6 +36,24 @@ _PORTS = 1 << 16
 _FREE, _BOUND, _CONNECTED = 0, 1, 2
 #: How often a worker looks again at a port another worker is still connecting from.
 _POLL = 0.01
+#: clamds whose health the workers share (ClamAddress entries past this: each worker its own)
+CLAMD_SLOTS = 256
+_CLAMD_NAME = 255  # bytes of a clamd's name (a path or host:port) kept in its slot
+
+
+class _ClamdSlot(ctypes.Structure):
+    """One clamd's health for the daemon. `name` and `generation` are written by the parent
+    only (at start and at each good SIGHUP, before the workers are told); `down`, `next_probe`
+    and `wait` by any worker (whole aligned words: a reader sees the old or the new value)."""
+
+    _fields_ = [
+        ("generation", ctypes.c_uint64),  # + 1 each time the slot is given to another clamd
+        ("next_probe", ctypes.c_double),
+        ("wait", ctypes.c_double),
+        ("down", ctypes.c_uint8),
+        ("listed", ctypes.c_uint8),  # in the ClamAddress in force (what the metrics show)
+        ("name", ctypes.c_char * (_CLAMD_NAME + 1)),
+    ]
 
 
 class DaemonState:
@@ -44,7 +64,10 @@ class DaemonState:
         counts = ctypes.c_int64 * workers
         ports = ctypes.c_uint8 * _PORTS
         addresses = (ctypes.c_uint8 * 16) * _PORTS
-        sizes = [ctypes.sizeof(kind) for kind in (counts, counts, ports, ports, addresses)]
+        clamds = _ClamdSlot * CLAMD_SLOTS
+        kinds = (counts, counts, ports, ports, addresses, clamds)
+        sizes = [ctypes.sizeof(kind) for kind in kinds]
+        sizes = [-(-size // 8) * 8 for size in sizes]  # each part on an 8-byte boundary
         self._map = mmap.mmap(-1, sum(sizes))  # anonymous and MAP_SHARED: one copy across fork
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         #: open sessions, per worker
@@ -57,6 +80,8 @@ class DaemonState:
         self.port_state = ports.from_buffer(self._map, offsets[3])
         #: ... and its local address, as IPv6 (IPv4 v4-mapped)
         self.address = addresses.from_buffer(self._map, offsets[4])
+        #: the clamd pool's health, a slot per clamd (set_clamds)
+        self.clamds = clamds.from_buffer(self._map, offsets[5])
         #: one datagram inbox per worker slot, [read end, write end]: the InfectedHostLimit
         #: news. Kept open by the parent, so a replacement finds what was sent meanwhile.
         self.inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -70,6 +95,32 @@ class DaemonState:
         for pair in self.inboxes:
             for end in pair:
                 end.close()
+
+    def set_clamds(self, names: list[str]) -> None:
+        """The parent, before the first fork and at each good SIGHUP before telling the
+        workers: a slot for each clamd of ClamAddress. A clamd already in one keeps it (and its
+        health); a new one takes a slot of a clamd no longer listed, starting up."""
+        wanted = [name.encode("utf-8", "replace") for name in names]
+        slots = self.clamds
+        kept = {slot.name for slot in slots if slot.name in wanted}
+        for slot in slots:
+            slot.listed = slot.name in wanted
+        free = (slot for slot in slots if not slot.listed)
+        for name in wanted:
+            if name in kept or len(name) > _CLAMD_NAME:
+                continue  # (a name too long: its health stays each worker's own)
+            found = next(free, None)
+            if found is None:
+                return  # more clamds than slots: the others' health stays each worker's own
+            slot = found
+            slot.generation += 1
+            slot.name = name
+            slot.down, slot.next_probe, slot.wait, slot.listed = 0, 0.0, 0.0, 1
+
+    def clamd_health(self) -> list[tuple[str, bool]]:
+        """(name, up) of each clamd of the ClamAddress in force (the metrics' clamd_up)."""
+        return [(slot.name.decode("utf-8", "replace"), not slot.down)
+                for slot in self.clamds if slot.listed]
 
     def open_connections(self) -> int:
         return sum(self.active)
@@ -137,6 +188,14 @@ class WorkerState:
             except OSError:  # (BlockingIOError: empty)
                 return
 
+    def clamd_health(self, name: str) -> SharedHealth | None:
+        """The daemon's view of clamd `name`, None if it has no slot (scanner.HealthSource)."""
+        wanted = name.encode("utf-8", "replace")
+        for slot in self.state.clamds:
+            if slot.listed and slot.name == wanted:
+                return SharedHealth(slot)
+        return None
+
     def infected_hosts(self) -> SharedInfectedHosts:
         return SharedInfectedHosts(self)
 
@@ -203,6 +262,51 @@ class SharedOwnConnections(OwnConnections):
         if state.port_state[port] != _CONNECTED:
             return False
         return bytes(state.address[port]) == _packed(peer[0])
+
+
+class SharedHealth(Health):
+    """A clamd's health in its shared slot: what one worker sees, all see. If the parent gives
+    the slot to another clamd (a SIGHUP took this one out of ClamAddress) while this worker's
+    old pool still scans with it, the old pool goes on with a view of its own."""
+
+    shared = True
+
+    def __init__(self, slot: _ClamdSlot) -> None:
+        self._slot = slot
+        self._generation = slot.generation
+        self._own = Health()
+
+    def _mine(self) -> _ClamdSlot | Health:
+        return self._slot if self._slot.generation == self._generation else self._own
+
+    @property
+    def up(self) -> bool:
+        slot = self._mine()
+        return not slot.down if isinstance(slot, _ClamdSlot) else slot.up
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        slot = self._mine()
+        if isinstance(slot, _ClamdSlot):
+            slot.down = not value
+        else:
+            slot.up = value
+
+    @property
+    def next_probe(self) -> float:
+        return float(self._mine().next_probe)
+
+    @next_probe.setter
+    def next_probe(self, value: float) -> None:
+        self._mine().next_probe = value
+
+    @property
+    def wait(self) -> float:
+        return float(self._mine().wait)
+
+    @wait.setter
+    def wait(self, value: float) -> None:
+        self._mine().wait = value
 
 
 class SharedInfectedHosts(InfectedHosts):

@@ -71,7 +71,7 @@ def become_worker(state: DaemonState, index: int, metrics_directory: str | None)
     use_connection_ids(worker.connection_ids())
     spool.MEMORY_BUDGET = spool.MEMORY_BUDGET // state.workers
     if metrics_directory is not None:
-        metrics.share_between_processes(metrics_directory)
+        metrics.share_between_processes(metrics_directory, clamd_up=state.clamd_health)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     return worker
 

@@ -84,6 +84,8 @@ def appliance_clamd(request, clamd):
     """The fake clamd first (the first scan goes to the first of equals), the real one second."""
     if "fake" in request.fixturenames:
         return Pool([request.getfixturevalue("fake"), clamd])
+    if "late_clamd" in request.fixturenames:
+        return Pool([request.getfixturevalue("late_clamd"), clamd])
     if "real_clamds" in request.fixturenames:
         clamds = request.getfixturevalue("real_clamds")
         return Pool(clamds, tcp=len(clamds) == 3)  # three over TCP, as a farm would be
@@ -337,3 +339,74 @@ def test_reload_takes_a_new_clamd_list_and_keeps_an_unchanged_one(first, second,
     assert send(appliance, "after")[0] == 250
     assert tokens_delivered(next_hop) == ["after"]
     appliance.wait_log(f"clamd is not answering at {first.socket_path}: scans go to the other")
+
+
+# -- Workers: 2, one view of the pool for the daemon ---------------------------------------------
+
+
+@pytest.fixture
+def late_clamd(tmp_path):
+    """A clamd not there at first (nothing at its socket), the real one beside it; `start()`
+    makes it answer (a FakeClamd that passes everything to the real one)."""
+    workdir = tmp_path / "late"
+    workdir.mkdir()
+    missing = _Missing(str(workdir / "fake-clamd.sock"))  # FakeClamd's path in that directory
+    missing.workdir = workdir
+    return missing
+
+
+def worker_of(appliance, pattern: str) -> int:
+    """The index of the worker that logged `pattern` for a connection (its id's parity)."""
+    found = re.findall(rf"^clamsmtpd: ([0-9A-F]{{6}}): {pattern}", appliance.log(), re.M)
+    assert found, f"{pattern!r} not logged for a connection"
+    return int(found[0], 16) % 2
+
+
+def clamd_up(appliance) -> dict[str, float]:
+    port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {name: float(value)
+            for name, value in re.findall(r'clamsmtpd_clamd_up\{clamd="([^"]+)"\} (\S+)', text)}
+
+
+@pytest.mark.appliance_config(Workers=2, MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
+def test_workers_share_one_view_of_the_pool(late_clamd, appliance_clamd, appliance, next_hop,
+                                            clamd):
+    """A clamd one worker found down is down for the other (no scan of its own fails on it
+    first), it stays probed when that worker dies, one PING brings it back for all (logged
+    once), and clamd_up says so throughout."""
+    late = late_clamd.socket_path
+    pids = [int(p) for p in re.findall(r"workers serving \(pids ([\d ]+)\)",
+                                        appliance.wait_log("workers serving"))[-1].split()]
+    accepted = re.compile(r"^clamsmtpd: ([0-9A-F]{6}): accepted connection from", re.M)
+    seen = len(accepted.findall(appliance.log()))
+    for i in range(60):  # until each worker has scanned at least three messages
+        assert send(appliance, f"down-{i}")[0] == 250
+        ids = accepted.findall(appliance.log())[seen:]
+        if i >= 6 and min(sum(int(c, 16) % 2 == w for c in ids) for w in (0, 1)) >= 3:
+            break
+    assert min(sum(int(c, 16) % 2 == w for c in ids) for w in (0, 1)) >= 3, ids
+    log = appliance.log()
+    assert log.count(f"clamd at {late} failed") == 1, log  # the other worker knew
+    assert log.count(f"clamd at {late} is out of the pool") == 1, log
+    assert clamd_up(appliance) == {late: 0, clamd.socket_path: 1}
+
+    # the worker that found it down dies: its probe with it; the others go on probing
+    marker = worker_of(appliance, f"clamd at {re.escape(late)} failed")
+    os.kill(pids[marker], signal.SIGKILL)
+    appliance.wait_log(f"worker {marker} started (pid ", timeout=15)
+    for i in range(4):
+        assert send(appliance, f"replaced-{i}")[0] == 250
+    with FakeClamd(late_clamd.workdir, behaviour="reply", faulty=0,
+                   relay_to=clamd.socket_path) as fake:
+        assert fake.socket_path == late
+        appliance.wait_log(f"clamd at {late} answers again: back in the pool", timeout=30)
+        time.sleep(1.5)  # a second worker's own probe would have PINGed and said it by now
+        assert appliance.log().count(f"clamd at {late} answers again") == 1
+        assert clamd_up(appliance) == {late: 1, clamd.socket_path: 1}
+        for i in range(8):  # back for both workers: scans go to it again
+            assert send(appliance, f"back-{i}")[0] == 250
+        assert fake.scans >= 2
+    assert "status=CLAMAV-ERROR" not in appliance.log()
+    assert_no_spool_files(appliance)

@@ -126,3 +126,29 @@ def test_infected_host_limit_counts_and_blocks_for_the_daemon(daemon):
             hosts.stop()
 
     asyncio.run(run())
+
+
+def test_a_clamd_one_worker_takes_out_is_out_for_every_worker(daemon):
+    state = daemon(2)
+    state.set_clamds(["/run/a.ctl", "b.example:3310"])
+    a0, a1 = (state.worker(i).clamd_health("/run/a.ctl") for i in (0, 1))
+    assert a0.up and a1.up and a0.shared
+    a0.out(100.0)
+    assert not a1.up and a1.next_probe == 101.0 and a1.wait == 1.0
+    assert state.clamd_health() == [("/run/a.ctl", False), ("b.example:3310", True)]
+    a1.up = True  # worker 1's PING answered: back for worker 0 too
+    assert a0.up
+    assert state.worker(0).clamd_health("not-listed:3310") is None  # (its own view then)
+
+
+def test_a_reload_keeps_a_listed_clamds_health_and_gives_a_gone_ones_slot_to_a_new_one(daemon):
+    state = daemon(2)
+    state.set_clamds(["a:3310", "b:3310"])
+    old_a, b = (state.worker(0).clamd_health(name) for name in ("a:3310", "b:3310"))
+    b.out(5.0)
+    state.set_clamds(["b:3310", "c:3310"])  # SIGHUP: a is gone, c new
+    assert state.clamd_health() == [("c:3310", True), ("b:3310", False)]  # c took a's slot
+    c = state.worker(0).clamd_health("c:3310")
+    old_a.out(7.0)  # an old pool still scanning on a: its view is its own now
+    assert c.up and not old_a.up
+    assert state.worker(1).clamd_health("a:3310") is None
