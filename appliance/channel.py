@@ -194,6 +194,14 @@ class ClientChannel(asyncio.Protocol):
 
     async def _wait(self, idle_timeout: bool = True) -> None:
         """Until more bytes (or the end) arrive; TimeoutError after TimeOut of silence."""
+        try:
+            await self._expect(idle_timeout)
+        finally:
+            self._waited()
+
+    def _expect(self, idle_timeout: bool = True) -> asyncio.Future[None]:
+        """The future `_wait` awaits, its TimeOut started; `_waited()` after it, always.
+        (read_line awaits it itself: one coroutine less per command.)"""
         if self._reading_paused and len(self.buffer) < LOW_WATER and self.transport:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -205,12 +213,12 @@ class ClientChannel(asyncio.Protocol):
         if idle_timeout:
             self._deadline.start(self.timeout)
         # (else a splice, which keeps its own TimeOut, both ways)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if not self._closing:
-                self._deadline.stop()
+        return waiter
+
+    def _waited(self) -> None:
+        self._waiter = None
+        if not self._closing:
+            self._deadline.stop()
 
     def _consumed(self) -> None:
         if self._reading_paused and len(self.buffer) < LOW_WATER and self.transport:
@@ -229,7 +237,10 @@ class ClientChannel(asyncio.Protocol):
                 return line
             if self._eof:
                 raise ClientGone
-            await self._wait()
+            try:
+                await self._expect()
+            finally:
+                self._waited()
 
     def peek_line(self, limit: int) -> bytes | None:
         """The next whole line already received (with its LF), left in place; None if there

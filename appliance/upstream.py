@@ -130,12 +130,13 @@ class _NextHop(asyncio.Protocol):
     async def wait(self) -> None:
         """Until something arrives, ends, or the transport takes more to write;
         TimeoutError when the Deadline passes first."""
-        waiter = self.loop.create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        await self.waiter()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """The future `wait` awaits (read_reply awaits it itself: one coroutine less per
+        reply). Once done it is inert: _wake and _expired leave a done one alone."""
+        waiter = self._waiter = self.loop.create_future()
+        return waiter
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -226,7 +227,7 @@ class Upstream:
             while True:
                 line = self._take_line()
                 if line is None:
-                    await protocol.wait()
+                    await protocol.waiter()
                     continue
                 if not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                     raise UpstreamError(f"unexpected reply from server: {line[:80]!r}")
