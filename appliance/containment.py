@@ -86,6 +86,15 @@ class InfectedHosts:
         """The blocks running now: (address, end), for a worker that starts (Workers > 1)."""
         return list(self._blocked.items())
 
+    def recent_infections(self) -> list[tuple[str, float]]:
+        """The infected messages still counted against the limit, (address, time): for a
+        worker that starts (Workers > 1)."""
+        return [(address, when) for address, times in self._recent.items() for when in times]
+
+    def counted(self, address: str, when: float) -> bool:
+        """This infected message (address, time) is counted already (heard twice)."""
+        return when in self._recent.get(address, ())
+
     def hear_block(self, address: str, end: float) -> None:
         """A block another worker holds (Workers > 1), until `end` (monotonic)."""
         if self.count and address not in self._blocked and end > time.monotonic():

@@ -36,6 +36,8 @@ _PORTS = 1 << 16
 _FREE, _BOUND, _CONNECTED = 0, 1, 2
 #: How often a worker looks again at a port another worker is still connecting from.
 _POLL = 0.01
+#: Bytes of lines packed in one datagram of a handover to a new worker (tell_all).
+_DATAGRAM = 16384
 #: clamds whose health the workers share (ClamAddress entries past this: each worker its own)
 CLAMD_SLOTS = 256
 _CLAMD_NAME = 255  # bytes of a clamd's name (a path or host:port) kept in its slot
@@ -179,14 +181,33 @@ class WorkerState:
                 with contextlib.suppress(OSError):
                     inbox.send(message.encode())
 
+    async def tell_all(self, lines: list[str], to: int, timeout: float = 5.0) -> None:
+        """Send many `lines` to worker `to`, packed in datagrams, waiting while its inbox is
+        full (its buffer holds a few hundred small datagrams): for a replacement's handover,
+        which may be thousands of lines. Given up after `timeout`."""
+        inbox = self.state.inboxes[to][1]
+        loop = asyncio.get_running_loop()
+        packed: list[str] = []
+        size = 0
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                for line in [*lines, ""]:
+                    if packed and (not line or size + len(line) > _DATAGRAM):
+                        await loop.sock_sendall(inbox, "\n".join(packed).encode())
+                        packed, size = [], 0
+                    packed.append(line)
+                    size += len(line) + 1
+
     def messages(self) -> Iterator[str]:
-        """What the other workers sent, until the inbox is empty (never blocks)."""
+        """What the other workers sent, line by line, until the inbox is empty (never
+        blocks)."""
         inbox = self.state.inboxes[self.index][0]
         while True:
             try:
-                yield inbox.recv(512).decode("ascii", "replace")
+                datagram = inbox.recv(_DATAGRAM * 2)
             except OSError:  # (BlockingIOError: empty)
                 return
+            yield from datagram.decode("ascii", "replace").split("\n")
 
     def clamd_health(self, name: str) -> SharedHealth | None:
         """The daemon's view of clamd `name`, None if it has no slot (scanner.HealthSource)."""
@@ -317,6 +338,7 @@ class SharedInfectedHosts(InfectedHosts):
     def __init__(self, worker: WorkerState) -> None:
         super().__init__()
         self.worker = worker
+        self._handovers: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """With the loop running: read the news as it comes, and ask for the blocks now."""
@@ -328,6 +350,8 @@ class SharedInfectedHosts(InfectedHosts):
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(
                 self.worker.state.inboxes[self.worker.index][0])
+        for task in self._handovers:
+            task.cancel()
 
     def record(self, address: str, now: float | None = None, *, heard: bool = False) -> bool:
         now = time.monotonic() if now is None else now
@@ -346,15 +370,30 @@ class SharedInfectedHosts(InfectedHosts):
             try:
                 if kind == "I":
                     when, address = rest.split(" ", 1)
-                    self.record(address, float(when), heard=True)
+                    if not self.counted(address, float(when)):  # (several may hand it over)
+                        self.record(address, float(when), heard=True)
                 elif kind == "B":
                     until, address = rest.split(" ", 1)
                     self.hear_block(address, float(until))
                 elif kind == "H":
-                    for host, end in self.blocked_until():
-                        self.worker.tell(f"B {end!r} {host}", to=int(rest))
+                    self._hand_over(int(rest))
             except ValueError:
                 continue  # (written by our own workers: not expected)
+
+
+    def _hand_over(self, to: int) -> None:
+        """A new worker asked (`H`): the blocks running and the infections still counted
+        below the limit, so that a worker's death loses neither (docs/dev/workers.md)."""
+        lines = [f"B {end!r} {host}" for host, end in self.blocked_until()]
+        lines += [f"I {when!r} {host}" for host, when in self.recent_infections()]
+        if lines:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # (no loop: not a serving worker)
+            task = loop.create_task(self.worker.tell_all(lines, to))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
 
 
 def _packed(host: str) -> bytes:

@@ -152,3 +152,35 @@ def test_a_reload_keeps_a_listed_clamds_health_and_gives_a_gone_ones_slot_to_a_n
     old_a.out(7.0)  # an old pool still scanning on a: its view is its own now
     assert c.up and not old_a.up
     assert state.worker(1).clamd_health("a:3310") is None
+
+
+def test_a_replacement_worker_gets_the_counts_below_the_limit_and_every_block(daemon):
+    """InfectedHostLimit 2 per 60 s. Worker 0 dies; its replacement asks worker 1, and gets
+    the blocks running (1000 here: one datagram each would overflow the inbox's buffer) and
+    the infections still counted below the limit: one more infected message from a host that
+    had one blocks it, as it would have with worker 0 alive."""
+    async def run() -> None:
+        state = daemon(2)
+        a, b = state.worker(0).infected_hosts(), state.worker(1).infected_hosts()
+        for hosts in (a, b):
+            hosts.configure((2, 60), 30)
+            hosts.start()
+        blocked = [f"2001:db8::{i:x}" for i in range(1000)]
+        for host in blocked:  # (b's own: the news to a, one datagram each, is not the point)
+            b.record(host)
+            b.record(host)
+        assert not a.record("192.0.2.9")  # one of two: counted, not blocked
+        await asyncio.sleep(0.05)  # b reads the news as it comes
+        a.stop()
+        state.forget(0)
+        replacement = state.worker(0).infected_hosts()
+        replacement.configure((2, 60), 30)
+        replacement.start()  # asks b
+        await asyncio.sleep(0.2)
+        assert all(replacement.blocked_for(host) > 29 for host in blocked)
+        assert replacement.record("192.0.2.9")  # the second for the daemon: blocked
+        for hosts in (b, replacement):
+            hosts.configure(None, 30)
+            hosts.stop()
+
+    asyncio.run(run())
