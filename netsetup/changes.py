@@ -4,7 +4,9 @@ Each of them owns named objects (chains, a table, an ip rule and a route) and ch
 operation at a time; an operation prints as the command that does the same.  What they have in
 common lives here, as sshuttle's single ``ipt()`` does: ``_apply(op)`` logs the operation,
 counts it, honours ``--dry-run``, makes it through the subclass's ``_make`` (the only line that
-talks to the kernel), names it in ``OperationFailed`` when it fails, and carries the test hooks.
+talks to the kernel) and names it in ``OperationFailed`` when it fails.  No fault hook: the tests
+inject faults by patching ``_make`` in their own process (tests/netsetup/faultinject.py), so
+nothing an admin's environment holds can make the firewall tool fail on purpose.
 ``_remove`` is a removal whose object may already be gone; ``_each`` runs steps that must not
 skip each other (one per address family).  ``enable_in_order`` installs several of them and
 undoes them all when a change that is not atomic fails, so the firewall is never left half
@@ -13,8 +15,6 @@ configured.
 
 from __future__ import annotations
 
-import os
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
@@ -22,28 +22,12 @@ from typing import Any, ClassVar, Generic, TypeVar
 from netsetup.errors import NetsetupError, OperationFailed
 from netsetup.plan import RedirectPlan
 
-FAIL_AFTER_ENV = "NETSETUP_FAIL_AFTER"  # test-only: the change after N successful ones fails
-DELAY_ENV = "NETSETUP_CHANGE_DELAY"  # test-only: seconds to wait after each kernel change
-INJECTED = f"injected failure ({FAIL_AFTER_ENV}, test only)"
-
 Op = TypeVar("Op")
 Item = TypeVar("Item")
 
 
 def print_line(line: str) -> None:
     print(line, flush=True)
-
-
-def _fail_after() -> int | None:
-    value = os.environ.get(FAIL_AFTER_ENV)
-    return int(value) if value and value.isascii() and value.isdigit() else None
-
-
-def _delay() -> float:
-    try:
-        return max(0.0, float(os.environ.get(DELAY_ENV) or 0))
-    except ValueError:
-        return 0.0
 
 
 class KernelChanges(ABC, Generic[Op]):
@@ -57,9 +41,6 @@ class KernelChanges(ABC, Generic[Op]):
         self.dry_run = dry_run
         self.log = log
         self.changes = 0  # operations passed to _apply (made, or shown by a dry run)
-        self._made = 0  # changes that succeeded (NETSETUP_FAIL_AFTER counts these)
-        self._fail_after = _fail_after()
-        self._delay = _delay()
 
     @abstractmethod
     def enable(self, plan: RedirectPlan) -> None:
@@ -70,12 +51,8 @@ class KernelChanges(ABC, Generic[Op]):
         """Remove this plan's own objects (all families in the plan); never anything else."""
 
     @abstractmethod
-    def _make(self, op: Op, *, fail: bool) -> None:
-        """Make ``op`` in the kernel (the one line that talks to it); raise on failure.
-
-        ``fail``: the test hook asks this change to fail in the kernel (only ever for an
-        ``atomic`` subclass, whose proof is that the kernel aborts the whole transaction; any
-        other change fails before it is made)."""
+    def _make(self, op: Op) -> None:
+        """Make ``op`` in the kernel (the one line that talks to it); raise on failure."""
 
     def _shown(self, op: Op) -> Sequence[str]:
         """The lines logged for ``op`` before it is made (and all a dry run does)."""
@@ -88,21 +65,12 @@ class KernelChanges(ABC, Generic[Op]):
         self.changes += 1
         if self.dry_run:
             return
-        fail = self._fail_after is not None and self._made >= self._fail_after
-        if fail:
-            self._fail_after = None  # once: the rollback after it must work
-            if not self.atomic:
-                raise OperationFailed(op, INJECTED)
         try:
-            self._make(op, fail=fail)
+            self._make(op)
         except NetsetupError:
             raise
         except Exception as error:  # IPTCError, NetlinkError, OSError... from the libraries
             raise OperationFailed(op, self._reason(error)) from error
-        self._made += 1
-        if self._delay:
-            # lets a test that kills us "at change N" be sure change N+1 has not started yet
-            time.sleep(self._delay)
 
     def _reason(self, error: Exception) -> str:
         """The words of a library's exception, for OperationFailed."""

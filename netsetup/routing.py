@@ -94,7 +94,7 @@ class PolicyRouting(KernelChanges[RouteOp]):
             self._conn.close()
             self._conn = None
 
-    def _make(self, op: RouteOp, *, fail: bool) -> None:
+    def _make(self, op: RouteOp) -> None:
         ipr = self._ipr()
         family = AF[op.family]
         if op.action.endswith("rule"):

@@ -187,7 +187,7 @@ class IptablesBackend(backends.Backend[Op]):
             self._workers[family] = FamilyWorker(family)
         return self._workers[family]
 
-    def _make(self, op: Op, *, fail: bool) -> None:
+    def _make(self, op: Op) -> None:
         self._worker(op.family).call("apply", op)
 
     def _already_gone(self, op: Op, error: OperationFailed) -> bool:

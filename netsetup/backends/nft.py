@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from netsetup import backends
-from netsetup.changes import INJECTED
 from netsetup.discovery import NftTable
 from netsetup.errors import KernelSupportError, NetsetupError, OperationFailed
 from netsetup.plan import HOOK_FORWARDED, Mode, RedirectPlan, Rule, chain_layout
@@ -31,9 +30,6 @@ NAT_PRIORITY = -100  # dstnat
 MANGLE_PRIORITY = "mangle"  # -150: TPROXY's chain (a filter chain at the mangle priority)
 NFT = "/usr/sbin/nft"
 TIMEOUT = 30.0
-# Appended to a transaction by the test-only hook (NETSETUP_FAIL_AFTER): the kernel rejects it
-# (ENOENT) after it has taken every rule before it, so the whole transaction must be aborted.
-INJECTED_FAILURE = "delete table ip clamsmtp-injected-failure"
 FAMILY_NAMES = {4: "ip", 6: "ip6"}
 NFT_FAMILIES = ("ip", "ip6", "inet")  # the nftables families our tables can have
 NFT_PREFIX = "clamsmtp-"
@@ -266,12 +262,10 @@ class NftBackend(backends.Backend[Transaction]):
     def _shown(self, tx: Transaction) -> Sequence[str]:
         return tx.shown
 
-    def _make(self, tx: Transaction, *, fail: bool) -> None:
-        """Run ``tx`` as one ``nft -f -``; ``fail``: append a statement the kernel rejects
-        after taking all the others, so the test sees the whole transaction aborted."""
-        script = tx.script + (INJECTED_FAILURE + "\n" if fail else "")
+    def _make(self, tx: Transaction) -> None:
+        """Run ``tx`` as one ``nft -f -``: the kernel takes all of it or none."""
         try:
-            result = self._nft("-f", "-", script=script)
+            result = self._nft("-f", "-", script=tx.script)
         except NftTimeout as error:
             # killed before or after the kernel committed: never roll back (cli), just say so
             raise NetsetupError(
@@ -281,8 +275,6 @@ class NftBackend(backends.Backend[Transaction]):
             ) from None
         if result.returncode != 0:
             reason = " ".join(result.stderr.split()) or f"nft exited {result.returncode}"
-            if fail:
-                reason = f"{INJECTED}: {reason}"
             raise OperationFailed(tx, f"{reason}; the transaction was aborted, nothing changed")
 
     def _tables(self) -> list[tuple[str, str]]:

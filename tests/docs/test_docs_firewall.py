@@ -71,8 +71,7 @@ class Namespace:
             raise
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k != "NETSETUP_FAIL_AFTER"}
-        return run(["ip", "netns", "exec", self.name, *argv], env=env, **kwargs)
+        return run(["ip", "netns", "exec", self.name, *argv], **kwargs)
 
     def delete(self) -> None:
         run(["ip", "netns", "del", self.name])

@@ -7,7 +7,6 @@ from netsetup_fakes import FakeNat, FakeRouting
 
 from netsetup import routing
 from netsetup.backends.iptables import IptablesBackend
-from netsetup.changes import FAIL_AFTER_ENV
 
 
 @pytest.fixture
@@ -21,9 +20,8 @@ def nat(monkeypatch):
         fake.applied.append(str(op))
         return real_apply(self, op)
 
-    monkeypatch.delenv(FAIL_AFTER_ENV, raising=False)
     monkeypatch.setattr(IptablesBackend, "_apply", recording_apply)
-    monkeypatch.setattr(IptablesBackend, "_make", lambda self, op, *, fail: fake.apply(op))
+    monkeypatch.setattr(IptablesBackend, "_make", lambda self, op: fake.apply(op))
     monkeypatch.setattr(IptablesBackend, "_read_state",
                         lambda self, f, t="nat": fake.state(f, t))
     monkeypatch.setattr(IptablesBackend, "_rows", lambda self, f, c, t="nat": fake.rows(f, c, t))
@@ -37,6 +35,6 @@ def nat(monkeypatch):
 def _fake_routing(monkeypatch) -> FakeRouting:
     """PolicyRouting's netlink reads and writes go to a FakeRouting (no real ip rules)."""
     fake = FakeRouting()
-    monkeypatch.setattr(routing.PolicyRouting, "_make", lambda self, op, *, fail: fake.apply(op))
+    monkeypatch.setattr(routing.PolicyRouting, "_make", lambda self, op: fake.apply(op))
     monkeypatch.setattr(routing.PolicyRouting, "read", lambda self, plan, f: fake.state(f))
     return fake

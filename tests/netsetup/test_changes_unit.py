@@ -6,10 +6,11 @@ ordered list of what was made, shown and undone, whatever the mechanism.
 
 from __future__ import annotations
 
+import faultinject
 import pytest
 from netsetup_fakes import PLAN
 
-from netsetup.changes import FAIL_AFTER_ENV, KernelChanges, enable_in_order
+from netsetup.changes import KernelChanges, enable_in_order
 from netsetup.errors import NetsetupError, OperationFailed
 from netsetup.plan import RedirectPlan
 
@@ -34,9 +35,9 @@ class Recorder(KernelChanges[str]):
     def disable(self, plan: RedirectPlan) -> None:
         self._each(list(self.objects), lambda obj: self._remove(f"{self.name} del {obj}"))
 
-    def _make(self, op: str, *, fail: bool) -> None:
-        self.journal.append(op + (" (failing)" if fail else ""))
-        if fail or op == self.refuse:
+    def _make(self, op: str) -> None:
+        self.journal.append(op)
+        if op.endswith(" (failing)") or op == self.refuse:
             raise OSError("Invalid argument")
         verb, obj = op.split()[1:]
         if verb == "add":
@@ -51,8 +52,7 @@ class Recorder(KernelChanges[str]):
 
 
 @pytest.fixture
-def journal(monkeypatch) -> list[str]:
-    monkeypatch.delenv(FAIL_AFTER_ENV, raising=False)
+def journal() -> list[str]:
     return []
 
 
@@ -79,9 +79,12 @@ def test_dry_run_shows_and_makes_nothing(journal):
 
 
 def test_fail_after_fails_once_before_the_change_unless_atomic(journal, monkeypatch):
-    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    """The tests' fault injection (faultinject.py) keeps the semantics the tests rely on."""
+    faultinject.inject(monkeypatch, fail_after=1)
+    # what the "kernel" of an atomic Recorder refuses (nft's is a statement it rejects)
+    monkeypatch.setitem(faultinject.SPOILERS, Recorder, lambda op: op + " (failing)")
     part = Recorder("r", journal, log=quiet)
-    with pytest.raises(OperationFailed, match=r"injected failure \(NETSETUP_FAIL_AFTER"):
+    with pytest.raises(OperationFailed, match=r"injected failure \(test only\)"):
         part.enable(PLAN)
     assert journal == ["r add a"]  # not atomic: the 2nd change is refused before it is made
     part.disable(PLAN)  # once only: the rollback works
@@ -99,10 +102,10 @@ def test_remove_ignores_what_is_gone_and_each_runs_every_step(journal):
     part.refuse = "r del a"
     real = part._make
 
-    def vanish(op: str, *, fail: bool) -> None:
+    def vanish(op: str) -> None:
         if op == "r del gone":
             part.objects.remove("gone")  # someone else was faster
-        real(op, fail=fail)
+        real(op)
 
     part._make = vanish  # type: ignore[method-assign]
     with pytest.raises(OperationFailed, match="Invalid argument"):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
+import faultinject
 import pytest
 from netsetup_fakes import FACTS, NFT_HOST, FakeNat, FakeNft, fake_root_host, quiet
 
 from netsetup import cli, discovery
 from netsetup.backends.iptables import IptablesBackend, enable_ops
 from netsetup.backends.nft import NftBackend
-from netsetup.changes import FAIL_AFTER_ENV
 from netsetup.discovery import HostFacts, Interface, NftTable
 from netsetup.errors import ExitCode, KernelSupportError
 from netsetup.plan import RedirectPlan
@@ -60,8 +61,24 @@ def test_cli_enable_status_disable_roundtrip(host, capsys):
     assert "nothing to remove" in capsys.readouterr().out
 
 
+def test_no_environment_variable_makes_netsetup_fail_or_wait(host, monkeypatch, capsys):
+    """An admin's environment cannot make the firewall tool fail on purpose: the old test
+    hooks NETSETUP_FAIL_AFTER and NETSETUP_CHANGE_DELAY are read by nothing in the product
+    (the tests inject their faults with faultinject.py)."""
+    monkeypatch.setenv("NETSETUP_FAIL_AFTER", "0")
+    monkeypatch.setenv("NETSETUP_CHANGE_DELAY", "30")
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert cli.main(["enable", "-f", host.config, "-i", "lan0"]) == 0
+    assert "injected" not in capsys.readouterr().err
+    assert slept == []
+    assert cli.main(["disable", "-f", host.config]) == 0
+    assert host.snapshot() == FakeNat().snapshot()
+
+
 def test_cli_rollback_after_failure_half_way(host, monkeypatch, capsys):
-    monkeypatch.setenv(FAIL_AFTER_ENV, "5")  # IPv4 done, IPv6 chain created, its 1st rule fails
+    # IPv4 done, IPv6 chain created, its 1st rule fails
+    faultinject.inject(monkeypatch, fail_after=5)
     before = host.snapshot()
     code = cli.main(["enable", "-f", host.config, "-i", "lan0"])
     out, err = capsys.readouterr()

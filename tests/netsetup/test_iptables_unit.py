@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import faultinject
 import pytest
 from netsetup_fakes import FULL, PLAN, FakeNat, quiet
 
@@ -13,7 +14,6 @@ from netsetup.backends.iptables import (
     disable_ops,
     enable_ops,
 )
-from netsetup.changes import FAIL_AFTER_ENV
 from netsetup.errors import KernelSupportError, OperationFailed
 from netsetup.plan import Rule
 
@@ -145,8 +145,8 @@ def test_apply_wraps_kernel_errors_with_the_operation(nat):
     assert caught.value.reason == "Invalid argument"
 
 
-def test_fail_after_env_injects_one_failure(nat, monkeypatch):
-    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+def test_fail_after_injects_one_failure(nat, monkeypatch):
+    faultinject.inject(monkeypatch, fail_after=2)
     backend = IptablesBackend(log=quiet)
     with pytest.raises(OperationFailed, match="injected failure") as caught:
         backend.enable(PLAN)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import faultinject
 import pytest
 
 from lab import nslab
@@ -44,14 +45,14 @@ FULL = (
 
 
 def netsetup(ns: str, *args: str, fail_after: int | None = None) -> subprocess.CompletedProcess:
-    """The real command in ``ns``; never reads the host's /etc/clamsmtpd.conf."""
-    env = {k: v for k, v in os.environ.items() if k != "NETSETUP_FAIL_AFTER"}
-    env["PYTHONPATH"] = str(nslab.REPO_ROOT)
-    if fail_after is not None:
-        env["NETSETUP_FAIL_AFTER"] = str(fail_after)
+    """The real command in ``ns``; never reads the host's /etc/clamsmtpd.conf. ``fail_after``:
+    through faultinject.py, the change after that many fails (once)."""
+    env = {**os.environ, "PYTHONPATH": str(nslab.REPO_ROOT)}
     if "--proxy-port" not in args and "-f" not in args:
         args = (*args, "--proxy-port", str(PROXY_PORT))
-    return nslab.run_in(ns, [sys.executable, "-m", "netsetup.cli", *args], env=env)
+    if fail_after is None:
+        return nslab.run_in(ns, [sys.executable, "-m", "netsetup.cli", *args], env=env)
+    return nslab.run_in(ns, faultinject.argv(*args, fail_after=fail_after), env=env)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

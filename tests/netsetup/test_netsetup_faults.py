@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+import faultinject
 import pytest
 from test_netns import REASON, ruleset
 
@@ -43,15 +44,18 @@ pytestmark = [
 ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NETSETUP_FAIL_AFTER", "NETSETUP_CHANGE_DELAY")}
-    env.update(PYTHONPATH=str(nslab.REPO_ROOT), PYTHONUNBUFFERED="1", **extra)
-    return env
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(nslab.REPO_ROOT), "PYTHONUNBUFFERED": "1"}
 
 
-def _argv(command: str, *options: str) -> list[str]:
-    return [sys.executable, "-m", "netsetup.cli", command, *options, "--proxy-port", PORT]
+def _argv(command: str, *options: str, fail_after: int | None = None,
+          delay: float = 0.0) -> list[str]:
+    """The real command; with faults (``fail_after``, ``delay`` after each change), the same
+    run through faultinject.py."""
+    if fail_after is None and not delay:
+        return [sys.executable, "-m", "netsetup.cli", command, *options, "--proxy-port", PORT]
+    return faultinject.argv(command, *options, "--proxy-port", PORT, fail_after=fail_after,
+                            delay=delay)
 
 
 def netsetup(ns: str, command: str, *options: str) -> subprocess.CompletedProcess:
@@ -65,9 +69,11 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def start(ns: str, command: str, *options: str, **env: str) -> subprocess.Popen:
+def start(ns: str, command: str, *options: str, fail_after: int | None = None,
+          delay: float = 0.0) -> subprocess.Popen:
     """The command in its own process group (its two xtables workers are in it too)."""
-    return nslab.popen_in(ns, _argv(command, *options), env=_env(**env),
+    return nslab.popen_in(ns, _argv(command, *options, fail_after=fail_after, delay=delay),
+                          env=_env(),
                           stderr=subprocess.STDOUT, start_new_session=True, bufsize=1)
 
 
@@ -96,10 +102,11 @@ def kill(proc: subprocess.Popen, whole_group: bool) -> None:
 
 
 def kill_at(ns: str, op: int, *, whole_group: bool = True, after: str | None = None,
-            **env: str) -> list[str]:
-    """Run `enable`; SIGKILL it as soon as it has announced its `op`-th kernel change (counted
-    from 1, and from the line `after` if given). Returns its output up to then."""
-    proc = start(ns, "enable", *OPTIONS, **env)
+            fail_after: int | None = None, delay: float = 0.0) -> list[str]:
+    """Run `enable` (with faults: see faultinject.py); SIGKILL it as soon as it has announced
+    its `op`-th kernel change (counted from 1, and from the line `after` if given). Returns
+    its output up to then."""
+    proc = start(ns, "enable", *OPTIONS, fail_after=fail_after, delay=delay)
     lines, pump = _lines(proc)
     seen: list[str] = []
     counting = after is None
@@ -187,7 +194,7 @@ def test_enable_killed_at_a_kernel_change_converges(router, states, op):
     before, _ = states
     whole_group = KILL_POINTS.index(op) % 2 == 0
     # a pause after each change: the kill lands before change op+1 however busy the machine is
-    kill_at(router, op, whole_group=whole_group, NETSETUP_CHANGE_DELAY="0.2")
+    kill_at(router, op, whole_group=whole_group, delay=0.2)
     wait_no_processes(router)
     if op > 1:  # change op-1 was complete before change op was announced
         assert ruleset(router) != before
@@ -218,9 +225,9 @@ def test_enable_killed_at_random_moments_accumulates_nothing(router, states):
 
 
 def test_rollback_killed_half_way_converges(router, states):
-    """enable fails at its 11th change (NETSETUP_FAIL_AFTER) and is SIGKILLed during the
-    rollback that follows: what is left is cleared all the same."""
-    seen = kill_at(router, 3, after="rolling back", NETSETUP_FAIL_AFTER="10")
+    """enable fails at its 11th change (injected: faultinject.py) and is SIGKILLed during
+    the rollback that follows: what is left is cleared all the same."""
+    seen = kill_at(router, 3, after="rolling back", fail_after=10)
     assert any("enable failed; rolling back" in line for line in seen), seen
     wait_no_processes(router)
     status_of(router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 
+import faultinject
 import pytest
 from netsetup_fakes import PLAN, FakeNft, net, quiet
 
@@ -83,7 +84,7 @@ def test_nft_backend_dry_run_and_failure(monkeypatch):
     with pytest.raises(OperationFailed, match="Error: boom; the transaction was aborted") as e:
         NftBackend(log=quiet).enable(PLAN)
     assert str(e.value.op) == "nft -f - (replace table inet clamsmtp-10025, one transaction)"
-    monkeypatch.setenv("NETSETUP_FAIL_AFTER", "0")
+    faultinject.inject(monkeypatch, fail_after=0)
     fake.fail = False
     with pytest.raises(OperationFailed, match="injected failure"):
         NftBackend(log=quiet).enable(PLAN)

@@ -77,7 +77,7 @@ def states(router):
 
 
 def kill_at(ns: str, op: int) -> None:
-    proc = start(ns, "enable", *OPTIONS, NETSETUP_CHANGE_DELAY="0.2")
+    proc = start(ns, "enable", *OPTIONS, delay=0.2)
     lines, pump = _lines(proc)
     seen = []
     try:

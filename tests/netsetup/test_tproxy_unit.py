@@ -3,13 +3,13 @@ the CLI around them: exact ordered operations, as for REDIRECT (no root, no kern
 
 from __future__ import annotations
 
+import faultinject
 import pytest
 from netsetup_fakes import FakeNat, FakeNft, fake_root_host
 
 from netsetup import cli, discovery
 from netsetup.backends.iptables import enable_ops
 from netsetup.backends.nft import NftBackend, render_script
-from netsetup.changes import FAIL_AFTER_ENV
 from netsetup.discovery import NftTable
 from netsetup.errors import ExitCode
 from netsetup.plan import Mode, RedirectPlan
@@ -200,7 +200,7 @@ def test_foreign_routes_with_the_nft_backend_remove_our_table_too(host, monkeypa
 
 
 def test_an_injected_routing_failure_is_rolled_back(host, monkeypatch, capsys):
-    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    faultinject.inject(monkeypatch, fail_after=1)
     assert cli.main(["enable", "-f", host.config, "-i", "lan0", "--ipv4"]) == ExitCode.FAILED
     assert f"{ROUTING_V4[1]}`: injected failure" in capsys.readouterr().err
     assert host.routing.applied == ROUTING_V4[:1] + [
