@@ -62,11 +62,11 @@ async def splice(a: End, b: End, timeout: float) -> tuple[int, int, bool]:
                 return moved
             last[0] = loop.time()
             moved += len(data)
-            writer.write(data)
             try:
+                writer.write(data)  # (to a lost connection: asyncio drops it, uvloop raises)
                 async with asyncio.timeout(timeout):
                     await writer.drain()
-            except (TimeoutError, OSError):
+            except (TimeoutError, OSError, RuntimeError):
                 return moved
 
     forward = loop.create_task(pump(a, b))

@@ -340,11 +340,13 @@ class Upstream:
         of the lock-step dialogue almost never waits)."""
         if self.closed:
             raise UpstreamError("server connection is closed")
+        protocol = self._protocol
+        if protocol.lost:  # (asyncio drops a write to a lost connection; uvloop raises)
+            return True  # _drain says how it was lost
         transport = self._transport
         transport.write(data)
         if not transport.get_write_buffer_size():
             return False  # all of it went to the kernel
-        protocol = self._protocol
         return protocol.write_paused or protocol.lost  # (else little enough is left)
 
     async def _drain(self) -> None:
