@@ -90,7 +90,7 @@ class NetLab:
     must be able to reach the work directory, where clamd's socket is). `out`: called with
     each line worth showing (provisioning output); default silent. `transparent`: the daemon's
     TransparentProxy, "on" (netsetup --mode redirect) or "full" (--mode tproxy: the mail
-    server sees the client's own address).
+    server sees the client's own address). `workers`: the daemon's Workers.
     """
 
     def __init__(
@@ -104,6 +104,7 @@ class NetLab:
         out: Callable[[str], None] | None = None,
         tls: bool = False,
         transparent: str = "on",
+        workers: int = 1,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clamsmtp-netlab-")).resolve()
@@ -114,6 +115,7 @@ class NetLab:
         self.action = action
         self.proxy_port = proxy_port
         self.transparent = transparent  # TransparentProxy: on (REDIRECT) or full (TPROXY)
+        self.workers = workers  # the daemon's Workers
         self.out = out or (lambda line: None)
         #: TLS on both legs: the mail server offers STARTTLS, the gateway ClientTLS: on (and
         #: OutTLS: may, its default), the client's swaks requires STARTTLS
@@ -186,7 +188,8 @@ class NetLab:
             "--proxy-port", str(self.proxy_port),
             "--clam-address", str(self.clamd_dir / "clamd.sock"),
             "--action", self.action, "--user", self.user, "--workdir", str(self.gateway_dir),
-            "--transparent", self.transparent, *self._tls_args("gateway"), *extra,
+            "--transparent", self.transparent, "--workers", str(self.workers),
+            *self._tls_args("gateway"), *extra,
         )
 
     def _tls_args(self, role: str) -> list[str]:

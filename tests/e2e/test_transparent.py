@@ -345,6 +345,59 @@ def test_status_shows_the_rules_with_counters_and_the_policy_routing(lab):
         assert "policy rule" not in status
 
 
+# -- Workers: 2 through the kernel ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["on", "full"], ids=["redirect", "tproxy"])
+def lab_two_workers(request):
+    """The same gateway with `Workers: 2`: two processes accept on the one redirected socket."""
+    with NetLab(transparent=request.param, workers=2) as running:
+        yield running
+
+
+ACCEPTED = re.compile(r"^clamsmtpd: ([0-9A-F]{6}): accepted connection from: (\S+)$", re.M)
+
+
+@needs_lab
+@DESTINATIONS
+def test_two_workers_each_read_the_original_destination(lab_two_workers, family, destination):
+    """Clean mail until both workers took connections (a worker's ids have its index's
+    parity): each read SO_ORIGINAL_DST (TPROXY: the local address) on the connection it
+    accepted, relayed to the server's address (full: from the client's own), and the message
+    arrived once with its scan header; an EICAR through either worker never arrives."""
+    lab = lab_two_workers
+    lab.wait_log(r"2 workers serving")
+    mark = lab.log_mark()
+    subjects: list[str] = []
+    ids: list[str] = []
+    for _ in range(16):
+        subjects.append(_subject(f"two workers IPv{family}"))
+        sent = lab.send(SERVER[family], subject=subjects[-1])
+        assert sent.status == 0, sent.transcript
+        assert sent.reply == "250 2.0.0 OK queued as lab"
+        ids = [conn for conn, peer in ACCEPTED.findall(lab.daemon_log(mark))
+               if peer == CLIENT[family]]
+        if len(subjects) >= 2 and {int(conn, 16) % 2 for conn in ids} == {0, 1}:
+            break
+    assert {int(conn, 16) % 2 for conn in ids} == {0, 1}, f"one worker took all: {ids}"
+    log = lab.wait_log(r"status=CLEAN", since=mark, count=len(subjects))
+    for conn in ids:  # each worker read its own connection's original destination
+        assert f"{conn}: original destination: {destination}\n" in log, log
+    for subject in subjects:
+        [message] = lab.received_with(subject)
+        assert message.header("X-Virus-Scanned") == "ClamAV using ClamSMTP"
+        assert message.peer[0] == _sender_seen(lab, family)
+    before = len(lab.received())
+    for _ in range(2):  # (either worker, or the same twice)
+        sent = lab.send(SERVER[family], eicar=True, subject=_subject("two workers EICAR"))
+        assert sent.status == netlab.SWAKS_REFUSED_AFTER_DATA, sent.transcript
+        assert sent.reply == BOUNCE_REPLY
+    lab.wait_log(r"status=VIRUS:Eicar-Test-Signature", since=mark, count=2)
+    time.sleep(0.2)
+    assert len(lab.received()) == before
+    assert sorted(os.listdir(lab.gateway_dir / "spool")) == []
+
+
 # -- the lab command and its teardown ------------------------------------------------------
 
 

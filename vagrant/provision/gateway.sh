@@ -26,6 +26,7 @@
 #   --user USER           User: the daemon switches to after binding (default: none, it stays
 #                         root); it must reach ClamAddress [CLAMSMTPD_USER]
 #   --max-connections N   MaxConnections (default 64) [MAX_CONNECTIONS]
+#   --workers N           Workers (default 1: one process) [CLAMSMTPD_WORKERS]
 #   --transparent MODE    on (default: netfilter REDIRECT, the server sees the gateway) or
 #                         full (TPROXY + policy routing: the server sees the client's own
 #                         address; netsetup --mode tproxy) [TRANSPARENT]
@@ -48,6 +49,7 @@ CLAM_ADDRESS="${CLAM_ADDRESS:-/var/run/clamav/clamd.ctl}"
 VIRUS_ACTION="${CLAMSMTPD_ACTION:-bounce}"
 DAEMON_USER="${CLAMSMTPD_USER:-}"
 MAX_CONNECTIONS="${MAX_CONNECTIONS:-64}"
+WORKERS="${CLAMSMTPD_WORKERS:-1}"
 TRANSPARENT="${TRANSPARENT:-on}"
 WORKDIR="${GATEWAY_WORKDIR:-/var/lib/clamsmtp-lab/gateway}"
 NETSETUP_EXTRA=()
@@ -62,6 +64,7 @@ while [ $# -gt 0 ]; do
         --action) VIRUS_ACTION="${2:?--action needs bounce, drop or pass}"; shift ;;
         --user) DAEMON_USER="${2?--user needs a user name}"; shift ;;
         --max-connections) MAX_CONNECTIONS="${2:?--max-connections needs a number}"; shift ;;
+        --workers) WORKERS="${2:?--workers needs a number}"; shift ;;
         --transparent) TRANSPARENT="${2:?--transparent needs on or full}"; shift ;;
         --workdir) WORKDIR="${2:?--workdir needs a directory}"; shift ;;
         --tls-cert) TLS_CERT="${2:?--tls-cert needs a file}"; shift ;;
@@ -156,6 +159,7 @@ TempDirectory: $SPOOL
 # bounce: an infected message is refused (550) so the sending client knows.
 Action: $VIRUS_ACTION
 MaxConnections: $MAX_CONNECTIONS
+$([ "$WORKERS" = 1 ] || echo "Workers: $WORKERS")
 TimeOut: 180
 PidFile: $PIDFILE
 ${DAEMON_USER:+User: $DAEMON_USER}
