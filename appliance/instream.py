@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .addresses import Address
+from .deadline import SharedDeadlines
 
 
 class ScanStatus(enum.StrEnum):
@@ -86,11 +87,14 @@ class _Garbage(Exception):
 
 class _Connection:
     """One connection to clamd: each operation waits at most TimeOut, and never past the
-    deadline of the whole scan (ScanTimeout), through one `asyncio.Timeout` moved per wait."""
+    deadline of the whole scan (ScanTimeout), through one `asyncio.Timeout` moved per wait;
+    with `shared`, the Timeout has no timer of its own: the clamd's SharedDeadlines fire it."""
 
     def __init__(self, clamd: Clamd, timeout: float, deadline: float | None,
-                 guard: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
+                 guard: asyncio.Timeout, loop: asyncio.AbstractEventLoop,
+                 shared: SharedDeadlines | None = None) -> None:
         self.loop = loop
+        self.shared = shared
         self.clamd = clamd
         self.timeout = timeout
         self.deadline = deadline
@@ -106,8 +110,15 @@ class _Connection:
         when = self.loop.time() + self.timeout
         if self.deadline is not None and self.deadline < when:
             when = self.deadline
-        if when != self.guard.when():  # (TimeOut >= ScanTimeout: it stays at the deadline)
+        if self.shared is not None:
+            self.shared.arm(self, when, self._expired)
+        elif when != self.guard.when():  # (TimeOut >= ScanTimeout: it stays at the deadline)
             self.guard.reschedule(when)
+
+    def _expired(self) -> None:
+        """(SharedDeadlines) The wait is past its end: the guard cancels the scan's task now,
+        and the scan sees TimeoutError, as from a timer of its own."""
+        self.guard.reschedule(self.loop.time())
 
     async def connect(self) -> None:
         """_Unreachable when clamd cannot be connected to (refused, missing, timed out)."""
@@ -246,17 +257,29 @@ class Clamd:
         self.scan_timeout = scan_timeout
         #: as the "could not reach" messages name it
         self.where = address.path if address.is_unix else f"{address.host}:{address.port}"
+        self._deadlines: SharedDeadlines | None = None  # the scans' TimeOuts, on their loop
+
+    def _shared_deadlines(self, loop: asyncio.AbstractEventLoop) -> SharedDeadlines:
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = SharedDeadlines(loop)
+        return deadlines
 
     async def scan(self, body: BinaryIO) -> Outcome:
         """INSTREAM `body` to this clamd, within TimeOut per operation and ScanTimeout in all."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.scan_timeout
         connection: _Connection | None = None
+        shared = self._shared_deadlines(loop)
         try:
-            async with asyncio.timeout_at(deadline) as guard:
-                connection = _Connection(self, self.timeout, deadline, guard, loop)
-                await connection.connect()
-                found = await self._instream(connection, body)
+            # (no timer of its own: `shared` fires it, one TimerHandle for all the scans)
+            async with asyncio.timeout(None) as guard:
+                connection = _Connection(self, self.timeout, deadline, guard, loop, shared)
+                try:
+                    await connection.connect()
+                    found = await self._instream(connection, body)
+                finally:
+                    shared.disarm(connection)
         except _Unreachable as e:
             return self._failed(str(e), sent=False)
         except TimeoutError:

@@ -86,6 +86,8 @@ class _NextHop(asyncio.Protocol):
         self._read_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.deadline = Deadline(loop, self._expired)
+        #: while connecting: the Timeout the Deadline fires (it has no timer of its own)
+        self.connect_guard: asyncio.Timeout | None = None
 
     # -- asyncio's side ---------------------------------------------------------------------
 
@@ -144,6 +146,9 @@ class _NextHop(asyncio.Protocol):
             waiter.set_result(None)
 
     def _expired(self) -> None:
+        guard = self.connect_guard
+        if guard is not None:  # (cancels the connecting task: TimeoutError out of its block)
+            guard.reschedule(self.loop.time())
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
@@ -183,8 +188,12 @@ class Upstream:
         loop = asyncio.get_running_loop()
         protocol = _NextHop(loop)
         port = 0
+        # TimeOut by the connection's Deadline, which goes on to time its reads: an
+        # asyncio.timeout(timeout) would put a timer of its own on the loop's heap, for each
+        # connection, among the cancelled ones of the others (docs/dev/deadline.md).
+        protocol.deadline.start(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(None) as protocol.connect_guard:
                 if address.is_unix:
                     transport, _ = await loop.create_unix_connection(
                         lambda: protocol, address.path
@@ -197,15 +206,21 @@ class Upstream:
                     peername = transport.get_extra_info("peername")
                     peer = peername[0] if peername else str(address.host)
         except TimeoutError:
+            protocol.deadline.close()
             _forget(own, port)
             raise UpstreamError(f"couldn't connect to: {address}: connection timed out") from None
         except OSError as e:
+            protocol.deadline.close()
             _forget(own, port)
             reason = e.strerror or str(e)
             raise UpstreamError(f"couldn't connect to: {address}: {reason}") from None
         except BaseException:
+            protocol.deadline.close()
             _forget(own, port)
             raise
+        finally:
+            protocol.connect_guard = None
+        protocol.deadline.stop()
         upstream = cls(transport, protocol, timeout, peer)
         if own is not None and port:
             upstream.own, upstream.port = own, port

@@ -7,8 +7,10 @@ import asyncio
 import socket
 
 import pytest
+from helpers import free_port
 
-from appliance.deadline import Deadline
+from appliance.addresses import Address
+from appliance.deadline import Deadline, SharedDeadlines
 from appliance.upstream import MAX_REPLY_LINE, READ_HIGH_WATER, Upstream, UpstreamError, _NextHop
 
 
@@ -160,3 +162,93 @@ def test_closing_a_next_hop_that_stopped_reading_lets_go_of_the_connection():
             await asyncio.sleep(0.01)
         return protocol.lost
     assert _with_next_hop(script)
+
+
+# -- SharedDeadlines: many waits (the scans of one clamd), one timer --------------------------
+
+
+def _shared(script) -> tuple[list[tuple[str, float]], int]:
+    """Run `script(shared, fire)` on a fresh loop; (key, loop time from the start) of each
+    expiry, and the TimerHandles the loop was given."""
+    async def main() -> tuple[list[tuple[str, float]], int]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        fired: list[tuple[str, float]] = []
+        made = 0
+        call_at = loop.call_at
+
+        def counting_call_at(when, callback, *args, **kwargs):  # (the real one, counted)
+            nonlocal made
+            made += callback == shared._fire  # (not asyncio.sleep's own)
+            return call_at(when, callback, *args, **kwargs)
+
+        loop.call_at = counting_call_at  # type: ignore[method-assign]
+        shared = SharedDeadlines(loop)
+
+        def fire(key: str):
+            return lambda: fired.append((key, round(loop.time() - start, 1)))
+
+        await script(shared, fire, start)
+        return fired, made
+    return asyncio.run(main())
+
+
+def test_shared_deadlines_expire_each_wait_at_its_own_end():
+    async def script(shared: SharedDeadlines, fire, start: float) -> None:
+        shared.arm("a", start + 0.2, fire("a"))
+        shared.arm("b", start + 0.4, fire("b"))
+        shared.arm("c", start + 0.3, fire("c"))
+        await asyncio.sleep(0.1)
+        shared.disarm("c")  # ended in time
+        await asyncio.sleep(0.4)
+    fired, _ = _shared(script)
+    assert fired == [("a", 0.2), ("b", 0.4)]
+
+
+def test_shared_deadlines_moved_later_and_many_short_waits_cost_one_timer():
+    async def script(shared: SharedDeadlines, fire, start: float) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(50):  # fifty scans, each well within its time
+            shared.arm(i, loop.time() + 0.3, fire(str(i)))
+            await asyncio.sleep(0.002)
+            shared.arm(i, loop.time() + 0.3, fire(str(i)))  # (the next operation of the scan)
+            shared.disarm(i)
+        shared.arm("late", loop.time() + 0.1, fire("late"))
+        shared.arm("late", loop.time() + 0.2, fire("late"))  # moved: expires at its new end
+        await asyncio.sleep(0.5)
+    fired, made = _shared(script)
+    assert [key for key, _ in fired] == ["late"]
+    assert made <= 3  # the first arm, and the handle set again after it fired with waits left
+
+
+def test_a_connect_that_does_not_complete_times_out_after_timeout():
+    """The connect to the next hop is timed by the connection's Deadline (no timer of its own):
+    a listener on loopback whose accept queue is full drops the SYN, so connect never ends."""
+    port = free_port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    waiting = []
+    try:
+        for _ in range(4):  # fill the accept queue (nobody accepts)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(0.2)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                break
+            waiting.append(sock)
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(UpstreamError, match="connection timed out"):
+                await Upstream.connect(Address(host="127.0.0.1", port=port), 0.3)
+            return loop.time() - started
+
+        assert 0.25 <= asyncio.run(main()) < 2
+    finally:
+        for sock in waiting:
+            sock.close()
+        listener.close()
