@@ -389,10 +389,13 @@ class ClientChannel(asyncio.Protocol):
         if self._write_paused:
             transport.abort()  # it already did not read for a whole TimeOut
             return
+        if self._closing:
+            # Once only: a second close() of a TLS transport drops its SSL protocol, and the
+            # abort after TimeOut with it (the connection then lasts the TLS layer's 30 s).
+            return
+        self._closing = True
         transport.close()
-        if not self._closing:
-            self._closing = True
-            self._deadline.start(self.timeout)
+        self._deadline.start(self.timeout)
 
     def abort(self) -> None:
         if self.transport is not None:

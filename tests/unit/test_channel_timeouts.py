@@ -9,6 +9,7 @@ import asyncio
 import logging
 import socket
 
+import pytest
 import replies as R
 import test_relay_inprocess as inprocess
 from test_relay_inprocess import (
@@ -22,6 +23,7 @@ from test_relay_inprocess import (
     on_channel,
     run,
 )
+from tlskit import client_context, server_context
 
 from appliance.actions import VirusActions
 from appliance.addresses import Address
@@ -114,3 +116,43 @@ def test_a_client_that_never_reads_loses_its_place_within_timeout(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         asyncio.run(main())
     assert "network write operation timed out (client)" in caplog.text
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_tls_connection_closed_twice_still_ends_within_timeout(loop, tls_certs):
+    """The relay closes a session's channel twice (after its 421, then in its `finally`). A
+    second close() of a TLS transport drops its SSL protocol (asyncio's and uvloop's alike),
+    and with it the abort TimeOut after the first: a client that neither reads nor answers
+    the close_notify kept its connection, and its MaxConnections place, for the TLS layer's own
+    30 s shutdown timeout (review, session 3)."""
+    factory = None
+    if loop == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    async def main() -> float | None:
+        aio = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        made: list[ClientChannel] = []
+        lost = aio.create_future()
+        await aio.connect_accepted_socket(
+            lambda: ClientChannel(0.3, made.append, lambda: lost.done() or lost.set_result(1)),
+            sock=ours)
+        client = aio.run_in_executor(None, lambda: client_context(tls_certs).wrap_socket(
+            theirs, server_hostname="proxy.test"))  # then it reads nothing, ever
+        await made[0].start_tls(server_context(tls_certs.proxy), 5)
+        tls_client = await client
+        started = aio.time()
+        made[0].close()
+        made[0].close()
+        try:
+            await asyncio.wait_for(lost, 3)
+            return aio.time() - started
+        except TimeoutError:
+            return None
+        finally:
+            made[0].abort()
+            tls_client.close()
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        took = runner.run(main())
+    assert took is not None, "the connection outlived TimeOut (0.3 s) by more than 3 s"
