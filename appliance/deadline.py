@@ -1,17 +1,18 @@
-"""TimeOut for every wait of one connection, with one timer per connection instead of one per wait.
+"""TimeOut for every wait of a connection, with no timer per wait, and none per connection either.
 
 `asyncio.timeout()` around each read and write makes a Timeout, a TimerHandle pushed on the loop's
 heap (Python-level comparisons against every other pending timer) and a cancel, for waits that
 last a fraction of a millisecond: the relay's busiest overhead at 1 KB a message
-(docs/performance.md). Here a wait only writes down when it must end; the one TimerHandle, when it
-fires, either finds that the wait has not reached its end yet (and goes back on the heap for the
-rest) or calls `on_expiry`. So a connection whose waits are short costs one timer per TimeOut
-period, not one per wait.
+(docs/performance.md). Here a wait only writes down when it must end (`Deadline`), in the
+`SharedDeadlines` of its loop, which keeps one TimerHandle for all of them: when it fires, it
+calls `on_expiry` for the waits past their end and goes back on the heap for the earliest of the
+others. So short waits cost a dict entry each, and the loop one timer per TimeOut period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 #: A timer that fires this close to the end counts as on time (the loop runs timers a little
@@ -23,60 +24,47 @@ class Deadline:
     """The end of the current wait of one connection; `on_expiry` is called once it passes
     while the wait is still on."""
 
+    __slots__ = ("_loop", "_on_expiry", "_shared")
+
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[], None]) -> None:
         self._loop = loop
         self._on_expiry = on_expiry
-        self._when = 0.0
-        self._active = False
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0  # when the handle fires (its when(), without the method call)
+        self._shared = shared_deadlines(loop)
 
     def start(self, seconds: float) -> None:
         """A wait begins that may last `seconds`."""
-        when = self._loop.time() + seconds
-        self._when = when
-        self._active = True
-        handle = self._handle
-        if handle is None:
-            self._handle = self._loop.call_at(when, self._fire)
-            self._due = when
-        elif self._due > when:  # (a shorter wait than the one the timer was set for)
-            handle.cancel()
-            self._handle = self._loop.call_at(when, self._fire)
-            self._due = when
+        self._shared.arm(self, self._loop.time() + seconds, self._on_expiry)
 
     def stop(self) -> None:
         """The wait ended in time (or with an error of its own)."""
-        self._active = False
+        self._shared.disarm(self)
 
     def close(self) -> None:
         """The connection is gone: no more waits."""
-        self._active = False
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._shared.disarm(self)
 
-    def _fire(self) -> None:
-        self._handle = None
-        if not self._active:
-            return  # re-armed by the next start()
-        if self._when - self._loop.time() > _SLACK:  # the wait began after the timer was set
-            self._handle = self._loop.call_at(self._when, self._fire)
-            self._due = self._when
-            return
-        self._active = False
-        self._on_expiry()
+
+_local = threading.local()
+
+
+def shared_deadlines(loop: asyncio.AbstractEventLoop) -> SharedDeadlines:
+    """The SharedDeadlines of `loop`: one per loop, kept per thread (a thread runs one loop at a
+    time; one made for an earlier loop of this thread is dropped with that loop's waits)."""
+    shared: SharedDeadlines | None = getattr(_local, "shared", None)
+    if shared is None or shared.loop is not loop:
+        shared = _local.shared = SharedDeadlines(loop)
+    return shared
 
 
 class SharedDeadlines:
-    """The ends of many waits on one loop (scans in flight on one clamd), with one TimerHandle.
+    """The ends of many waits on one loop (every connection's, every scan's), one TimerHandle.
 
-    `asyncio.timeout()` per scan pushes a TimerHandle on the loop's heap and leaves it there
+    A TimerHandle per wait, or per connection, is pushed on the loop's heap and left there
     cancelled, among the other sessions' cancelled ones, for the heap's comparisons (Python-level
-    `TimerHandle.__lt__`) to step over until it is cleaned out: 2.7 % of the instructions of a 1 KB
-    message. Here a wait writes down its end (`arm`), moves it (only ever later: a wait's TimeOut
-    counts again from each operation) and forgets it (`disarm`); the one handle, when it fires,
-    calls `on_expiry` for each wait past its end and is set again for the earliest left.
+    `TimerHandle.__lt__`) to step over until it is cleaned out: measured, far more than its own
+    few calls. Here a wait writes down its end (`arm`), moves it, and forgets it (`disarm`); the
+    one handle, when it fires, calls `on_expiry` for each wait past its end and is set again for
+    the earliest left (or at once for an earlier end than the one it is set for).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

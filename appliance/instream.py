@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .addresses import Address
-from .deadline import SharedDeadlines
+from .deadline import SharedDeadlines, shared_deadlines
 
 
 class ScanStatus(enum.StrEnum):
@@ -257,22 +257,15 @@ class Clamd:
         self.scan_timeout = scan_timeout
         #: as the "could not reach" messages name it
         self.where = address.path if address.is_unix else f"{address.host}:{address.port}"
-        self._deadlines: SharedDeadlines | None = None  # the scans' TimeOuts, on their loop
-
-    def _shared_deadlines(self, loop: asyncio.AbstractEventLoop) -> SharedDeadlines:
-        deadlines = self._deadlines
-        if deadlines is None or deadlines.loop is not loop:
-            deadlines = self._deadlines = SharedDeadlines(loop)
-        return deadlines
 
     async def scan(self, body: BinaryIO) -> Outcome:
         """INSTREAM `body` to this clamd, within TimeOut per operation and ScanTimeout in all."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.scan_timeout
         connection: _Connection | None = None
-        shared = self._shared_deadlines(loop)
+        shared = shared_deadlines(loop)
         try:
-            # (no timer of its own: `shared` fires it, one TimerHandle for all the scans)
+            # (no timer of its own: `shared` fires it, the loop's one TimerHandle for all waits)
             async with asyncio.timeout(None) as guard:
                 connection = _Connection(self, self.timeout, deadline, guard, loop, shared)
                 try:
