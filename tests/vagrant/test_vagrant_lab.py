@@ -43,6 +43,7 @@ def test_demo_carries_clean_mail_and_stops_eicar_then_leaves_nothing():
     assert "EICAR over IPv4: swaks exit 26, as expected" in out
     assert "EICAR over IPv6: swaks exit 26, as expected" in out
     assert "no EICAR message arrived" in out
+    assert "gateway: clamsmtpd runs on uvloop" in out  # the .deb's Recommends, in the box
     assert "nothing left on the host" in out
     # The host after the run: no lab network, no LIBVIRT_* chain.
     nets = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True,
