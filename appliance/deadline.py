@@ -93,10 +93,13 @@ class SharedDeadlines:
         self._handle = None
         now = self.loop.time()
         expired = [key for key, (when, _) in self._waits.items() if when - now <= _SLACK]
-        for key in expired:
-            _, on_expiry = self._waits.pop(key)
-            on_expiry()
-        if self._waits and self._handle is None:  # (an on_expiry may have armed again)
-            when = min(when for when, _ in self._waits.values())
-            self._handle = self.loop.call_at(when, self._fire)
-            self._due = when
+        try:
+            for key in expired:
+                entry = self._waits.pop(key, None)  # (an earlier on_expiry may have disarmed it)
+                if entry is not None:
+                    entry[1]()
+        finally:  # one on_expiry that raises must not leave every other wait without a timer
+            if self._waits and self._handle is None:  # (an on_expiry may have armed again)
+                when = min(when for when, _ in self._waits.values())
+                self._handle = self.loop.call_at(when, self._fire)
+                self._due = when

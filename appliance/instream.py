@@ -117,8 +117,11 @@ class _Connection:
 
     def _expired(self) -> None:
         """(SharedDeadlines) The wait is past its end: the guard cancels the scan's task now,
-        and the scan sees TimeoutError, as from a timer of its own."""
-        self.guard.reschedule(self.loop.time())
+        and the scan sees TimeoutError, as from a timer of its own. Once only: a read that was
+        already done when the guard went off arms again before the task sees its cancel, and an
+        expiring Timeout refuses to be moved (RuntimeError)."""
+        if not self.guard.expired():
+            self.guard.reschedule(self.loop.time())
 
     async def connect(self) -> None:
         """_Unreachable when clamd cannot be connected to (refused, missing, timed out)."""

@@ -252,3 +252,24 @@ def test_a_connect_that_does_not_complete_times_out_after_timeout():
         for sock in waiting:
             sock.close()
         listener.close()
+
+
+def test_a_wait_whose_on_expiry_raises_leaves_the_others_their_timer():
+    """Every wait of the loop shares one handle (781eb41): an on_expiry that raised left it
+    unset, and every other wait, in the same batch or later, never expired (review, session 3:
+    the scan's guard raised RuntimeError for an expiring Timeout)."""
+    def boom() -> None:
+        raise RuntimeError("an on_expiry that fails")
+
+    async def script(shared: SharedDeadlines, fire, start: float) -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[object] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context.get("exception")))
+        shared.arm("boom", start + 0.1, boom)
+        shared.arm("same batch", start + 0.1, fire("same batch"))
+        shared.arm("later", start + 0.3, fire("later"))
+        await asyncio.sleep(0.5)
+        assert [str(e) for e in errors] == ["an on_expiry that fails"]
+
+    fired, _ = _shared(script)
+    assert sorted(key for key, _ in fired) == ["later", "same batch"]
