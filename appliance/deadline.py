@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
 
 #: A timer that fires this close to the end counts as on time (the loop runs timers a little
 #: early, within its clock resolution).
@@ -42,6 +43,37 @@ class Deadline:
     def close(self) -> None:
         """The connection is gone: no more waits."""
         self._shared.disarm(self)
+
+
+class Expiry:
+    """What `asyncio.timeout()` does when its time is up, without its context manager (a
+    Timeout and two coroutines per use, measured at 1 % of a 1 KB message each): `expire()`
+    cancels the task; `timed_out()`, in that task's `except CancelledError`, says whether the
+    cancellation was this expiry's (the caller then raises TimeoutError) or someone else's (it
+    goes on), with asyncio.timeout's own test. `expire` is the `on_expiry` of a Deadline or of a
+    SharedDeadlines entry."""
+
+    __slots__ = ("_task", "_cancelling", "_expired")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._expired = False
+
+    def expire(self) -> None:
+        if not self._expired:
+            self._expired = True
+            self._task.cancel()
+
+    def timed_out(self) -> bool:
+        return self._expired and self._task.uncancel() <= self._cancelling
+
+
+def current_expiry(loop: asyncio.AbstractEventLoop) -> Expiry:
+    """An Expiry for the task running now on `loop`."""
+    task = asyncio.current_task(loop)  # (with the loop: no get_running_loop, no getpid)
+    assert task is not None, "not in a task"
+    return Expiry(task)
 
 
 _local = threading.local()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .addresses import Address
-from .deadline import SharedDeadlines, shared_deadlines
+from .deadline import Expiry, SharedDeadlines, current_expiry, shared_deadlines
 
 
 class ScanStatus(enum.StrEnum):
@@ -87,14 +87,16 @@ class _Garbage(Exception):
 
 class _Connection:
     """One connection to clamd: each operation waits at most TimeOut, and never past the
-    deadline of the whole scan (ScanTimeout), through one `asyncio.Timeout` moved per wait;
-    with `shared`, the Timeout has no timer of its own: the clamd's SharedDeadlines fire it."""
+    deadline of the whole scan (ScanTimeout): through the loop's SharedDeadlines, whose entry
+    for it moves at each wait and cancels the scan's task (`expiry`) when it passes (a scan);
+    or through one `asyncio.Timeout` moved per wait (`guard`: a PING)."""
 
     def __init__(self, clamd: Clamd, timeout: float, deadline: float | None,
-                 guard: asyncio.Timeout, loop: asyncio.AbstractEventLoop,
-                 shared: SharedDeadlines | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, *, guard: asyncio.Timeout | None = None,
+                 shared: SharedDeadlines | None = None, expiry: Expiry | None = None) -> None:
         self.loop = loop
         self.shared = shared
+        self._on_expiry = expiry.expire if expiry is not None else None
         self.clamd = clamd
         self.timeout = timeout
         self.deadline = deadline
@@ -110,18 +112,11 @@ class _Connection:
         when = self.loop.time() + self.timeout
         if self.deadline is not None and self.deadline < when:
             when = self.deadline
-        if self.shared is not None:
-            self.shared.arm(self, when, self._expired)
-        elif when != self.guard.when():  # (TimeOut >= ScanTimeout: it stays at the deadline)
+        if self.shared is not None and self._on_expiry is not None:
+            self.shared.arm(self, when, self._on_expiry)
+        elif self.guard is not None and not self.guard.expired() and when != self.guard.when():
+            # (TimeOut >= ScanTimeout: it stays at the deadline; an expiring one cannot move)
             self.guard.reschedule(when)
-
-    def _expired(self) -> None:
-        """(SharedDeadlines) The wait is past its end: the guard cancels the scan's task now,
-        and the scan sees TimeoutError, as from a timer of its own. Once only: a read that was
-        already done when the guard went off arms again before the task sees its cancel, and an
-        expiring Timeout refuses to be moved (RuntimeError)."""
-        if not self.guard.expired():
-            self.guard.reschedule(self.loop.time())
 
     async def connect(self) -> None:
         """_Unreachable when clamd cannot be connected to (refused, missing, timed out)."""
@@ -267,15 +262,21 @@ class Clamd:
         deadline = loop.time() + self.scan_timeout
         connection: _Connection | None = None
         shared = shared_deadlines(loop)
+        expiry = current_expiry(loop)
         try:
-            # (no timer of its own: `shared` fires it, the loop's one TimerHandle for all waits)
-            async with asyncio.timeout(None) as guard:
-                connection = _Connection(self, self.timeout, deadline, guard, loop, shared)
-                try:
-                    await connection.connect()
-                    found = await self._instream(connection, body)
-                finally:
-                    shared.disarm(connection)
+            # (no asyncio.timeout: `shared`, the loop's one TimerHandle for all waits, cancels
+            # this task when TimeOut or ScanTimeout passes, docs/dev/deadline.md)
+            connection = _Connection(self, self.timeout, deadline, loop, shared=shared,
+                                     expiry=expiry)
+            try:
+                await connection.connect()
+                found = await self._instream(connection, body)
+            except asyncio.CancelledError:
+                if expiry.timed_out():
+                    raise TimeoutError from None
+                raise
+            finally:
+                shared.disarm(connection)
         except _Unreachable as e:
             return self._failed(str(e), sent=False)
         except TimeoutError:
@@ -353,7 +354,7 @@ class Clamd:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(timeout) as guard:
-                connection = _Connection(self, timeout, loop.time() + timeout, guard, loop)
+                connection = _Connection(self, timeout, loop.time() + timeout, loop, guard=guard)
                 await connection.connect()
                 await connection.send(b"nPING\n")
                 return await connection.reply_line() == "PONG"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .addresses import Address, plain_ip
-from .deadline import Deadline
+from .deadline import Deadline, Expiry, current_expiry
 
 #: One answer of getaddrinfo: (family, type, proto, canonname, sockaddr).
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
@@ -86,8 +86,8 @@ class _NextHop(asyncio.Protocol):
         self._read_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.deadline = Deadline(loop, self._expired)
-        #: while connecting: the Timeout the Deadline fires (it has no timer of its own)
-        self.connect_guard: asyncio.Timeout | None = None
+        #: while connecting: what the Deadline's expiry does (cancel the connecting task)
+        self.connect_expiry: Expiry | None = None
 
     # -- asyncio's side ---------------------------------------------------------------------
 
@@ -146,9 +146,9 @@ class _NextHop(asyncio.Protocol):
             waiter.set_result(None)
 
     def _expired(self) -> None:
-        guard = self.connect_guard
-        if guard is not None:  # (cancels the connecting task: TimeoutError out of its block)
-            guard.reschedule(self.loop.time())
+        expiry = self.connect_expiry
+        if expiry is not None:  # (cancels the connecting task: TimeoutError, in connect)
+            expiry.expire()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
@@ -189,11 +189,12 @@ class Upstream:
         protocol = _NextHop(loop)
         port = 0
         # TimeOut by the connection's Deadline, which goes on to time its reads: an
-        # asyncio.timeout(timeout) would put a timer of its own on the loop's heap, for each
-        # connection, among the cancelled ones of the others (docs/dev/deadline.md).
+        # asyncio.timeout(timeout) would cost a Timeout, two coroutines and a timer of its own
+        # on the loop's heap per connection (docs/dev/deadline.md).
+        protocol.connect_expiry = expiry = current_expiry(loop)
         protocol.deadline.start(timeout)
         try:
-            async with asyncio.timeout(None) as protocol.connect_guard:
+            try:
                 if address.is_unix:
                     transport, _ = await loop.create_unix_connection(
                         lambda: protocol, address.path
@@ -205,6 +206,10 @@ class Upstream:
                     # (None when the next hop reset the connection in the meantime)
                     peername = transport.get_extra_info("peername")
                     peer = peername[0] if peername else str(address.host)
+            except asyncio.CancelledError:
+                if expiry.timed_out():
+                    raise TimeoutError from None
+                raise
         except TimeoutError:
             protocol.deadline.close()
             _forget(own, port)
@@ -219,7 +224,7 @@ class Upstream:
             _forget(own, port)
             raise
         finally:
-            protocol.connect_guard = None
+            protocol.connect_expiry = None
         protocol.deadline.stop()
         upstream = cls(transport, protocol, timeout, peer)
         if own is not None and port:

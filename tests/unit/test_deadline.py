@@ -10,7 +10,7 @@ import pytest
 from helpers import free_port
 
 from appliance.addresses import Address
-from appliance.deadline import Deadline, SharedDeadlines
+from appliance.deadline import Deadline, SharedDeadlines, current_expiry
 from appliance.upstream import MAX_REPLY_LINE, READ_HIGH_WATER, Upstream, UpstreamError, _NextHop
 
 
@@ -273,3 +273,29 @@ def test_a_wait_whose_on_expiry_raises_leaves_the_others_their_timer():
 
     fired, _ = _shared(script)
     assert sorted(key for key, _ in fired) == ["later", "same batch"]
+
+
+def test_expiry_cancels_its_task_and_tells_its_own_cancellation_from_anothers():
+    """deadline.Expiry, asyncio.timeout's cancel-and-convert without its context manager."""
+
+    async def waits(expiry_holder: list) -> str:
+        expiry = current_expiry(asyncio.get_running_loop())
+        expiry_holder.append(expiry)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "timed out" if expiry.timed_out() else "cancelled"
+        return "slept"
+
+    async def main() -> tuple[str, str]:
+        held: list = []
+        mine = asyncio.get_running_loop().create_task(waits(held))
+        await asyncio.sleep(0.01)
+        held[0].expire()
+        held[0].expire()  # (once only)
+        other = asyncio.get_running_loop().create_task(waits(held))
+        await asyncio.sleep(0.01)
+        other.cancel()  # somebody else's cancellation: not a timeout
+        return await mine, await other
+
+    assert asyncio.run(main()) == ("timed out", "cancelled")
