@@ -104,9 +104,9 @@ class DaemonState:
         health); a new one takes a slot of a clamd no longer listed, starting up."""
         wanted = [name.encode("utf-8", "replace") for name in names]
         slots = self.clamds
-        kept = {slot.name for slot in slots if slot.name in wanted}
-        for slot in slots:
-            slot.listed = slot.name in wanted
+        kept = {slot.name for slot in slots if slot.listed and slot.name in wanted}
+        for slot in slots:  # (one listed again after a while starts afresh, as a new one)
+            slot.listed = slot.name in kept
         free = (slot for slot in slots if not slot.listed)
         for name in wanted:
             if name in kept or len(name) > _CLAMD_NAME:

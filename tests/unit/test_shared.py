@@ -152,6 +152,9 @@ def test_a_reload_keeps_a_listed_clamds_health_and_gives_a_gone_ones_slot_to_a_n
     old_a.out(7.0)  # an old pool still scanning on a: its view is its own now
     assert c.up and not old_a.up
     assert state.worker(1).clamd_health("a:3310") is None
+    state.set_clamds(["c:3310"])
+    state.set_clamds(["b:3310", "c:3310"])  # b listed again later: afresh, not as it was
+    assert state.worker(0).clamd_health("b:3310").up
 
 
 def test_a_replacement_worker_gets_the_counts_below_the_limit_and_every_block(daemon):
