@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import importlib
 import os
 import pwd
@@ -219,6 +220,22 @@ def ready(fd: int | None, keep_stderr: bool = False) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, b"1")
         os.close(fd)
+
+
+#: The collector's young generation is collected after this many net allocations of tracked
+#: objects (Python's default: 700). A 1 KB message makes and drops some two thousand, nearly all
+#: freed by reference counting: at 700 the collector ran a few times per message for nothing.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_memory() -> None:
+    """Once the daemon (or a worker) has started: what start-up made (modules, configuration,
+    the loop, the listener) leaves the collector's view for good (`gc.freeze`), and the young
+    generation is collected less often. Measured at 1 KB: -1.1 % instructions per message
+    (docs/performance.md)."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 #: A start-up that a SIGTERM or SIGINT arrived in has this long to reach the event loop.

@@ -14,7 +14,7 @@ import socket
 import stat
 from typing import cast
 
-from . import metrics
+from . import metrics, process
 from .actions import VirusActions
 from .addresses import Address
 from .config import RESTART_ONLY, Config, Transparency
@@ -256,6 +256,7 @@ class Appliance:
                 log.info("metrics on http://%s/metrics", _describe(self.metrics_sock))
         self.check_temp_directory()
         self.check_clamd()
+        process.settle_memory()  # (start-up is done: docs/performance.md, CPU per message)
 
     def check_clamd(self) -> None:
         """Warn if clamd does not answer, at start-up and when a reload changes ClamAddress.
