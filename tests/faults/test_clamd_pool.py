@@ -249,7 +249,12 @@ def run(appliance, prefix: str, count: int, halfway=None) -> dict[str, int]:
     return codes
 
 
-@pytest.mark.parametrize("real_clamds", [2, 3], indirect=True, ids=["2-unix", "3-tcp"])
+@pytest.mark.parametrize("real_clamds", [
+    pytest.param(2, id="2-unix"),
+    pytest.param(3, id="3-tcp"),
+    # the same rules with the daemon's one view of the pool shared by two workers
+    pytest.param(2, id="2-unix-workers-2", marks=pytest.mark.appliance_config(Workers=2)),
+], indirect=True)
 @pytest.mark.appliance_config(TimeOut=10, MaxConnections=64,
                               MetricsListen=lambda hop: f"127.0.0.1:{free_port()}")
 def test_one_clamd_killed_in_the_middle_of_a_run(real_clamds, appliance_clamd, appliance,
