@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(None, target=target)  # syslog ident carries the daemon's own pid
     try:
         process.write_pid_file(config.pid_file)
+        eventloop.prepare(config.event_loop)  # (as root: see process.FIRST_USE_MODULES)
         keep = KEEP_FOR_FULL if full else frozenset()
         if account is not None:
             process.drop_privileges(account, keep)

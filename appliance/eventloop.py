@@ -48,6 +48,14 @@ def resolve(choice: EventLoop) -> EventLoop:
     return choice
 
 
+def prepare(choice: EventLoop) -> None:
+    """Import the chosen loop's library now, before the privilege drop: the interpreter's files
+    may be closed to `User` (process.FIRST_USE_MODULES says why). No loop is made here, so this
+    may run in the parent of workers, before the fork."""
+    if resolve(choice) is EventLoop.UVLOOP:
+        importlib.import_module("uvloop")
+
+
 def version(choice: EventLoop) -> str:
     """The loop as the start-up log names it, e.g. `uvloop 0.17.0`, `asyncio`."""
     if resolve(choice) is EventLoop.UVLOOP:
