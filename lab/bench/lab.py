@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import PrivateClamd, daemon_argv, free_tcp_port, stop_process
 from .procstat import cpu_seconds
 from .tools import CLAMD_BINARY, tool
-from .workload import HOST, OURS2, OURSW2, TARGET_NAMES, C
+from .workload import HOST, OURS2, OURSAIO, OURSW2, TARGET_NAMES, C
 
 START_TIMEOUT = 30.0
 
@@ -113,6 +113,7 @@ class Lab:
             "TimeOut: 120\n"
             "Action: drop\n"
             + ("Workers: 2\n" if target == OURSW2 else "")
+            + ("EventLoop: asyncio\n" if target == OURSAIO else "")
             + "# Header: the default (X-Virus-Scanned: ClamAV using ClamSMTP); no User:, as root,\n"
             "# so that clamd (root) can read the C one's files for its path-based SCAN\n"
         )

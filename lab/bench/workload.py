@@ -17,12 +17,14 @@ MB = 1024 * KB
 
 # target keys, in the order rows are printed
 DIRECT, CLAMD, C, OURS, OURS2, OURSW2 = "direct", "clamd", "c", "ours", "ours2", "oursw2"
-TARGETS = (DIRECT, CLAMD, C, OURS, OURS2, OURSW2)
-PROXIES = (C, OURS, OURS2, OURSW2)
+OURSAIO = "oursaio"
+TARGETS = (DIRECT, CLAMD, C, OURS, OURSAIO, OURS2, OURSW2)
+PROXIES = (C, OURS, OURSAIO, OURS2, OURSW2)
+#: ours: EventLoop's default (uvloop where installed); oursaio: ours with `EventLoop: asyncio`;
 #: ours2: ours with `ClamAddress` listing two private clamds (the second started on demand);
 #: oursw2: ours with `Workers: 2` (one clamd)
 TARGET_NAMES = {DIRECT: "direct", CLAMD: "clamd alone", C: "C clamsmtpd", OURS: "ours",
-                OURS2: "ours 2clamds", OURSW2: "ours 2workers"}
+                OURSAIO: "ours asyncio", OURS2: "ours 2clamds", OURSW2: "ours 2workers"}
 
 
 @dataclass(frozen=True)

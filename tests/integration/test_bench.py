@@ -76,7 +76,8 @@ def test_a_tiny_benchmark_measures_every_target_and_every_message_is_accepted(tm
     assert report["machine"]["nproc"].isdigit()
 
     # the printed table and the markdown section show the same rows
-    for name in ("direct", "clamd alone", "C clamsmtpd", "ours", "ours 2clamds", "ours 2workers"):
+    for name in ("direct", "clamd alone", "C clamsmtpd", "ours", "ours asyncio", "ours 2clamds",
+                 "ours 2workers"):
         assert name in out
         assert name in markdown_path.read_text()
     assert "ours/C msg/s" in out and "every message of every run accepted" in out
