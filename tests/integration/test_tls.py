@@ -412,6 +412,15 @@ def _metric(appliance, name: str) -> float:
     return scrape(port).get(name, 0.0)
 
 
+def _every_session_counted(appliance) -> bool:
+    from test_metrics import scrape
+
+    values = scrape(int(appliance.directives["MetricsListen"].rsplit(":", 1)[1]))
+    client = sum(value for name, value in values.items()
+                 if name.startswith('clamsmtpd_tls_sessions_total{leg="client"'))
+    return client == values.get("clamsmtpd_connections_total", 0.0)
+
+
 def _metrics_up(appliance) -> bool:
     port = int(appliance.directives["MetricsListen"].rsplit(":", 1)[1])
     try:
@@ -433,6 +442,11 @@ def test_metrics_count_sessions_per_leg_and_mode(appliance, next_hop):
 
     # (the SMTP listener may accept before the metrics socket is bound: wait for it)
     wait_until(lambda: _metrics_up(appliance), what="the metrics endpoint")
+    # The fixture's probe connection is a client session in clear too, counted when it ends,
+    # which may be after the endpoint is up (seen on uvloop, whose start-up is quicker): the
+    # count starts once every accepted session is counted.
+    appliance.wait_log("accepted connection from")
+    wait_until(lambda: _every_session_counted(appliance), what="the probe session counted")
     before = counted()
     send(appliance, starttls_context=client_context(next_hop.certs))
     send(appliance)  # client in clear, next hop over TLS
