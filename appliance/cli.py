@@ -247,7 +247,7 @@ def _supervise(
     each of them `_serve` with a handle on the daemon-wide state."""
     count = config.worker_count
     workers.block_signals()
-    if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in held.take()):
+    if _stop_held_at_fork(held):
         log.info("stopped")  # asked to stop while starting: no worker started
         return 0
     state = DaemonState(count)
@@ -307,6 +307,17 @@ def _supervise(
         return 0
     finally:
         supervisor.close()
+
+
+def _stop_held_at_fork(held: process.HeldSignals) -> bool:
+    """The parent of workers takes over the signals held while starting (its own are blocked by
+    now, for the supervisor's sigtimedwait): True for a stop. A SIGHUP is made pending again, so
+    the supervisor reloads once the workers serve; it was dropped before, and the file it
+    announced never read (a reload sent right after the bind, seen with Workers: 2)."""
+    taken = held.take()
+    if signal.SIGHUP in taken:
+        os.kill(os.getpid(), signal.SIGHUP)  # (blocked: it waits for sigtimedwait)
+    return any(signum in (signal.SIGTERM, signal.SIGINT) for signum in taken)
 
 
 def _check_reload(args: argparse.Namespace) -> tuple[Config, TLSContexts] | None:
