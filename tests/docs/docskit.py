@@ -400,7 +400,9 @@ MAPPED: dict[str, str] = {
     r"scripts/netlab": "tests/e2e/test_transparent.py::test_netlab_stays_up_until_ctrl_c",
     r"scripts/bench( --quick| --markdown \S+| --json \S+)?|smtp-source -A .+|smtp-sink .+"
     r"|scripts/bench --scenarios \S+ --targets \S+ --sessions \d+ --rounds \d+"
-    r"|scripts/bench --scenarios \S+ --targets \S+ --rounds \d+ --no-latency --messages \d+":
+    r"|scripts/bench --scenarios \S+ --targets \S+ --rounds \d+ --no-latency --messages \d+"
+    r"|scripts/bench --scenarios \S+ --targets \S+ --rounds [2-9] --no-latency"
+    r"|scripts/bench --targets \S+":
         "tests/integration/test_bench.py::"
         "test_a_tiny_benchmark_measures_every_target_and_every_message_is_accepted",
     r"scripts/bench --tls( --quick)?":
