@@ -25,20 +25,30 @@ class Deadline:
     """The end of the current wait of one connection; `on_expiry` is called once it passes
     while the wait is still on."""
 
-    __slots__ = ("_loop", "_on_expiry", "_shared")
+    __slots__ = ("_loop", "_on_expiry", "_shared", "_expire", "expired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[], None]) -> None:
         self._loop = loop
         self._on_expiry = on_expiry
         self._shared = shared_deadlines(loop)
+        self._expire = self._expired  # (bound once, not at each start)
+        #: the current wait's time is up. A wait made of several awaits (a reply over several
+        #: reads) must look: its end may pass just as one await was woken, between two of them.
+        self.expired = False
 
     def start(self, seconds: float) -> None:
         """A wait begins that may last `seconds`."""
-        self._shared.arm(self, self._loop.time() + seconds, self._on_expiry)
+        self.expired = False
+        self._shared.arm(self, self._loop.time() + seconds, self._expire)
 
     def stop(self) -> None:
         """The wait ended in time (or with an error of its own)."""
+        self.expired = False
         self._shared.disarm(self)
+
+    def _expired(self) -> None:
+        self.expired = True
+        self._on_expiry()
 
     def close(self) -> None:
         """The connection is gone: no more waits."""
@@ -131,7 +141,11 @@ class SharedDeadlines:
                 if entry is not None:
                     entry[1]()
         finally:  # one on_expiry that raises must not leave every other wait without a timer
-            if self._waits and self._handle is None:  # (an on_expiry may have armed again)
+            if self._waits:
                 when = min(when for when, _ in self._waits.values())
-                self._handle = self.loop.call_at(when, self._fire)
-                self._due = when
+                # (an on_expiry that armed again set the handle for its own end, maybe later)
+                if self._handle is None or when < self._due:
+                    if self._handle is not None:
+                        self._handle.cancel()
+                    self._handle = self.loop.call_at(when, self._fire)
+                    self._due = when

@@ -138,6 +138,8 @@ class _NextHop(asyncio.Protocol):
         """The future `wait` awaits (read_reply awaits it itself: one coroutine less per
         reply). Once done it is inert: _wake and _expired leave a done one alone."""
         waiter = self._waiter = self.loop.create_future()
+        if self.deadline.expired:  # (its end passed just as the previous await was woken)
+            waiter.set_exception(TimeoutError())
         return waiter
 
     def _wake(self) -> None:

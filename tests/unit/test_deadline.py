@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from helpers import free_port
@@ -299,3 +300,52 @@ def test_expiry_cancels_its_task_and_tells_its_own_cancellation_from_anothers():
         return await mine, await other
 
     assert asyncio.run(main()) == ("timed out", "cancelled")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_reply_that_moves_just_as_its_time_is_up_still_times_out(loop):
+    """read_reply arms TimeOut once for a whole reply, over several waits. A part of the reply
+    that arrives in the same loop iteration as the expiry has already woken the wait: the shared
+    timer found its waiter done and dropped the entry, and the next wait, for the rest of the
+    reply, had no deadline at all: a next hop that then stalled held the session for ever
+    (review F6). Blocking the loop past TimeOut with the bytes already sent makes that race."""
+    async def main() -> str:
+        ours, theirs = socket.socketpair()
+        running = asyncio.get_running_loop()
+        transport, protocol = await running.create_connection(lambda: _NextHop(running), sock=ours)
+        upstream = Upstream(transport, protocol, 0.3, "peer")
+        try:
+            read = asyncio.ensure_future(upstream.read_reply())
+            await asyncio.sleep(0.05)  # read_reply waits, its TimeOut (0.3 s) armed
+            theirs.sendall(b"250-part of a reply")
+            time.sleep(0.4)  # past TimeOut: the bytes and the expiry come in one iteration
+            with pytest.raises(UpstreamError) as caught:
+                await asyncio.wait_for(read, 3)
+            return str(caught.value)
+        finally:
+            upstream.close()
+            theirs.close()
+
+    factory = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(main()) == "network read operation timed out (server)"
+
+
+def test_an_on_expiry_that_arms_again_does_not_put_off_the_waits_left():
+    """An on_expiry that arms a wait again (for later) set the one handle for that later end;
+    `_fire` then left it there, and a wait left with an earlier end expired only at that later
+    one (review F7)."""
+    async def script(shared: SharedDeadlines, fire, start: float) -> None:
+        loop = asyncio.get_running_loop()
+        noted = fire("again")
+
+        def again() -> None:
+            noted()
+            shared.arm("again", loop.time() + 0.6, fire("again, later"))
+
+        shared.arm("again", start + 0.1, again)
+        shared.arm("left", start + 0.2, fire("left"))
+        await asyncio.sleep(0.9)
+
+    fired, _ = _shared(script)
+    assert fired == [("again", 0.1), ("left", 0.2), ("again, later", 0.7)]
