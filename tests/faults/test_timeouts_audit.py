@@ -1,0 +1,212 @@
+"""Timeouts on the loop's one shared timer (appliance/deadline.py SharedDeadlines), on both
+loops: many waits at once (stalled clients, each cut at its own TimeOut, beside normal sessions
+whose every wait is shorter than TimeOut but spans the others' expiries: neither delayed nor
+cut); a next hop that stalls in the middle of a reply line; a clamd whose connect never completes
+(a listener with a full accept queue drops the SYN), alone (451 at ScanTimeout) or before a real
+one (which scans)."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+import time
+
+import pytest
+import replies as R
+from faultkit import assert_still_serving, delivered_contents
+from helpers import free_port, read_reply
+from matrixkit import open_session, timed_transaction
+
+LOOPS = pytest.mark.parametrize("event_loop_choice", ["asyncio", "uvloop"], indirect=True)
+
+STALLED = 25
+NORMAL = 25
+
+
+@pytest.mark.appliance_config(TimeOut=2, MaxConnections=100)
+@LOOPS
+def test_many_stalled_and_normal_sessions_share_the_timer(event_loop_choice, appliance,
+                                                          next_hop):
+    results: dict[str, object] = {}
+    start = time.monotonic() + 0.5
+
+    def stalled(i: int) -> None:
+        sock, buf = open_session(appliance, 15)
+        with sock:
+            sock.sendall(b"DATA\r\n")
+            assert read_reply(sock, buf) == R.START_DATA
+            time.sleep(max(0.0, start + i * 0.06 - time.monotonic()))  # stalls one after another
+            sock.sendall(b"Subject: stalled\r\n\r\nhalf a bo")
+            silent_from = time.monotonic()
+            reply = read_reply(sock, buf)
+            results[f"stalled {i}"] = (reply, round(time.monotonic() - silent_from, 2))
+
+    def normal(i: int) -> None:
+        done = []
+        for n in range(3):
+            sock, buf = open_session(appliance, 15)
+            with sock:
+                time.sleep(1.2)  # each wait well within TimeOut, across others' expiries
+                sock.sendall(b"DATA\r\n")
+                assert read_reply(sock, buf) == R.START_DATA
+                time.sleep(1.2)
+                sock.sendall(f"Subject: normal {i} {n}\r\n\r\nbody\r\n".encode())
+                time.sleep(1.2)
+                sock.sendall(b".\r\n")
+                done.append(read_reply(sock, buf))
+                sock.sendall(b"QUIT\r\n")
+                read_reply(sock, buf)
+        results[f"normal {i}"] = done
+
+    threads = [threading.Thread(target=stalled, args=(i,)) for i in range(STALLED)]
+    threads += [threading.Thread(target=normal, args=(i,)) for i in range(NORMAL)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == STALLED + NORMAL, sorted(results)
+    for i in range(STALLED):
+        reply, after = results[f"stalled {i}"]
+        assert reply == R.TIMEOUT and 1.9 <= after < 3.5, (i, reply, after)
+    for i in range(NORMAL):
+        assert all(r is not None and r.startswith("250 ") for r in results[f"normal {i}"]), \
+            results[f"normal {i}"]
+    assert len(delivered_contents(next_hop)) == 3 * NORMAL
+    assert_still_serving(appliance, next_hop)
+
+
+class _StallingMidReply(socketserver.ThreadingTCPServer):
+    """A next hop that answers MAIL with the first bytes of a reply line, then says nothing."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.host, self.port = "127.0.0.1", free_port()
+        super().__init__((self.host, self.port), _StallingHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _StallingHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(30)
+        self.wfile.write(b"220 stalling.test ESMTP\r\n")
+        for line in self.rfile:
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                self.wfile.write(b"250 stalling.test\r\n")
+            elif verb == b"MAIL":
+                self.wfile.write(b"250-2.1.0 O")  # ... and no more
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
+@pytest.fixture
+def next_hop(request):
+    if "stalling_next_hop" not in request.fixturenames:
+        yield request.getfixturevalue("recording_next_hop")
+        return
+    server = _StallingMidReply()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def recording_next_hop():
+    from lab import RecordingNextHop
+    with RecordingNextHop("127.0.0.1", 0) as hop:
+        yield hop
+
+
+@pytest.fixture
+def stalling_next_hop():
+    return None
+
+
+@pytest.mark.appliance_config(TimeOut=2)
+@LOOPS
+def test_next_hop_stalling_mid_reply_line(event_loop_choice, stalling_next_hop, appliance,
+                                          next_hop):
+    sock, buf = socket.create_connection(appliance.address, timeout=15), bytearray()
+    with sock:
+        assert read_reply(sock, buf).startswith("220")
+        sock.sendall(b"EHLO client.test\r\n")
+        assert read_reply(sock, buf).startswith("250")
+        sock.sendall(b"MAIL FROM:<a@example.com>\r\n")
+        started = time.monotonic()
+        reply = read_reply(sock, buf)
+        took = time.monotonic() - started
+    assert reply is not None and reply[:1] == "4", reply
+    assert 1.8 < took < 4, took
+
+
+class _FullBacklog:
+    """A listener on loopback whose accept queue is full: a connect to it never completes."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(0)
+        self.waiting: list[socket.socket] = []
+        for _ in range(4):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(0.2)
+            try:
+                sock.connect(("127.0.0.1", self.port))
+            except OSError:
+                sock.close()
+                break
+            self.waiting.append(sock)
+
+    def close(self) -> None:
+        for sock in self.waiting:
+            sock.close()
+        self.listener.close()
+
+
+class _Clamds:
+    def __init__(self, *addresses: str) -> None:
+        self.socket_path = ", ".join(addresses)
+
+
+@pytest.fixture
+def appliance_clamd(request, clamd):
+    if "blackholed_clamd" not in request.fixturenames:
+        return clamd
+    hole = request.getfixturevalue("blackholed_clamd")
+    if request.node.callspec.params.get("clamds") == "alone":
+        return _Clamds(f"127.0.0.1:{hole.port}")
+    return _Clamds(f"127.0.0.1:{hole.port}", clamd.socket_path)
+
+
+@pytest.fixture
+def blackholed_clamd():
+    hole = _FullBacklog()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+@pytest.mark.appliance_config(TimeOut=6, ScanTimeout=2)
+@pytest.mark.parametrize("clamds", ["alone", "before a real one"])
+@LOOPS
+def test_clamd_whose_connect_never_completes(event_loop_choice, clamds, blackholed_clamd,
+                                             appliance_clamd, appliance, next_hop):
+    replies, took = timed_transaction(appliance, b"Subject: c\r\n\r\nclean\r\n")
+    final = replies[5] if len(replies) > 5 else ""
+    if clamds == "alone":
+        assert final.startswith("451"), replies
+        assert 1.8 < took < 4.5, took  # ScanTimeout, not TimeOut
+        assert "timed out" in appliance.log()
+    else:
+        assert final.startswith("250"), (replies, took)
+        assert len(delivered_contents(next_hop)) == 1
