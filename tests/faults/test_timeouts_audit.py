@@ -16,7 +16,7 @@ import pytest
 import replies as R
 from faultkit import assert_still_serving, delivered_contents
 from helpers import free_port, read_reply
-from matrixkit import open_session, timed_transaction
+from matrixkit import connect, open_session, timed_transaction
 
 LOOPS = pytest.mark.parametrize("event_loop_choice", ["asyncio", "uvloop"], indirect=True)
 
@@ -210,3 +210,70 @@ def test_clamd_whose_connect_never_completes(event_loop_choice, clamds, blackhol
     else:
         assert final.startswith("250"), (replies, took)
         assert len(delivered_contents(next_hop)) == 1
+
+
+@pytest.mark.appliance_config(TimeOut=10, ScanTimeout=2)
+@pytest.mark.fake_clamd(behaviour="silent", faulty=5)
+@LOOPS
+def test_stalled_scans_in_flight_each_end_at_its_scan_timeout(event_loop_choice, appliance,
+                                                              next_hop, own_clamd):
+    """Five scans that clamd never answers, started 0.3 s apart, each 451 at its own
+    ScanTimeout, while five others (answered) go through meanwhile, undelayed."""
+    results: dict[str, tuple[str, float]] = {}
+
+    def send(name: str, after: float) -> None:
+        time.sleep(after)
+        replies, took = timed_transaction(appliance, f"Subject: {name}\r\n\r\nclean\r\n".encode())
+        results[name] = (replies[5] if len(replies) > 5 else "", took)
+
+    threads = [threading.Thread(target=send, args=(f"stalled {i}", 0.3 * i)) for i in range(5)]
+    threads += [threading.Thread(target=send, args=(f"normal {i}", 1.6 + 0.1 * i))
+                for i in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for i in range(5):
+        final, took = results[f"stalled {i}"]
+        assert final.startswith("451") and 1.8 < took < 4, (i, final, took)
+        final, took = results[f"normal {i}"]
+        assert final.startswith("250") and took < 1.5, (i, final, took)
+    assert len(delivered_contents(next_hop)) == 5
+
+
+@pytest.mark.appliance_config(TimeOut=2, MaxConnections=1)
+@LOOPS
+def test_a_client_silent_before_helo_gives_its_place_back_at_timeout(event_loop_choice,
+                                                                      appliance, next_hop):
+    """MaxConnections 1: a client that never says HELO is cut at TimeOut (421), and its place
+    serves the next one (refused with 421 busy while it was held)."""
+    for _ in range(50):  # (the fixture's start-up probe may still hold the place)
+        silent = socket.create_connection(appliance.address, timeout=10)
+        if silent.recv(100).startswith(b"220"):
+            break
+        silent.close()
+        time.sleep(0.1)
+    with silent:
+        started = time.monotonic()
+        with socket.create_connection(appliance.address, timeout=10) as other:
+            assert other.recv(100) == (R.BUSY + "\r\n").encode()
+        assert silent.recv(200) == (R.TIMEOUT + "\r\n").encode()
+        assert 1.8 < time.monotonic() - started < 4
+    time.sleep(0.2)
+    replies, _ = timed_transaction(appliance, b"Subject: next\r\n\r\nclean\r\n")
+    assert replies[5].startswith("250 "), replies
+
+
+@pytest.mark.appliance_config(TimeOut=2)
+@pytest.mark.client_tls
+@LOOPS
+def test_a_client_silent_inside_tls_is_told_at_timeout(event_loop_choice, appliance, next_hop):
+    """After STARTTLS and half a command, silence: the 421 comes inside TLS at TimeOut."""
+    sock, buf = connect(appliance, tls=True)
+    with sock:
+        sock.sendall(b"EHLO client.test\r\n")
+        assert read_reply(sock, buf).startswith("250")
+        sock.sendall(b"MAIL FROM:<sil")
+        started = time.monotonic()
+        assert read_reply(sock, buf) == R.TIMEOUT
+        assert 1.8 < time.monotonic() - started < 4
