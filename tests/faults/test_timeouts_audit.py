@@ -25,7 +25,10 @@ NORMAL = 25
 
 
 @pytest.mark.appliance_config(TimeOut=2, MaxConnections=100)
-@LOOPS
+@pytest.mark.parametrize("event_loop_choice", [
+    "asyncio", "uvloop",
+    pytest.param("uvloop", id="uvloop-workers-2", marks=pytest.mark.appliance_config(Workers=2)),
+], indirect=True)
 def test_many_stalled_and_normal_sessions_share_the_timer(event_loop_choice, appliance,
                                                           next_hop):
     results: dict[str, object] = {}
@@ -105,8 +108,21 @@ class _StallingHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 ok\r\n")
 
 
+class _BlackholedNextHop:
+    def __init__(self) -> None:
+        self.hole = _FullBacklog()
+        self.host, self.port = "127.0.0.1", self.hole.port
+
+
 @pytest.fixture
 def next_hop(request):
+    if "blackholed_next_hop" in request.fixturenames:
+        hop = _BlackholedNextHop()
+        try:
+            yield hop
+        finally:
+            hop.hole.close()
+        return
     if "stalling_next_hop" not in request.fixturenames:
         yield request.getfixturevalue("recording_next_hop")
         return
@@ -127,6 +143,11 @@ def recording_next_hop():
 
 @pytest.fixture
 def stalling_next_hop():
+    return None
+
+
+@pytest.fixture
+def blackholed_next_hop():
     return None
 
 
@@ -277,3 +298,19 @@ def test_a_client_silent_inside_tls_is_told_at_timeout(event_loop_choice, applia
         started = time.monotonic()
         assert read_reply(sock, buf) == R.TIMEOUT
         assert 1.8 < time.monotonic() - started < 4
+
+
+@pytest.mark.appliance_config(TimeOut=2)
+@LOOPS
+def test_a_next_hop_whose_connect_never_completes(event_loop_choice, blackholed_next_hop,
+                                                  next_hop, appliance):
+    """OutAddress is a listener whose accept queue is full (the SYN is dropped): the client
+    is told 4xx at TimeOut, and the daemon goes on serving others (told the same)."""
+    started = time.monotonic()
+    sock, buf = socket.create_connection(appliance.address, timeout=15), bytearray()
+    with sock:
+        sock.sendall(b"EHLO client.test\r\n")
+        reply = read_reply(sock, buf)
+    took = time.monotonic() - started
+    assert reply is not None and reply[:1] == "4", reply
+    assert 1.8 < took < 4, took
