@@ -118,11 +118,7 @@ class SharedDeadlines:
     def arm(self, key: object, when: float, on_expiry: Callable[[], None]) -> None:
         """`key`'s wait ends at `when` (loop time): `on_expiry()` then, unless disarmed first."""
         self._waits[key] = (when, on_expiry)
-        if self._handle is None or when < self._due:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._handle = self.loop.call_at(when, self._fire)
-            self._due = when
+        self._fire_by(when)
 
     def disarm(self, key: object) -> None:
         """`key`'s wait is over (the handle stays: it finds nothing to do, or sets itself again)."""
@@ -142,10 +138,13 @@ class SharedDeadlines:
                     entry[1]()
         finally:  # one on_expiry that raises must not leave every other wait without a timer
             if self._waits:
-                when = min(when for when, _ in self._waits.values())
                 # (an on_expiry that armed again set the handle for its own end, maybe later)
-                if self._handle is None or when < self._due:
-                    if self._handle is not None:
-                        self._handle.cancel()
-                    self._handle = self.loop.call_at(when, self._fire)
-                    self._due = when
+                self._fire_by(min(when for when, _ in self._waits.values()))
+
+    def _fire_by(self, when: float) -> None:
+        """The handle fires at `when` at the latest: set (again) unless it is set earlier."""
+        if self._handle is None or when < self._due:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self.loop.call_at(when, self._fire)
+            self._due = when
